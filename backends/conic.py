@@ -1,0 +1,293 @@
+"""Conic backend: solve a batch of cone programs and differentiate it with diffcp.
+
+Problem convention: `declarative.canon.cone` (SCS form, Ax + s = b, s ∈ K).
+
+The forward pass calls diffcp's per-program routine
+(``solve_and_derivative_internal`` with ``raise_on_error=False``) over the
+batch in a thread pool, exactly as diffcp's ``solve_and_derivative_batch``
+does, but keeps each sample's status, iteration count and residuals instead
+of aborting the whole batch at the first infeasible sample. The backward
+pass applies each sample's adjoint derivative (diffcp's ``DT``) and maps the
+result to θ with the cone program's adjoint data map.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import diffcp
+import numpy as np
+from diffcp.cone_program import solve_and_derivative_internal, solve_internal
+from threadpoolctl import threadpool_limits
+
+from ..canon.cone import ConeProgram
+from .status import Status
+
+SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel", "DIFFCP": "SCS"}
+DIFF_MODES = ("auto", "dense", "lsqr", "lsmr", "lpgd", "lpgd_left", "lpgd_right")
+
+# Keys of solver_args that diffcp itself takes (the rest go to the solver).
+DIFFCP_KEYS = {
+    "solve_method": str,
+    "mode": str,
+    "n_jobs_forward": int,
+    "n_jobs_backward": int,
+    "derivative_kwargs": dict,
+    "warm_starts": (list, tuple),
+}
+# Solver settings accepted per solve method, with their types (bool < int < float).
+_NUM = (int, float)
+SOLVER_KEYS = {
+    "SCS": {
+        "eps": _NUM, "eps_abs": _NUM, "eps_rel": _NUM, "eps_infeas": _NUM,
+        "max_iters": int, "time_limit_secs": _NUM, "acceleration_lookback": int,
+        "acceleration_interval": int, "normalize": bool, "scale": _NUM,
+        "adaptive_scale": bool, "rho_x": _NUM, "alpha": _NUM, "verbose": bool,
+    },
+    "ECOS": {
+        "abstol": _NUM, "reltol": _NUM, "feastol": _NUM, "abstol_inacc": _NUM,
+        "reltol_inacc": _NUM, "feastol_inacc": _NUM, "max_iters": int, "verbose": bool,
+    },
+    "Clarabel": {
+        "max_iter": int, "time_limit": _NUM, "verbose": bool, "tol_gap_abs": _NUM,
+        "tol_gap_rel": _NUM, "tol_feas": _NUM, "tol_infeas_abs": _NUM, "tol_infeas_rel": _NUM,
+        "tol_ktratio": _NUM, "reduced_tol_gap_abs": _NUM, "reduced_tol_gap_rel": _NUM,
+        "reduced_tol_feas": _NUM, "reduced_tol_infeas_abs": _NUM,
+        "reduced_tol_infeas_rel": _NUM, "reduced_tol_ktratio": _NUM,
+        "max_step_fraction": _NUM, "equilibrate_enable": bool, "equilibrate_max_iter": int,
+        "static_regularization_enable": bool, "static_regularization_constant": _NUM,
+        "dynamic_regularization_enable": bool, "iterative_refinement_enable": bool,
+        "presolve_enable": bool, "direct_solve_method": str, "max_threads": int,
+    },
+}
+
+# Largest KKT dimension n + m + 1 for which `mode="auto"` picks diffcp's dense
+# adjoint: an exact LU solve, faster than LSQR at these sizes and accurate
+# where LSQR stops at a few percent (NOTES.md). Above it, the dense matrix's
+# O(N²) memory and O(N³) factorization lose to LSQR's sparse products.
+DENSE_MODE_MAX_DIM = 1500
+
+# A sample reported "solved" whose scaled residuals exceed this is downgraded
+# to optimal_inaccurate: SCS can stop on a wrong point at large scale.
+RESIDUAL_CHECK = 1e-3
+
+
+@dataclass(frozen=True)
+class ConicSettings:
+    """Resolved options for one call of the conic backend."""
+
+    solve_method: str = "SCS"
+    mode: str = "auto"
+    n_jobs_forward: int = -1
+    n_jobs_backward: int = -1
+    derivative_kwargs: dict = field(default_factory=dict)
+    solver_kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, solver: str | None, *arg_dicts: dict | None) -> ConicSettings:
+        """Merge the layer's and the call's solver_args, checking each key and type."""
+        merged: dict = {}
+        for d in arg_dicts:
+            if d:
+                merged.update(d)
+        method = merged.pop("solve_method", None) or SOLVE_METHODS.get(
+            (solver or "SCS").upper(), None)
+        if method is None or method.upper() not in SOLVE_METHODS:
+            raise ValueError(
+                f"solver must be one of {sorted(SOLVE_METHODS)} for the conic backend, "
+                f"got {solver!r}."
+            )
+        method = SOLVE_METHODS[method.upper()]
+        accepted = SOLVER_KEYS[method]
+        out = dict(solve_method=method)
+        kwargs = {}
+        for key, value in merged.items():
+            if key in DIFFCP_KEYS:
+                _check_type("solver_args", key, value, DIFFCP_KEYS[key])
+                if key == "warm_starts":
+                    raise ValueError("solver_args['warm_starts'] is not supported; "
+                                     "warm starts are not available on the conic path yet.")
+                out[key] = value
+            elif key in accepted:
+                _check_type("solver_args", key, value, accepted[key])
+                kwargs[key] = value
+            else:
+                raise ValueError(
+                    f"solver_args has unknown key {key!r} for solve_method {method!r}. "
+                    f"Accepted keys: {sorted(set(DIFFCP_KEYS) | set(accepted))}."
+                )
+        mode = out.get("mode", "auto")
+        if mode not in DIFF_MODES:
+            raise ValueError(f"solver_args['mode'] must be one of {DIFF_MODES}, got {mode!r}.")
+        out["solver_kwargs"] = kwargs
+        return cls(**out)
+
+    def mode_for(self, cone: ConeProgram) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "dense" if cone.n + cone.m + 1 <= DENSE_MODE_MAX_DIM else "lsqr"
+
+
+def _check_type(where: str, key: str, value, types) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and types in (_NUM, int))
+    if types is bool:
+        ok = isinstance(value, (bool, np.bool_))
+    if not ok:
+        expected = types.__name__ if isinstance(types, type) else " or ".join(
+            t.__name__ for t in types)
+        raise TypeError(f"{where}[{key!r}] must be {expected}, got {type(value).__name__} "
+                        f"({value!r}).")
+
+
+def status_from_diffcp(text: str) -> Status:
+    t = text.lower()
+    if t.startswith("solved") or t.startswith("optimal"):
+        if "max_iters" in t or "time_limit" in t:
+            return Status.MAX_ITER
+        if "inaccurate" in t:
+            return Status.OPTIMAL_INACCURATE
+        return Status.OPTIMAL
+    if "infeasible" in t:
+        return Status.INFEASIBLE
+    if "unbounded" in t:
+        return Status.UNBOUNDED
+    return Status.NUMERICAL_ERROR
+
+
+@dataclass
+class ConicResult:
+    """A solved batch: solutions (NaN where no point), status and the adjoints."""
+
+    x: np.ndarray  # (B, n)
+    y: np.ndarray  # (B, m)
+    s: np.ndarray  # (B, m)
+    status: list[Status]
+    iterations: np.ndarray  # (B,)
+    residuals: np.ndarray  # (B, 3): primal, dual, gap (scaled)
+    adjoints: list  # per sample: diffcp's DT or None
+    cone: ConeProgram
+    n_jobs_backward: int = 1
+
+    def vjp(self, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        """Gradients of x and y (B, n), (B, m) -> gradient of θ (B, len θ)."""
+        cone = self.cone
+        B = dx.shape[0]
+        dA = np.zeros((B, cone.nnz))
+        db = np.zeros((B, cone.m))
+        dc = np.zeros((B, cone.n))
+        rows, cols = _nonzero_coordinates(cone)
+
+        def one(i):
+            DT = self.adjoints[i]
+            if DT is None or not (np.any(dx[i]) or np.any(dy[i])):
+                return
+            gA, gb, gc = DT(dx[i], dy[i], np.zeros(cone.m))
+            if gA.nnz == cone.nnz:
+                dA[i] = gA.data
+            else:  # explicit zeros dropped somewhere: read by coordinates
+                dA[i] = np.asarray(gA.tocsr()[rows, cols]).ravel()
+            db[i] = gb
+            dc[i] = gc
+
+        _run(one, B, self.n_jobs_backward)
+        return self.cone.data_adjoint(dc, dA, db)
+
+
+def _nonzero_coordinates(cone: ConeProgram):
+    cols = np.repeat(np.arange(cone.n), np.diff(cone.indptr))
+    return cone.indices, cols
+
+
+def _workers(n_jobs: int, batch: int) -> int:
+    if n_jobs == -1:
+        n_jobs = os.cpu_count() or 1
+    return max(1, min(n_jobs, batch))
+
+
+def _run(fn, batch: int, n_jobs: int) -> None:
+    workers = _workers(n_jobs, batch)
+    if workers == 1:
+        for i in range(batch):
+            fn(i)
+        return
+    # One BLAS thread per program, as diffcp does: the parallelism is across samples.
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(fn, range(batch)))
+
+
+def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
+          need_derivative: bool) -> ConicResult:
+    """Solve the batch of cone programs at parameters θ (B, len θ)."""
+    B = theta.shape[0]
+    c, A_vals, b = cone.data(theta)
+    x = np.full((B, cone.n), np.nan)
+    y = np.full((B, cone.m), np.nan)
+    s = np.full((B, cone.m), np.nan)
+    status = [Status.NUMERICAL_ERROR] * B
+    iterations = np.zeros(B, dtype=np.int64)
+    residuals = np.full((B, 3), np.nan)
+    adjoints: list = [None] * B
+    mode = settings.mode_for(cone)
+    kwargs = dict(settings.solver_kwargs)
+    if settings.derivative_kwargs:
+        kwargs["derivative_kwargs"] = dict(settings.derivative_kwargs)
+
+    def one(i):
+        if not (np.all(np.isfinite(c[i])) and np.all(np.isfinite(A_vals[i]))
+                and np.all(np.isfinite(b[i]))):
+            status[i] = Status.INVALID_INPUT
+            return
+        A = cone.matrix(A_vals[i])
+        try:
+            if need_derivative:
+                result = solve_and_derivative_internal(
+                    A, b[i].copy(), c[i].copy(), cone.cone_dict,
+                    solve_method=settings.solve_method, mode=mode, raise_on_error=False,
+                    **dict(kwargs))
+            else:
+                kw = dict(kwargs)
+                kw.pop("derivative_kwargs", None)
+                result = solve_internal(A, b[i].copy(), c[i].copy(), cone.cone_dict,
+                                        solve_method=settings.solve_method,
+                                        raise_on_error=False, **kw)
+        except diffcp.SolverError as err:  # ECOS raises instead of reporting
+            status[i] = status_from_diffcp(str(err).rsplit("status", 1)[-1].strip())
+            return
+        except (ArithmeticError, np.linalg.LinAlgError):
+            status[i] = Status.NUMERICAL_ERROR
+            return
+        info = result["info"]
+        st = status_from_diffcp(str(info.get("status", "failure")))
+        iterations[i] = int(info.get("iter", 0))
+        if not st.has_solution:
+            status[i] = st
+            return
+        xi, yi, si = (np.asarray(result[k], dtype=np.float64) for k in ("x", "y", "s"))
+        res = _residuals(A, b[i], c[i], xi, yi, si)
+        residuals[i] = res
+        if st is Status.OPTIMAL and max(res) > RESIDUAL_CHECK:
+            st = Status.OPTIMAL_INACCURATE
+        x[i], y[i], s[i] = xi, yi, si
+        status[i] = st
+        if need_derivative:
+            adjoints[i] = result.get("DT")
+
+    _run(one, B, settings.n_jobs_forward)
+    return ConicResult(x, y, s, status, iterations, residuals, adjoints, cone,
+                       n_jobs_backward=settings.n_jobs_backward)
+
+
+def _residuals(A, b, c, x, y, s) -> tuple[float, float, float]:
+    """Scaled primal, dual residuals and duality gap at (x, y, s)."""
+    def inf(v):
+        return float(np.linalg.norm(v, np.inf)) if v.size else 0.0
+
+    Ax, ATy = A @ x, A.T @ y
+    primal = inf(Ax + s - b) / (1.0 + max(inf(b), inf(Ax)))
+    dual = inf(ATy + c) / (1.0 + max(inf(c), inf(ATy)))
+    cx, by = float(c @ x), float(b @ y)
+    gap = abs(cx + by) / (1.0 + abs(cx) + abs(by))
+    return primal, dual, gap if math.isfinite(gap) else np.inf

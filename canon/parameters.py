@@ -1,0 +1,118 @@
+"""The user's parameter vector θ and its map onto CVXPY's parameter vector.
+
+Convention. The front door flattens the user's parameter tensors, in the order
+the user listed them, each in row-major (C) order, and appends a constant 1:
+
+    θ = [vec_C(p_0), vec_C(p_1), ..., vec_C(p_{k-1}), 1]      (length ``size``)
+
+CVXPY's canonical parameter vector differs in three ways: its own column
+order, column-major (Fortran) flattening, and lowered representations for
+parameters with dimension-reducing attributes (a symmetric or PSD n×n
+parameter becomes its n(n+1)/2 upper triangle). All three are linear, so they
+fold into one sparse selection matrix ``S`` with ``θ_cvxpy = S @ θ``, built
+once here and composed into every data map at compile time; nothing is
+reshaped per call.
+
+For a symmetric parameter the lowered entry (i, j) is ½(P_ij + P_ji): equal to
+P_ij on symmetric input, and its adjoint gives a symmetric gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD", "hermitian")
+# Attributes the front door checks on incoming values.
+SIGN_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg")
+
+
+@dataclass(frozen=True)
+class ParameterSlot:
+    """Where one user parameter sits in θ, and what its values must satisfy."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    attributes: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+
+class ParameterLayout:
+    """Positions of the user's parameters in θ, in the user's order."""
+
+    def __init__(self, parameters):
+        slots = []
+        offset = 0
+        for p in parameters:
+            shape = tuple(int(d) for d in p.shape)
+            size = int(np.prod(shape, dtype=np.int64))
+            attrs = {k: v for k, v in p.attributes.items() if v}
+            slots.append(ParameterSlot(p.name(), shape, offset, size, attrs))
+            offset += size
+        self.slots: tuple[ParameterSlot, ...] = tuple(slots)
+        self.user_size = offset
+        # θ carries one trailing constant 1 for the affine offsets.
+        self.size = offset + 1
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def to_cvxpy(self, parameters, cvxpy_ids, param_id_to_col, total_param_size) -> sp.csr_array:
+        """Sparse S, (total_param_size + 1) × self.size, with θ_cvxpy = S @ θ.
+
+        ``cvxpy_ids[i]`` is the id under which CVXPY's canonical program knows
+        user parameter i (after DGP's log substitution and attribute lowering).
+        """
+        rows, cols, vals = [], [], []
+        for param, slot, pid in zip(parameters, self.slots, cvxpy_ids):
+            if pid not in param_id_to_col:
+                continue  # the parameter was eliminated; it has no effect
+            col0 = param_id_to_col[pid]
+            r, c, v = _lowering(param, slot)
+            rows.append(r + col0)
+            cols.append(c + slot.offset)
+            vals.append(v)
+        rows.append(np.array([total_param_size]))
+        cols.append(np.array([self.user_size]))
+        vals.append(np.array([1.0]))
+        S = sp.coo_array(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(total_param_size + 1, self.size),
+        )
+        return S.tocsr()
+
+
+def _lowering(param, slot: ParameterSlot):
+    """(rows, cols, values) of the map vec_C(P) -> CVXPY's value for P."""
+    shape = slot.shape
+    attrs = param.attributes
+    if len(shape) == 2 and any(attrs.get(a) for a in SYMMETRIC_ATTRIBUTES):
+        n = shape[0]
+        iu, ju = np.triu_indices(n)
+        k = np.arange(iu.size)
+        diag = iu == ju
+        rows = np.concatenate([k[diag], k[~diag], k[~diag]])
+        cols = np.concatenate([iu[diag] * n + ju[diag], iu[~diag] * n + ju[~diag],
+                               ju[~diag] * n + iu[~diag]])
+        vals = np.concatenate([np.ones(diag.sum()), np.full(2 * (~diag).sum(), 0.5)])
+        return rows, cols, vals
+    if attrs.get("diag"):
+        n = shape[0]
+        k = np.arange(n)
+        return k, k * n + k, np.ones(n)
+    if attrs.get("sparsity") is not None and attrs.get("sparsity") is not False:
+        idx = param.sparse_idx
+        flat = np.ravel_multi_index(idx, shape)
+        return np.arange(flat.size), flat, np.ones(flat.size)
+    # Plain parameter: CVXPY flattens column-major, θ row-major.
+    c_index = np.arange(slot.size)
+    f_index = np.ravel_multi_index(np.unravel_index(c_index, shape, order="C"), shape, order="F") \
+        if shape else c_index
+    return f_index, c_index, np.ones(slot.size)

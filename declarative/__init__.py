@@ -1,0 +1,35 @@
+"""declarative: differentiable convex optimization layers for PyTorch.
+
+Public names load lazily (PEP 562), so ``import declarative.canon`` stays
+free of torch: the compile stage is framework-free by design.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CvxpyLayer": ".layer",
+    "SolveInfo": ".layer",
+    "SolverError": ".errors",
+    "ParameterTypeError": ".errors",
+    "Status": ".backends.status",
+    "ProblemError": ".canon",
+    "NotDPPError": ".canon",
+    "NonconvexError": ".canon",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'declarative' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

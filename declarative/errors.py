@@ -1,0 +1,39 @@
+"""Exceptions users can act on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import diffcp
+
+from .backends.status import Status
+
+
+class SolverError(diffcp.SolverError):
+    """One or more samples of a batch have no usable solution.
+
+    A subclass of ``diffcp.SolverError`` so that code written for cvxpylayers
+    (which let diffcp's error through) keeps catching it. ``indices`` lists the
+    failing batch positions and ``statuses`` their `Status`, in the same order.
+    """
+
+    def __init__(self, indices: Sequence[int], statuses: Sequence[Status], detail: str = ""):
+        self.indices = list(int(i) for i in indices)
+        self.statuses = list(statuses)
+        shown = ", ".join(f"{i}: {s}" for i, s in list(zip(self.indices, self.statuses))[:20])
+        more = "" if len(self.indices) <= 20 else f", ... ({len(self.indices)} in all)"
+        msg = (f"Solver failed on {len(self.indices)} sample(s) of the batch "
+               f"(index: status) {{{shown}{more}}}.")
+        if detail:
+            msg += " " + detail
+        msg += (" Pass on_failure='mask' to get the other samples with NaN in the failed"
+                " ones, or return_info=True to inspect statuses.")
+        super().__init__(msg)
+
+
+class ParameterTypeError(TypeError, AttributeError):
+    """A parameter value is not a torch.Tensor.
+
+    Also an ``AttributeError``, which is what cvxpylayers raised for the same
+    mistake, so existing ``except`` clauses keep working.
+    """

@@ -1,0 +1,163 @@
+"""`CvxpyLayer`: a CVXPY problem as a differentiable torch module.
+
+A drop-in for ``cvxpylayers.torch.CvxpyLayer``::
+
+    layer = CvxpyLayer(problem, parameters=[A, b], variables=[x])
+    (x_star,) = layer(A_t, b_t)          # each tensor: shape, or (batch, *shape)
+
+Conventions (as cvxpylayers): each parameter may carry one leading batch
+dimension; unbatched ones broadcast and their gradient is the sum over the
+batch; a batch of 1 keeps its dimension. Outputs come back in the inputs'
+(promoted) dtype and on their device. The layer never writes
+``Parameter.value`` and keeps no per-call state, so it may be shared across
+threads and two layers may share Parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _checks
+from ._conic import ConicSolve
+from .backends import conic
+from .backends.status import Status
+from .canon import CompiledProblem, compile_problem
+from .errors import SolverError
+
+ON_FAILURE = ("raise", "mask")
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """Per-sample outcome of one call (``layer(..., return_info=True)``)."""
+
+    status: tuple[Status, ...]
+    iterations: np.ndarray
+    residuals: np.ndarray  # (B, 3): scaled primal, dual residual and gap
+    backend: str
+
+    @property
+    def ok(self) -> bool:
+        return all(s is Status.OPTIMAL for s in self.status)
+
+
+class CvxpyLayer(torch.nn.Module):
+    """Solve a parametrized CVXPY problem in the forward pass; differentiate it by the IFT.
+
+    Args:
+        problem: a DPP-compliant ``cvxpy.Problem`` (DGP with ``gp=True``).
+        parameters: the problem's Parameters, in the order tensors are passed.
+        variables: Variables (or constraints' dual variables) to return, in order.
+        solver: ``None``/"SCS" (default), "ECOS" or "CLARABEL", run through diffcp.
+        gp: the problem is a disciplined geometric program.
+        verbose: print solver output.
+        solver_args: default solver arguments; a call's ``solver_args`` override them.
+        on_failure: "raise" (default) raises `SolverError` when a sample has no
+            solution; "mask" returns NaN for those samples (zero gradient).
+    """
+
+    def __init__(self, problem, parameters, variables, solver: str | None = None,
+                 gp: bool = False, verbose: bool = False, solver_args: dict | None = None,
+                 on_failure: str = "raise"):
+        super().__init__()
+        self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
+        self._labels = tuple(f"parameter {i} ('{s.name}')"
+                             for i, s in enumerate(self._compiled.layout.slots))
+        self.solver = solver
+        self.gp = gp
+        self.verbose = verbose
+        if solver_args is not None and not isinstance(solver_args, dict):
+            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
+        self.solver_args = dict(solver_args or {})
+        if verbose:
+            self.solver_args.setdefault("verbose", True)
+        _check_on_failure(on_failure)
+        self.on_failure = on_failure
+        # Resolve once so a bad key fails at construction, not at the first call.
+        conic.ConicSettings.resolve(solver, self.solver_args)
+
+    @property
+    def compiled(self) -> CompiledProblem:
+        return self._compiled
+
+    # ------------------------------------------------------------------
+    def forward(self, *params: torch.Tensor, solver_args: dict | None = None,
+                return_info: bool = False, on_failure: str | None = None):
+        """Solve for a batch of parameter values; returns a tuple in ``variables`` order."""
+        layout = self._compiled.layout
+        if len(params) != len(layout):
+            names = ", ".join(f"'{s.name}'" for s in layout.slots)
+            raise ValueError(
+                "A tensor must be provided for each CVXPY parameter; "
+                f"received {len(params)} tensors, expected {len(layout)} ({names})."
+            )
+        if solver_args is not None and not isinstance(solver_args, dict):
+            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
+        on_failure = self.on_failure if on_failure is None else on_failure
+        _check_on_failure(on_failure)
+        params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(self._labels, params))
+        batch = _checks.check_batch(params, [s.shape for s in layout.slots], self._labels)
+        for lab, p, slot, b in zip(self._labels, params, layout.slots, batch.per_input):
+            _checks.check_finite(lab, p, b)
+            _checks.check_attributes(lab, p, slot.attributes, b)
+        settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
+
+        theta = self._theta(params, batch, torch.float64)
+        need_derivative = torch.is_grad_enabled() and theta.requires_grad
+        box: dict = {}
+        flat = ConicSolve.apply(theta, self._compiled, settings, need_derivative, box)
+        result = box["result"]
+        info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
+        _handle_failures(info, on_failure)
+        outputs = self._shape_outputs(flat, batch)
+        return (outputs, info) if return_info else outputs
+
+    # ------------------------------------------------------------------
+    def _theta(self, params, batch: _checks.BatchInfo, dtype: torch.dtype) -> torch.Tensor:
+        """The (B, len θ) parameter matrix; see `canon.parameters` for the layout."""
+        B = batch.size
+        cols = []
+        for p, batched, log in zip(params, batch.per_input,
+                                   self._compiled.log_space or [False] * len(params)):
+            p = p.to(dtype)
+            if log:
+                p = torch.log(p)
+            cols.append(p.reshape(B, -1) if batched else p.reshape(1, -1).expand(B, -1))
+        cols.append(torch.ones(B, 1, dtype=dtype, device=batch.device))
+        return torch.cat(cols, dim=1)
+
+    def _shape_outputs(self, flat, batch: _checks.BatchInfo):
+        outs = []
+        for value, rec in zip(flat, self._compiled.outputs):
+            value = value.reshape((batch.size,) + rec.shape)
+            if self._compiled.gp and rec.is_primal:
+                value = torch.exp(value)
+            if not batch.batched:
+                value = value[0]
+            outs.append(value.to(batch.dtype))
+        return tuple(outs)
+
+
+def _check_on_failure(on_failure: str) -> None:
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+
+
+def _handle_failures(info: SolveInfo, on_failure: str) -> None:
+    failed = [(i, s) for i, s in enumerate(info.status) if not s.has_solution]
+    if failed and on_failure == "raise":
+        raise SolverError([i for i, _ in failed], [s for _, s in failed])
+    capped = [i for i, s in enumerate(info.status) if s is Status.MAX_ITER]
+    if capped:
+        warnings.warn(f"Samples {capped} stopped at the iteration or time limit (status "
+                      "max_iter); their solutions are the last iterate.", UserWarning,
+                      stacklevel=3)
+    inaccurate = [i for i, s in enumerate(info.status) if s is Status.OPTIMAL_INACCURATE]
+    if inaccurate:
+        warnings.warn(f"Samples {inaccurate} were solved inaccurately (status "
+                      "optimal_inaccurate); tighten the solver tolerances.", UserWarning,
+                      stacklevel=3)
