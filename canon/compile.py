@@ -1,36 +1,89 @@
 """Compile a CVXPY problem once into parameter-affine data for the backends.
 
 `compile_problem` checks the problem (DCP/DGP and DPP, parameters, requested
-variables), asks CVXPY for its parametrized cone program (`ParamConeProg`,
-through ``get_problem_data``), and composes CVXPY's maps with the user's
-parameter layout. The result never changes afterwards and holds no values:
+variables) and asks CVXPY for its parametrized programs (`ParamConeProg`
+through ``get_problem_data``), composed with the user's parameter layout.
+Each *form* is one canonicalization for one family of backends:
+
+    "conic"  cone program, SCS convention (diffcp)           `cone.ConeProgram`
+    "qp"     quadratic program, dense blocks (torch IPM)      `qp.QuadraticProgram`
+
+The QP form is built at construction when the problem is a QP; the conic form
+is built on first use (a QP layer may never need it). Forms hold no values:
 calling a layer never writes ``Parameter.value``.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import cvxpy as cp
 
-from .cone import ConeProgram, cone_dict_from_dims, from_param_cone_prog
-from .diagnostics import ProblemError, check_problem
+from . import qp as qp_canon
+from .cone import cone_dict_from_dims, from_param_cone_prog
+from .diagnostics import NotDPPError, ProblemError, check_problem
 from .parameters import ParameterLayout
 from .recovery import Recovery, dual_recovery, primal_recovery
 
 
 @dataclass(frozen=True)
+class Form:
+    """One canonical form: its program and how to read the outputs off its solution."""
+
+    kind: str
+    program: object
+    outputs: tuple[Recovery, ...]
+
+
+@dataclass
 class CompiledProblem:
     """Everything the front door and the backends need, framework-free."""
 
     layout: ParameterLayout
-    cone: ConeProgram
-    outputs: tuple[Recovery, ...]
-    gp: bool = False
-    # GP: user parameter i enters the cone program as log(p_i).
-    log_space: tuple[bool, ...] = ()
-    # Structure recognized for faster exact paths, by backend name.
-    structures: dict = field(default_factory=dict)
+    gp: bool
+    # GP: user parameter i enters the programs as log(p_i).
+    log_space: tuple[bool, ...]
+    forms: dict = field(default_factory=dict)
+    _source: tuple | None = field(default=None, repr=False)
+    # (DCP problem, user param -> log-space param, user var id -> log var id); the
+    # identity for DCP problems, Dgp2Dcp's reduction for geometric programs.
+    _dcp: tuple | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Forms available for this problem (built or buildable)."""
+        kinds = set(self.forms)
+        if self._source is not None and self._source[3]:
+            kinds.add("conic")
+        return tuple(k for k in ("qp", "conic") if k in kinds)
+
+    def form(self, kind: str) -> Form:
+        if kind in self.forms:
+            return self.forms[kind]
+        if kind != "conic" or self._source is None:
+            raise ProblemError(f"this problem has no {kind!r} form; available: {self.kinds}.")
+        with self._lock:
+            if "conic" not in self.forms:
+                problem, parameters, variables, conic_ok = self._source
+                if not conic_ok:
+                    raise NotDPPError(
+                        "This problem is DPP only with quad_form(x, P) for a Parameter P, which "
+                        "the QP path handles; the conic path cannot (CVXPY rewrites the "
+                        "quad_form into cones). Use backend='qp' or 'auto'."
+                    )
+                self.forms["conic"] = _conic_form(problem, parameters, variables, self)
+        return self.forms["conic"]
+
+    # Convenience for the conic form (what the first version of the layer used).
+    @property
+    def cone(self):
+        return self.form("conic").program
+
+    @property
+    def outputs(self) -> tuple[Recovery, ...]:
+        return self.form(self.kinds[-1]).outputs
 
 
 def _names(items) -> str:
@@ -79,43 +132,74 @@ def _check_arguments(problem: cp.Problem, parameters, variables) -> None:
 def compile_problem(problem: cp.Problem, parameters, variables,
                     gp: bool = False) -> CompiledProblem:
     """Compile ``problem`` for the given parameter order and requested outputs."""
-    check_problem(problem, gp=gp)
+    if not isinstance(problem, cp.Problem):
+        raise TypeError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}.")
+    qp_ok = (not gp) and qp_canon.is_quadratic_program(problem)
+    check_problem(problem, gp=gp, quad_form_dpp=qp_ok)
     _check_arguments(problem, parameters, variables)
     parameters = list(parameters)
     variables = list(variables)
+    conic_ok = problem.is_dgp(dpp=True) if gp else problem.is_dpp()
 
+    layout = ParameterLayout(parameters)
     if gp:
         dgp2dcp = cp.reductions.Dgp2Dcp(problem)
         target, _ = dgp2dcp.apply(problem)
         log_params = dgp2dcp.canon_methods._parameters  # user param -> log-space param
         gp_var_ids = {k: v[0] for k, v in dgp2dcp.var_id_map.items()}
     else:
-        target = problem
-        log_params = {}
-        gp_var_ids = {}
+        target, log_params, gp_var_ids = problem, {}, {}
+    log_space = tuple(p in log_params for p in parameters)
+    compiled = CompiledProblem(layout, gp, log_space,
+                               _source=(problem, parameters, variables, conic_ok),
+                               _dcp=(target, log_params, gp_var_ids))
+    if qp_ok:
+        form = _qp_form(problem, parameters, variables, compiled)
+        if form is not None:
+            compiled.forms["qp"] = form
+    if not compiled.forms:
+        compiled.form("conic")  # compile now: errors surface at construction
+    return compiled
 
-    data, chain, _ = target.get_problem_data(cp.DIFFCP)
+
+def _canonical(problem, parameters, compiled, data_fn):
+    """CVXPY's program for ``problem`` and the selection S from the user's θ."""
+    target, log_params, gp_var_ids = compiled._dcp
+    data, chain, _ = data_fn(target)
     param_prob = data[cp.settings.PARAM_PROB]
     param_ids = {k: v[0] for k, v in chain.compose_param_id_map().items()}
     var_ids = {k: v[0] for k, v in chain.compose_var_id_map().items()}
-    constr_ids = chain.compose_constr_id_map()
-
-    layout = ParameterLayout(parameters)
-    log_space = tuple(p in log_params for p in parameters)
     cvxpy_ids = []
     for p in parameters:
         pid = log_params[p].id if p in log_params else p.id
         cvxpy_ids.append(param_ids.get(pid, pid))
-    S = layout.to_cvxpy(parameters, cvxpy_ids, param_prob.param_id_to_col,
-                        param_prob.total_param_size)
+    S = compiled.layout.to_cvxpy(parameters, cvxpy_ids, param_prob.param_id_to_col,
+                                 param_prob.total_param_size)
+    ids = (var_ids, gp_var_ids, chain.compose_constr_id_map())
+    return data, param_prob, S, ids
+
+
+def _conic_form(problem, parameters, variables, compiled) -> Form:
+    data, param_prob, S, ids = _canonical(
+        problem, parameters, compiled, lambda t: t.get_problem_data(cp.DIFFCP))
     cone = from_param_cone_prog(param_prob, S, cone_dict_from_dims(data["dims"]))
+    outputs = tuple(_recoveries(problem, variables, param_prob, ids, cone.n, cone.m,
+                                compiled.gp))
+    return Form("conic", cone, outputs)
 
-    outputs = tuple(_recoveries(problem, variables, param_prob, var_ids, gp_var_ids,
-                                constr_ids, cone, gp))
-    return CompiledProblem(layout, cone, outputs, gp=gp, log_space=log_space)
+
+def _qp_form(problem, parameters, variables, compiled) -> Form | None:
+    data, param_prob, S, ids = _canonical(problem, parameters, compiled, qp_canon.problem_data)
+    program = qp_canon.from_param_prog(param_prob, S, data["dims"])
+    if program is None:
+        return None
+    outputs = tuple(_recoveries(problem, variables, param_prob, ids, program.n,
+                                program.m + program.p, compiled.gp))
+    return Form("qp", program, outputs)
 
 
-def _recoveries(problem, variables, param_prob, var_ids, gp_var_ids, constr_ids, cone, gp):
+def _recoveries(problem, variables, param_prob, ids, x_size, y_size, gp):
+    var_ids, gp_var_ids, constr_ids = ids
     primal = set(problem.variables())
     owner = {dv.id: con for con in problem.constraints for dv in con.dual_variables}
     rows = {}
@@ -127,7 +211,7 @@ def _recoveries(problem, variables, param_prob, var_ids, gp_var_ids, constr_ids,
         if v in primal:
             vid = gp_var_ids.get(v.id, v.id)
             vid = var_ids.get(vid, vid)
-            yield primal_recovery(v, param_prob.var_id_to_col[vid], cone.n)
+            yield primal_recovery(v, param_prob.var_id_to_col[vid], x_size)
             continue
         if gp:
             raise NotImplementedError(
@@ -143,4 +227,4 @@ def _recoveries(problem, variables, param_prob, var_ids, gp_var_ids, constr_ids,
                 "split it while canonicalizing."
             )
         start, canonical = rows[cid]
-        yield dual_recovery(v, con, canonical, start, cone.m)
+        yield dual_recovery(v, con, canonical, start, y_size)

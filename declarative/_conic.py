@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .backends import conic
-from .canon import CompiledProblem
+from .canon.compile import Form
 
 
 class ConicSolve(torch.autograd.Function):
@@ -23,28 +23,28 @@ class ConicSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, compiled: CompiledProblem,
+    def forward(ctx, theta: torch.Tensor, form: Form,
                 settings: conic.ConicSettings, need_derivative: bool, box: dict):
         theta_np = theta.detach().to("cpu", torch.float64).numpy()
-        result = conic.solve(compiled.cone, theta_np, settings, need_derivative)
+        result = conic.solve(form.program, theta_np, settings, need_derivative)
         box["result"] = result
         outs = []
-        for rec in compiled.outputs:
+        for rec in form.outputs:
             v = result.x if rec.is_primal else result.y
             outs.append(torch.from_numpy(rec.apply(v)).to(theta.device))
         ctx.result = result
-        ctx.compiled = compiled
+        ctx.form = form
         ctx.device = theta.device
         return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        result, compiled = ctx.result, ctx.compiled
+        result, form = ctx.result, ctx.form
         B = result.x.shape[0]
-        dx = np.zeros((B, compiled.cone.n))
-        dy = np.zeros((B, compiled.cone.m))
-        for g, rec in zip(grads, compiled.outputs):
+        dx = np.zeros((B, form.program.n))
+        dy = np.zeros((B, form.program.m))
+        for g, rec in zip(grads, form.outputs):
             if g is None:
                 continue
             gn = g.detach().to("cpu", torch.float64).numpy()

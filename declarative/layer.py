@@ -23,12 +23,14 @@ import torch
 
 from . import _checks
 from ._conic import ConicSolve
+from ._qp import QPPath, qp_settings
 from .backends import conic
 from .backends.status import Status
 from .canon import CompiledProblem, compile_problem
 from .errors import SolverError
 
 ON_FAILURE = ("raise", "mask")
+BACKENDS = ("auto", "qp", "conic")
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,25 @@ class CvxpyLayer(torch.nn.Module):
         problem: a DPP-compliant ``cvxpy.Problem`` (DGP with ``gp=True``).
         parameters: the problem's Parameters, in the order tensors are passed.
         variables: Variables (or constraints' dual variables) to return, in order.
-        solver: ``None``/"SCS" (default), "ECOS" or "CLARABEL", run through diffcp.
+        solver: conic solver run through diffcp: ``None``/"SCS" (default), "ECOS" or
+            "CLARABEL". Naming one asks for the conic path.
         gp: the problem is a disciplined geometric program.
         verbose: print solver output.
         solver_args: default solver arguments; a call's ``solver_args`` override them.
         on_failure: "raise" (default) raises `SolverError` when a sample has no
             solution; "mask" returns NaN for those samples (zero gradient).
+        backend: "auto" (default) takes the most specific exact path the problem's
+            structure allows (QP -> batched torch interior point; otherwise conic);
+            "qp" or "conic" forces one (an invalid choice is an error).
     """
 
     def __init__(self, problem, parameters, variables, solver: str | None = None,
                  gp: bool = False, verbose: bool = False, solver_args: dict | None = None,
-                 on_failure: str = "raise"):
+                 on_failure: str = "raise", backend: str = "auto"):
         super().__init__()
         self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
+        self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
+        self._qp = QPPath(self._compiled.form("qp")) if self.backend == "qp" else None
         self._labels = tuple(f"parameter {i} ('{s.name}')"
                              for i, s in enumerate(self._compiled.layout.slots))
         self.solver = solver
@@ -78,7 +86,10 @@ class CvxpyLayer(torch.nn.Module):
         _check_on_failure(on_failure)
         self.on_failure = on_failure
         # Resolve once so a bad key fails at construction, not at the first call.
-        conic.ConicSettings.resolve(solver, self.solver_args)
+        if self.backend == "conic":
+            conic.ConicSettings.resolve(solver, self.solver_args)
+        else:
+            qp_settings(self.solver_args)
 
     @property
     def compiled(self) -> CompiledProblem:
@@ -104,14 +115,22 @@ class CvxpyLayer(torch.nn.Module):
         for lab, p, slot, b in zip(self._labels, params, layout.slots, batch.per_input):
             _checks.check_finite(lab, p, b)
             _checks.check_attributes(lab, p, slot.attributes, b)
-        settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
-
-        theta = self._theta(params, batch, torch.float64)
-        need_derivative = torch.is_grad_enabled() and theta.requires_grad
-        box: dict = {}
-        flat = ConicSolve.apply(theta, self._compiled, settings, need_derivative, box)
-        result = box["result"]
-        info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
+        if self.backend == "qp":
+            settings = qp_settings(self.solver_args, solver_args)
+            theta = self._theta(params, batch, batch.dtype)
+            flat, result = self._qp.solve(theta, settings)
+            info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
+                             result.residuals.detach().cpu().numpy(), "qp")
+            flat = _mask_failed(flat, info)
+        else:
+            settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
+            theta = self._theta(params, batch, torch.float64)
+            need_derivative = torch.is_grad_enabled() and theta.requires_grad
+            box: dict = {}
+            flat = ConicSolve.apply(theta, self._compiled.form("conic"), settings,
+                                    need_derivative, box)
+            result = box["result"]
+            info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
         _handle_failures(info, on_failure)
         outputs = self._shape_outputs(flat, batch)
         return (outputs, info) if return_info else outputs
@@ -132,7 +151,7 @@ class CvxpyLayer(torch.nn.Module):
 
     def _shape_outputs(self, flat, batch: _checks.BatchInfo):
         outs = []
-        for value, rec in zip(flat, self._compiled.outputs):
+        for value, rec in zip(flat, self._compiled.form(self.backend).outputs):
             value = value.reshape((batch.size,) + rec.shape)
             if self._compiled.gp and rec.is_primal:
                 value = torch.exp(value)
@@ -140,6 +159,36 @@ class CvxpyLayer(torch.nn.Module):
                 value = value[0]
             outs.append(value.to(batch.dtype))
         return tuple(outs)
+
+
+def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_args) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    kinds = compiled.kinds
+    if backend == "auto":
+        # Naming a conic solver (solver=... or solver_args['solve_method']) asks for it.
+        wants_conic = solver is not None or "solve_method" in (solver_args or {})
+        return "conic" if wants_conic and "conic" in kinds else kinds[0]
+    if backend not in kinds:
+        raise ValueError(
+            f"backend={backend!r} is not valid for this problem: its structure allows "
+            f"{kinds}. The QP path needs a quadratic (or linear) objective and affine "
+            "constraints."
+        )
+    return backend
+
+
+def _mask_failed(flat, info: SolveInfo):
+    """NaN for samples without a solution (their gradient is zero by construction)."""
+    bad = [i for i, s in enumerate(info.status) if not s.has_solution]
+    if not bad:
+        return flat
+    out = []
+    for t in flat:
+        mask = torch.zeros(t.shape[0], 1, dtype=torch.bool, device=t.device)
+        mask[bad] = True
+        out.append(torch.where(mask, torch.full_like(t, float("nan")), t))
+    return out
 
 
 def _check_on_failure(on_failure: str) -> None:

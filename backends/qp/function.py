@@ -1,0 +1,99 @@
+"""Differentiable batched QP solve: forward by interior point, backward by the IFT.
+
+Backward (OptNet's differentiated KKT conditions). At the solution (z, λ, ν)
+with slacks s and W = diag(s/λ), the KKT conditions linearize to
+
+    M [dz; dλ; dν] = −[dQ z + dq + dGᵀλ + dAᵀν;  dG z − dh;  dA z − db],
+    M = [[Q, Gᵀ, Aᵀ], [G, −W, 0], [A, 0, 0]]   (symmetric),
+
+so for upstream gradients (ḡ_z, ḡ_λ, ḡ_ν) one solve a = M⁻¹ [ḡ_z; ḡ_λ; ḡ_ν]
+with the Newton matrix factored at the final iterate (kept by the forward pass)
+gives
+
+    ∇q = −a_z,   ∇Q = −½(a_z zᵀ + z a_zᵀ),   ∇G = −(λ a_zᵀ + a_λ zᵀ),
+    ∇h = a_λ,    ∇A = −(ν a_zᵀ + a_ν zᵀ),      ∇b = a_ν.
+
+A shared (unbatched) input receives the sum over the batch, as autograd does
+for broadcasting. Samples without a solution receive zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ipm
+from .data import QPData
+from .settings import QPSettings
+
+
+def _reduce(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a per-sample gradient over the batch when the input was shared."""
+    return grad.sum(0) if grad.dim() > like.dim() else grad
+
+
+class QPSolve(torch.autograd.Function):
+    """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `IPMResult`."""
+
+    @staticmethod
+    def forward(ctx, Q, q, G, h, A, b, batch: int, settings: QPSettings, box: dict):
+        Q = 0.5 * (Q + Q.mT)  # ½zᵀQz only sees the symmetric part
+        data = QPData(Q, q, G, h, A, b, batch)
+        need_factor = any(ctx.needs_input_grad[:6])
+        result = ipm.solve(data, settings, need_factor=need_factor)
+        box["result"] = result
+        ctx.result = result
+        ctx.shapes = (Q, q, G, h, A, b)
+        ok = torch.tensor([s.has_solution for s in result.status], device=Q.device)
+        ctx.ok = ok
+        z, lam, nu = result.z, result.lam, result.nu
+        ctx.save_for_backward(z, lam, nu)
+        return z, lam, nu
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gz, gl, gn):
+        z, lam, nu = ctx.saved_tensors
+        result = ctx.result
+        kkt, F = result.kkt, result.factor
+        Q, q, G, h, A, b = ctx.shapes
+        zeros = torch.zeros_like
+        gz = zeros(z) if gz is None else gz
+        gl = zeros(lam) if gl is None else gl
+        gn = zeros(nu) if gn is None else gn
+        ok = ctx.ok.unsqueeze(-1)
+        gz, gl, gn = (torch.where(ok, g, torch.zeros_like(g)) for g in (gz, gl, gn))
+        a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
+        a_z = kkt.dir_to_original(a_w)
+        a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
+
+        needs = ctx.needs_input_grad
+        dQ = dq = dG = dh = dA = db = None
+        if needs[0]:
+            outer = a_z.unsqueeze(-1) * z.unsqueeze(-2)
+            dQ = _reduce(-0.5 * (outer + outer.mT), Q)
+        if needs[1]:
+            dq = _reduce(-a_z, q)
+        if needs[2]:
+            dG = _reduce(-(lam.unsqueeze(-1) * a_z.unsqueeze(-2)
+                           + a_l.unsqueeze(-1) * z.unsqueeze(-2)), G)
+        if needs[3]:
+            dh = _reduce(a_l, h)
+        if needs[4]:
+            dA = _reduce(-(nu.unsqueeze(-1) * a_z.unsqueeze(-2)
+                           + a_n.unsqueeze(-1) * z.unsqueeze(-2)), A)
+        if needs[5]:
+            db = _reduce(a_n, b)
+        return dQ, dq, dG, dh, dA, db, None, None, None
+
+
+def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None):
+    """Solve and return ((z, λ, ν), IPMResult); differentiable in all six inputs."""
+    settings = settings or QPSettings()
+    box: dict = {}
+    if settings.backward == "unroll":
+        with torch.enable_grad():
+            data = QPData(0.5 * (Q + Q.mT), q, G, h, A, b, batch)
+            result = ipm.solve(data, settings, need_factor=False)
+        return (result.z, result.lam, result.nu), result
+    z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box)
+    return (z, lam, nu), box["result"]

@@ -1,0 +1,259 @@
+"""Batched primal–dual interior point (Mehrotra predictor–corrector) for QPs.
+
+Problem and shapes: see `data`. With slacks s ≥ 0 and multipliers λ ≥ 0
+(inequalities), ν (equalities), the iterates approach the KKT conditions
+
+    Qz + q + Gᵀλ + Aᵀν = 0,   Gz + s = h,   Az = b,   s ∘ λ = 0.
+
+Each iteration factors the Newton matrix once (`kkt`), then solves it twice:
+the affine (predictor) direction gives the centering σ = (μ_aff / μ)³, the
+corrector adds the second-order term ds_aff ∘ dλ_aff. Samples are handled
+independently: a sample that has converged (or failed) leaves the active set
+and is no longer updated; the loop ends when the active set is empty.
+
+When the backward pass will need it, the Newton matrix is factored at every
+sample's final iterate and that factorization is kept (``need_factor``), so the
+implicit backward solves with it instead of factoring again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..status import Status
+from .data import QPData
+from .kkt import KKTSystem, choose
+from .settings import QPSettings
+
+# Integer codes used on the device; converted to `Status` once at the end.
+# W for an h = +inf row: large enough that W⁻¹ vanishes next to any real row.
+FREE_ROW_WEIGHT = 1e30
+
+RUNNING, OPTIMAL, INFEASIBLE, UNBOUNDED, MAX_ITER, NUMERICAL, INACCURATE = range(7)
+CODE_TO_STATUS = {
+    OPTIMAL: Status.OPTIMAL,
+    INFEASIBLE: Status.INFEASIBLE,
+    UNBOUNDED: Status.UNBOUNDED,
+    MAX_ITER: Status.MAX_ITER,
+    NUMERICAL: Status.NUMERICAL_ERROR,
+    INACCURATE: Status.OPTIMAL_INACCURATE,
+    RUNNING: Status.MAX_ITER,
+}
+
+
+@dataclass
+class IPMResult:
+    z: torch.Tensor  # (B, n) primal solution (original variables)
+    lam: torch.Tensor  # (B, p) inequality multipliers
+    nu: torch.Tensor  # (B, m) equality multipliers
+    s: torch.Tensor  # (B, p) slacks h - Gz
+    codes: torch.Tensor  # (B,) status codes
+    iterations: torch.Tensor  # (B,)
+    residuals: torch.Tensor  # (B, 3) scaled primal, dual, gap
+    kkt: KKTSystem
+    factor: dict | None  # Newton matrix factors at the final iterates
+
+    @property
+    def status(self) -> list[Status]:
+        return [CODE_TO_STATUS[int(c)] for c in self.codes.tolist()]
+
+
+def _inf_norm(t: torch.Tensor) -> torch.Tensor:
+    if t.shape[-1] == 0:
+        return torch.zeros(t.shape[:-1], dtype=t.dtype, device=t.device)
+    return t.abs().amax(-1)
+
+
+def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """Largest α ≤ 1 with v + α dv ≥ 0, per sample (v > 0)."""
+    if v.shape[-1] == 0:
+        return torch.ones(v.shape[:-1], dtype=v.dtype, device=v.device)
+    ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
+    return ratio.amin(-1).clamp(max=1.0)
+
+
+class _Buffer:
+    """Full-batch storage of per-sample tensors written by index."""
+
+    def __init__(self):
+        self.t: dict = {}
+
+    def put(self, name: str, idx: torch.Tensor, value: torch.Tensor, batch: int):
+        if name not in self.t:
+            self.t[name] = torch.zeros((batch,) + tuple(value.shape[1:]), dtype=value.dtype,
+                                       device=value.device)
+        self.t[name] = self.t[name].index_copy(0, idx, value)
+
+
+def solve(data: QPData, settings: QPSettings, need_factor: bool,
+          kkt: KKTSystem | None = None) -> IPMResult:
+    kkt = kkt or choose(data, settings)
+    B, p, m = data.batch, data.p, data.m
+    dtype, device = data.dtype, data.device
+    eps = settings.tolerance(dtype)
+    frac = settings.step_fraction
+
+    q_all, h_all, b_all = kkt.vec("q"), kkt.vec("h"), kkt.vec("b")
+    # h = +inf marks "no constraint": such rows keep λ = 0, never move, and
+    # enter the Newton matrix with W = FREE_ROW_WEIGHT (W⁻¹ = 0 in effect).
+    free_all = torch.isposinf(h_all) if p else None
+    has_free = bool(free_all.any()) if p else False
+    if has_free:
+        h_all = torch.where(free_all, torch.zeros_like(h_all), h_all)
+
+    # ---- initial point: the Newton system with W = I (CVXOPT's choice) ----
+    F0 = kkt.factor(torch.ones(B, p, dtype=dtype, device=device))
+    x, lam_raw, nu = kkt.solve(F0, -q_all, h_all, b_all)
+    s = -lam_raw
+    lam = lam_raw.clone()
+    if p:
+        if has_free:
+            s = torch.where(free_all, torch.ones_like(s), s)
+            lam = torch.where(free_all, torch.ones_like(lam), lam)
+        a_s = (-s).amax(-1, keepdim=True)
+        s = torch.where(a_s >= 0, s + 1 + a_s, s)
+        a_l = (-lam).amax(-1, keepdim=True)
+        lam = torch.where(a_l >= 0, lam + 1 + a_l, lam)
+        if has_free:
+            lam = torch.where(free_all, torch.zeros_like(lam), lam)
+
+    codes = torch.zeros(B, dtype=torch.long, device=device)
+    iterations = torch.zeros(B, dtype=torch.long, device=device)
+    residuals = torch.full((B, 3), float("nan"), dtype=dtype, device=device)
+    best = torch.full((B,), float("inf"), dtype=dtype, device=device)
+    stalled = torch.zeros(B, dtype=torch.long, device=device)
+    final = _Buffer()
+    active = torch.arange(B, device=device)
+    act = kkt  # the system restricted to the active samples
+
+    for it in range(settings.max_iter + 1):
+        if active.numel() == 0:
+            break
+        full = active.numel() == B
+        xa = x if full else x[active]
+        la = lam if full else lam[active]
+        sa = s if full else s[active]
+        na = nu if full else nu[active]
+        qa = q_all if full else q_all[active]
+        ha = h_all if full else h_all[active]
+        ba = b_all if full else b_all[active]
+        fa = (free_all if full else free_all[active]) if has_free else None
+
+        # ---- residuals and convergence -------------------------------------
+        Hx = act.hess(xa)
+        GTl = act.GT(la)
+        ATn = act.AT(na) if m else torch.zeros_like(xa)
+        Gx = act.G(xa)
+        Ax = act.A(xa) if m else ba
+        r_d = Hx + qa + GTl + ATn
+        r_p = Gx + sa - ha
+        if has_free:
+            r_p = torch.where(fa, torch.zeros_like(r_p), r_p)
+        r_e = Ax - ba
+        gap = (sa * la).sum(-1)
+        obj = 0.5 * (xa * Hx).sum(-1) + (qa * xa).sum(-1)
+        pres = torch.maximum(
+            _inf_norm(r_p) / (1 + torch.maximum(_inf_norm(ha), _inf_norm(Gx))),
+            _inf_norm(r_e) / (1 + torch.maximum(_inf_norm(ba), _inf_norm(Ax))))
+        dres = _inf_norm(r_d) / (1 + torch.maximum(torch.maximum(_inf_norm(qa), _inf_norm(Hx)),
+                                                   _inf_norm(GTl + ATn)))
+        gres = gap / (1 + obj.abs())
+        res = torch.stack([pres, dres, gres], -1)
+        worst = res.amax(-1)
+        converged = worst <= eps
+
+        # Infeasibility certificates on the normalized iterates.
+        y_norm = torch.maximum(_inf_norm(la), _inf_norm(na)).clamp_min(1e-300)
+        farkas = (_inf_norm(GTl + ATn) / y_norm <= settings.infeas_tol) & (
+            ((ha * la).sum(-1) + (ba * na).sum(-1)) / y_norm < -settings.infeas_tol
+        ) & (y_norm > 1.0 / settings.infeas_tol ** 0.5)
+        x_norm = _inf_norm(xa).clamp_min(1e-300)
+        recession = (
+            (_inf_norm(Hx) / x_norm <= settings.infeas_tol)
+            & (_inf_norm(Ax - 0) / x_norm <= settings.infeas_tol if m else True)
+            & ((Gx.amax(-1) if p else torch.zeros_like(x_norm)) / x_norm <= settings.infeas_tol)
+            & ((qa * xa).sum(-1) / x_norm < -settings.infeas_tol)
+            & (x_norm > 1.0 / settings.infeas_tol ** 0.5)
+        )
+        improved = worst < 0.9 * best[active]
+        best[active] = torch.where(improved, worst, best[active])
+        stall = torch.where(improved, torch.zeros_like(stalled[active]), stalled[active] + 1)
+        stalled[active] = stall
+
+        code = torch.full_like(active, RUNNING)
+        code = torch.where(stall >= settings.not_improved_lim,
+                           torch.where(worst <= eps ** 0.5, INACCURATE, NUMERICAL), code)
+        if it == settings.max_iter:
+            code = torch.where(code == RUNNING, MAX_ITER, code)
+        code = torch.where(recession & ~converged, UNBOUNDED, code)
+        code = torch.where(farkas & ~converged, INFEASIBLE, code)
+        code = torch.where(converged, OPTIMAL, code)
+        iterations[active] = it
+        residuals[active] = res.detach()
+        done = code != RUNNING
+        w = sa / la if p else sa
+        if has_free:
+            w = torch.where(fa, torch.full_like(w, FREE_ROW_WEIGHT), w)
+
+        # ---- factor at the current iterate --------------------------------
+        if need_factor:
+            F = act.factor(w)
+            if bool(done.any()):
+                sel = done.nonzero().squeeze(-1)
+                for k, v in F.items():
+                    final.put(k, active[sel], v[sel], B)
+        if bool(done.any()):
+            codes[active[done]] = code[done]
+            keep = (~done).nonzero().squeeze(-1)
+            active = active[keep]
+            if active.numel() == 0:
+                break
+            xa, la, sa, na = xa[keep], la[keep], sa[keep], na[keep]
+            r_d, r_p, r_e, w = r_d[keep], r_p[keep], r_e[keep], w[keep]
+            fa = fa[keep] if has_free else None
+            act = kkt.subset(active)
+            F = {k: v[keep] for k, v in F.items()} if need_factor else act.factor(w)
+        elif not need_factor:
+            F = act.factor(w)
+
+        # ---- predictor -----------------------------------------------------
+        count = max(p, 1) if not has_free else (~fa).sum(-1, keepdim=True).clamp_min(1)
+        mu = (sa * la).sum(-1, keepdim=True) / count
+        r_l = sa - r_p
+        if has_free:
+            r_l = torch.where(fa, torch.zeros_like(r_l), r_l)
+        _, dl_a, _ = act.solve(F, -r_d, r_l, -r_e, primal=False)
+        ds_a = -sa - w * dl_a
+        if has_free:
+            dl_a = torch.where(fa, torch.zeros_like(dl_a), dl_a)
+            ds_a = torch.where(fa, torch.zeros_like(ds_a), ds_a)
+        alpha_a = torch.minimum(_max_step(sa, ds_a), _max_step(la, dl_a)).unsqueeze(-1)
+        mu_a = ((sa + alpha_a * ds_a) * (la + alpha_a * dl_a)).sum(-1, keepdim=True) / count
+        sigma = (mu_a / mu.clamp_min(1e-300)).clamp(0, 1) ** 3
+
+        # ---- corrector ------------------------------------------------------
+        r_c = sa * la + ds_a * dl_a - sigma * mu
+        r_l = r_c / la - r_p
+        if has_free:
+            r_l = torch.where(fa, torch.zeros_like(r_l), r_l)
+        dx, dl, dn = act.solve(F, -r_d, r_l, -r_e)
+        ds = -r_p - r_l - w * dl
+        if has_free:
+            dl = torch.where(fa, torch.zeros_like(dl), dl)
+            ds = torch.where(fa, torch.zeros_like(ds), ds)
+        alpha = torch.minimum(_max_step(sa, ds), _max_step(la, dl)).unsqueeze(-1)
+        alpha = torch.clamp(frac * alpha, max=1.0) if p else torch.ones_like(alpha)
+
+        x = x.index_copy(0, active, xa + alpha * dx)
+        if p:
+            s = s.index_copy(0, active, sa + alpha * ds)
+            lam = lam.index_copy(0, active, la + alpha * dl)
+        if m:
+            nu = nu.index_copy(0, active, na + alpha * dn)
+
+    z = kkt.to_original(x)
+    s_out = torch.where(free_all, torch.full_like(s, float("inf")), s) if has_free else s
+    factor = final.t if need_factor else None
+    return IPMResult(z, lam, nu, s_out, codes, iterations, residuals, kkt, factor)

@@ -1,0 +1,310 @@
+"""Eliminations of the interior point's Newton system, factored once per iteration.
+
+Every Newton step, and the backward pass, solves the symmetric system
+
+    [ Q   Gᵀ   Aᵀ ] [dz]   [r_z]
+    [ G   -W   0  ] [dλ] = [r_λ]          W = diag(s / λ) > 0
+    [ A   0    0  ] [dν]   [r_ν]
+
+Two exact eliminations, chosen by cost (see `choose`):
+
+`SchurKKT` (Q positive definite). With Q = LLᵀ and w = Lᵀz the Hessian becomes
+I and G, A become C_G = G L⁻ᵀ, C_A = A L⁻ᵀ. Eliminating dw leaves the dual
+system with K = C Cᵀ, formed once per call; eliminating dν with the constant
+block K_AA = C_A C_Aᵀ (also once per call) leaves, per iteration, one p×p
+Cholesky of K̃ + W with K̃ = K_GG − K_GA K_AA⁻¹ K_AG constant. When Q and G are
+shared by the batch, K̃ is a single matrix: only W differs per sample.
+
+`ReducedKKT` (any PSD Q, including Q = 0). Eliminating dλ = W⁻¹(G dz − r_λ)
+gives H = Q + Gᵀ W⁻¹ G; adding ρAᵀA (exact, since A dz = r_ν) makes H
+positive definite whenever the KKT matrix is nonsingular; the equality block
+is then eliminated with S = A H⁻¹ Aᵀ. One n×n and one m×m Cholesky per iteration.
+
+Both fall back to a diagonal shift when a Cholesky fails (redundant rows in A,
+numerically singular matrices), retried with growing shifts per sample.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .data import QPData, mv, rmv
+from .settings import QPSettings
+
+
+def cholesky(M: torch.Tensor, settings: QPSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Cholesky with a per-sample diagonal-shift fallback.
+
+    Returns (L, shifted): ``shifted`` marks the samples that needed a shift.
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    bad = info != 0
+    if not bool(bad.any()):
+        return L, bad
+    scale = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
+    shift = settings.regularization
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    shifted = bad.clone()
+    for _ in range(settings.regularization_tries):
+        if M.dim() == 2:
+            trial = M + (shift * scale) * eye
+            L2, info2 = torch.linalg.cholesky_ex(trial)
+            L = L2
+            bad = info2 != 0
+        else:
+            idx = bad.nonzero().squeeze(-1)
+            trial = M[idx] + (shift * scale[idx])[:, None, None] * eye
+            L2, info2 = torch.linalg.cholesky_ex(trial)
+            L = L.index_copy(0, idx, L2)
+            bad = bad.index_copy(0, idx, info2 != 0)
+        if not bool(bad.any()):
+            return L, shifted
+        shift *= 100.0
+    # Still failing: the matrix is not positive semidefinite to working precision.
+    return L, shifted
+
+
+def tri_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(LLᵀ)⁻¹ r for batched vectors r (B, k); L (k, k) or (B, k, k)."""
+    if L.dim() == 2:
+        y = torch.linalg.solve_triangular(L, r.T, upper=False)
+        return torch.linalg.solve_triangular(L.T, y, upper=True).T
+    y = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
+
+
+def forward_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ r for batched vectors r (B, k)."""
+    if L.dim() == 2:
+        return torch.linalg.solve_triangular(L, r.T, upper=False).T
+    return torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False).squeeze(-1)
+
+
+def backward_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """L⁻ᵀ r for batched vectors r (B, k)."""
+    if L.dim() == 2:
+        return torch.linalg.solve_triangular(L.T, r.T, upper=True).T
+    return torch.linalg.solve_triangular(L.mT, r.unsqueeze(-1), upper=True).squeeze(-1)
+
+
+class KKTSystem:
+    """Operators of the working space plus the factor/solve of its Newton system.
+
+    The interior point runs in the working space (variables x); `to_original`
+    maps x back to z, `rhs_to_working` and `dir_to_original` map a backward
+    right-hand side in and its solution out. `subset` restricts the system to
+    some samples (the active ones), gathering each batched tensor once.
+    """
+
+    name = "base"
+    # Per-sample tensors (leading batch dimension when batched): matrices are
+    # batched when 3-D, vectors when 2-D.
+    matrices: tuple[str, ...] = ()
+    vectors: tuple[str, ...] = ("q", "h", "b")
+
+    def __init__(self, data: QPData, settings: QPSettings):
+        self.settings = settings
+        self.p, self.m, self.n = data.p, data.m, data.n
+        self.batch = data.batch
+        self.q, self.h, self.b = data.q, data.h, data.b
+
+    def subset(self, idx: torch.Tensor) -> KKTSystem:
+        sub = copy.copy(self)
+        sub.batch = int(idx.numel())
+        for name in self.matrices:
+            t = getattr(self, name)
+            if t is not None and t.dim() == 3:
+                setattr(sub, name, t.index_select(0, idx))
+        for name in self.vectors:
+            t = getattr(self, name)
+            if t.dim() == 2:
+                setattr(sub, name, t.index_select(0, idx))
+        return sub
+
+    def vec(self, name: str) -> torch.Tensor:
+        """A vector of the working problem, expanded to (batch, ·)."""
+        t = getattr(self, name)
+        return t.unsqueeze(0).expand(self.batch, -1) if t.dim() == 1 else t
+
+    def apply(self, F: dict, dz, dl, dn):
+        """The Newton matrix times (dz, dλ, dν), in the working space."""
+        w = F["w"]
+        top = self.hess(dz) + self.GT(dl)
+        if self.m:
+            top = top + self.AT(dn)
+            bottom = self.A(dz)
+        else:
+            bottom = dn
+        return top, self.G(dz) - w * dl, bottom
+
+    def solve_refined(self, F: dict, r_z, r_l, r_n, steps: int = 2):
+        """`solve` plus iterative refinement with exact products.
+
+        Near the solution W spans many orders of magnitude and the factored
+        matrix is ill-conditioned; a couple of refinement steps with the same
+        factorization restore full accuracy for the backward pass.
+        """
+        dz, dl, dn = self.solve(F, r_z, r_l, r_n)
+        for _ in range(steps):
+            az, al, an = self.apply(F, dz, dl, dn)
+            ez, el, en = self.solve(F, r_z - az, r_l - al, r_n - an)
+            dz, dl, dn = dz + ez, dl + el, dn + en
+        return dz, dl, dn
+
+    def G(self, x):
+        return mv(self.Gm, x)
+
+    def GT(self, y):
+        return rmv(self.Gm, y)
+
+    def A(self, x):
+        return mv(self.Am, x)
+
+    def AT(self, y):
+        return rmv(self.Am, y)
+
+
+class SchurKKT(KKTSystem):
+    name = "schur"
+    matrices = ("L", "Gm", "Am", "K", "T", "L_AA")
+
+    def __init__(self, data: QPData, settings: QPSettings, L: torch.Tensor):
+        super().__init__(data, settings)
+        self.L = L  # chol(Q): (n, n) or (B, n, n)
+        # C = [G; A] L⁻ᵀ, i.e. Cᵀ = L⁻¹ [G; A]ᵀ: the constraint matrices in w = Lᵀz.
+        self.Gm = torch.linalg.solve_triangular(L, data.G.mT, upper=False).mT
+        self.Am = torch.linalg.solve_triangular(L, data.A.mT, upper=False).mT
+        if L.dim() == 2 and data.q.dim() == 1:
+            self.q = forward_solve(L, data.q.unsqueeze(0)).squeeze(0)
+        else:
+            self.q = forward_solve(L, data.expand_vector("q"))
+        K_GG = self.Gm @ self.Gm.mT
+        self.T = self.L_AA = None
+        if self.m:
+            K_GA = self.Gm @ self.Am.mT
+            K_AA = self.Am @ self.Am.mT
+            self.L_AA, _ = cholesky(K_AA, settings)
+            # T = K_GA K_AA⁻¹ ; K̃ = K_GG − T K_AG
+            self.T = torch.cholesky_solve(K_GA.mT, self.L_AA).mT
+            self.K = K_GG - self.T @ K_GA.mT
+        else:
+            self.K = K_GG
+
+    def hess(self, x):
+        return x
+
+    def factor(self, w: torch.Tensor) -> dict:
+        K = self.K
+        M = K.expand(w.shape[0], -1, -1).clone() if K.dim() == 2 else K.clone()
+        M.diagonal(dim1=-2, dim2=-1).add_(w)
+        L, _ = cholesky(M, self.settings)
+        return {"L": L, "w": w}
+
+    def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True):
+        u_l = self.G(r_z) - r_l
+        if self.m:
+            u_n = self.A(r_z) - r_n
+            rhs = u_l - mv(self.T, u_n)
+        else:
+            rhs = u_l
+        dl = tri_solve(F["L"], rhs)
+        dn = tri_solve(self.L_AA, u_n) - rmv(self.T, dl) if self.m else r_n
+        if not primal:
+            return None, dl, dn
+        dz = r_z - self.GT(dl)
+        if self.m:
+            dz = dz - self.AT(dn)
+        return dz, dl, dn
+
+    # maps between spaces
+    def to_original(self, x):
+        return backward_solve(self.L, x)
+
+    def rhs_to_working(self, g):
+        return forward_solve(self.L, g)
+
+    dir_to_original = to_original
+
+
+class ReducedKKT(KKTSystem):
+    name = "reduced"
+    matrices = ("Qm", "Gm", "Am", "H0")
+
+    def __init__(self, data: QPData, settings: QPSettings):
+        super().__init__(data, settings)
+        self.Qm, self.Gm, self.Am = data.Q, data.G, data.A
+        H0 = data.Q
+        self.rho = 0.0
+        if self.m:
+            # ρAᵀA keeps H definite on the null space of Q ∩ ker G, exactly (A dz = r_ν);
+            # scaled to Q's size.
+            AtA = data.A.mT @ data.A
+            qs = float(data.Q.abs().amax()) if data.Q.numel() else 0.0
+            as_ = float(AtA.diagonal(dim1=-2, dim2=-1).abs().amax()) if AtA.numel() else 1.0
+            self.rho = max(qs, 1.0) / max(as_, 1e-30)
+            H0 = H0 + self.rho * AtA
+        self.H0 = H0
+
+    def hess(self, x):
+        return mv(self.Qm, x)
+
+    def factor(self, w: torch.Tensor) -> dict:
+        G = self.Gm
+        d = 1.0 / w
+        if G.dim() == 2:
+            GtDG = (G.T.unsqueeze(0) * d.unsqueeze(1)) @ G
+        else:
+            GtDG = (G.mT * d.unsqueeze(1)) @ G
+        H = self.H0 + GtDG
+        L, _ = cholesky(H, self.settings)
+        F = {"L": L, "d": d, "w": w}
+        if self.m:
+            A = self.Am
+            At = A.mT if A.dim() == 3 else A.T.unsqueeze(0).expand(L.shape[0], -1, -1)
+            Y = torch.linalg.solve_triangular(L, At, upper=False)  # L⁻¹Aᵀ
+            F["L_S"], _ = cholesky(Y.mT @ Y, self.settings)
+        return F
+
+    def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True):
+        d = F["d"]
+        rhs = r_z + self.GT(d * r_l)
+        if self.m:
+            rhs = rhs + self.rho * self.AT(r_n)
+            Hr = tri_solve(F["L"], rhs)
+            dn = tri_solve(F["L_S"], self.A(Hr) - r_n)
+            dz = tri_solve(F["L"], rhs - self.AT(dn))
+        else:
+            dn = r_n
+            dz = tri_solve(F["L"], rhs)
+        dl = d * (self.G(dz) - r_l)
+        return dz, dl, dn
+
+    def to_original(self, x):
+        return x
+
+    rhs_to_working = to_original
+    dir_to_original = to_original
+
+
+def choose(data: QPData, settings: QPSettings) -> KKTSystem:
+    """The cheaper exact elimination for these shapes (flop count per iteration)."""
+    n, p, m = data.n, data.p, data.m
+    method = settings.kkt
+    if method in ("auto", "schur"):
+        L, info = torch.linalg.cholesky_ex(data.Q)
+        definite = bool((info == 0).all())
+        if definite:
+            diag = L.diagonal(dim1=-2, dim2=-1)
+            cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
+            definite = cond < settings.schur_max_condition
+        if method == "schur" and not definite:
+            raise ValueError("kkt='schur' needs a well-conditioned positive definite Q; "
+                             "use kkt='reduced' or 'auto'.")
+        if definite:
+            schur = p ** 3 / 3 + p * p
+            reduced = n * n * p + n ** 3 / 3 + (n * n * m + m ** 3 / 3 if m else 0)
+            if method == "schur" or schur <= reduced:
+                return SchurKKT(data, settings, L)
+    return ReducedKKT(data, settings)

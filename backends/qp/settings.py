@@ -1,0 +1,62 @@
+"""Named settings of the batched interior-point QP solver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+BACKWARD_MODES = ("implicit", "unroll", "iterative")
+KKT_METHODS = ("auto", "schur", "reduced")
+
+
+@dataclass(frozen=True)
+class QPSettings:
+    # Stopping tolerance on the scaled primal and dual residuals and on the
+    # complementarity gap. None picks a default by dtype: float64 reaches 1e-10
+    # in one or two Newton steps more than 1e-8; float32 cannot go below ~1e-6.
+    eps: float | None = None
+    # Iteration cap; a sample still running there gets status max_iter.
+    max_iter: int = 50
+    # Fraction of the step to the boundary of the positive orthant (keeps s, λ > 0).
+    step_fraction: float = 0.99
+    # Relative threshold of the infeasibility certificates (Farkas / recession direction).
+    infeas_tol: float = 1e-8
+    # Stop a sample after this many iterations without residual improvement
+    # (qpth's notImprovedLim); its status is then max_iter.
+    not_improved_lim: int = 8
+    # Elimination used for the Newton system:
+    #   "schur"   (Q positive definite) dual Schur complement of size p with
+    #             [G; A] Q⁻¹ [G; A]ᵀ formed once per call;
+    #   "reduced" (any PSD Q) primal matrix Q + GᵀDG (+ρAᵀA) of size n;
+    #   "auto"    the cheaper of the two by flop count, "reduced" when Q is singular.
+    kkt: str = "auto"
+    # First diagonal shift tried when a Cholesky factorization fails, relative to
+    # the matrix's largest diagonal entry; multiplied by 100 on each retry.
+    regularization: float = 1e-12
+    regularization_tries: int = 6
+    # Condition bound (max/min diagonal of chol(Q), squared) above which "auto"
+    # avoids the Schur path: its change of variables amplifies rounding by cond(Q).
+    schur_max_condition: float = 1e10
+    backward: str = "implicit"
+    # Matrix-free backward ("iterative"): MINRES tolerance and iteration cap.
+    iterative_tol: float = 1e-10
+    iterative_max_iter: int = 1000
+
+    def __post_init__(self):
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}.")
+        if self.kkt not in KKT_METHODS:
+            raise ValueError(f"kkt must be one of {KKT_METHODS}, got {self.kkt!r}.")
+        if not (0.0 < self.step_fraction < 1.0):
+            raise ValueError(f"step_fraction must lie in (0, 1), got {self.step_fraction}.")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be at least 1, got {self.max_iter}.")
+
+    def tolerance(self, dtype: torch.dtype) -> float:
+        if self.eps is not None:
+            return float(self.eps)
+        return 1e-10 if dtype == torch.float64 else 1e-5
+
+    def with_(self, **changes) -> QPSettings:
+        return replace(self, **changes)

@@ -1,0 +1,156 @@
+"""`QPFunction`: a drop-in for ``qpth.qp.QPFunction`` on the batched IPM engine.
+
+    from declarative import QPFunction
+    z = QPFunction(verbose=-1)(Q, p, G, h, A, b)        # (nBatch, nz)
+
+solves, for each sample, ``minimize ½ zᵀQz + pᵀz  s.t.  Gz ≤ h, Az = b``.
+Shapes as qpth: Q (nBatch, nz, nz) or (nz, nz); p (nBatch, nz) or (nz,);
+G (nBatch, nineq, nz) or (nineq, nz); h (nBatch, nineq) or (nineq,);
+A (nBatch, neq, nz) or (neq, nz); b (nBatch, neq) or (neq,). An empty tensor
+(``torch.Tensor()``) stands for absent A and b (or G and h). The output is
+always (nBatch, nz).
+
+Deviations from qpth, each deliberate:
+
+- A broadcast (unbatched) input receives the **sum** of the per-sample
+  gradients, as autograd does for any broadcast; qpth returns the mean.
+- Q only needs to be positive **semi**definite (Q = 0 is an LP);
+  ``check_Q_spd=True`` checks semidefiniteness and raises naming Q if Q is
+  indefinite. A non-symmetric Q is replaced by (Q + Qᵀ)/2, which defines the
+  same objective; its gradient is symmetric.
+- Equality-only and unconstrained problems are accepted.
+- An infeasible or unbounded sample raises `declarative.SolverError` with its
+  batch index (``on_failure="mask"`` returns NaN for it instead); qpth returns
+  a wrong point silently.
+- ``eps`` is a tolerance on scaled residuals (default 1e-10 in float64, 1e-5 in
+  float32), ``maxIter`` defaults to 50 and ``notImprovedLim`` to 8; qpth's
+  defaults (1e-12 absolute, 20, 3) stop some well-posed batches early.
+- ``solver=QPSolvers.CVXPY`` is accepted and uses the same engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+from enum import Enum
+
+import torch
+
+from . import _checks
+from .backends.qp import QPSettings, solve_qp
+from .backends.status import Status
+from .errors import SolverError
+
+NAMES = ("Q", "p", "G", "h", "A", "b")
+
+
+class QPSolvers(Enum):
+    """qpth's solver enum, accepted for compatibility (both use the batched IPM)."""
+
+    PDIPM_BATCHED = 1
+    CVXPY = 2
+
+
+def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int | None = None,
+               maxIter: int | None = None, solver=QPSolvers.PDIPM_BATCHED,
+               check_Q_spd: bool = True, *, on_failure: str = "raise",
+               backward: str = "implicit", settings: QPSettings | None = None):
+    """Build the QP function; call it as ``fn(Q, p, G, h, A, b)``.
+
+    Extra keyword arguments beyond qpth's: ``on_failure`` ("raise" or "mask"),
+    ``backward`` ("implicit", "unroll" or "iterative") and a full `QPSettings`.
+    """
+    if not isinstance(solver, QPSolvers) and solver not in (1, 2):
+        raise ValueError(f"solver must be a QPSolvers value, got {solver!r}.")
+    if on_failure not in ("raise", "mask"):
+        raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}.")
+    base = settings or QPSettings()
+    changes = {"backward": backward}
+    if eps is not None:
+        changes["eps"] = float(eps)
+    if maxIter is not None:
+        changes["max_iter"] = int(maxIter)
+    if notImprovedLim is not None:
+        changes["not_improved_lim"] = int(notImprovedLim)
+    qp_settings = base.with_(**changes)
+
+    def qp_function(Q, p, G, h, A, b, return_info: bool = False):
+        inputs, batch = check_qp_inputs(Q, p, G, h, A, b, check_Q_spd)
+        (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings)
+        status = result.status
+        if verbose and verbose > 0:
+            its = result.iterations.tolist()
+            print(f"declarative.QPFunction: batch {batch}, kkt={result.kkt.name}, "
+                  f"iterations min/max {min(its)}/{max(its)}, statuses "
+                  f"{ {str(s): status.count(s) for s in set(status)} }")
+        failed = [i for i, s in enumerate(status) if not s.has_solution]
+        if failed and on_failure == "raise":
+            raise SolverError(failed, [status[i] for i in failed])
+        if failed:
+            mask = torch.zeros(batch, 1, dtype=torch.bool, device=z.device)
+            mask[failed] = True
+            z = torch.where(mask, torch.full_like(z, float("nan")), z)
+        capped = [i for i, s in enumerate(status) if s is Status.MAX_ITER]
+        if capped and verbose != -1:
+            warnings.warn(f"QPFunction: samples {capped} reached maxIter={qp_settings.max_iter} "
+                          "(status max_iter); returning the last iterate.", UserWarning,
+                          stacklevel=2)
+        return (z, result) if return_info else z
+
+    return qp_function
+
+
+def check_qp_inputs(Q, p, G, h, A, b, check_psd: bool = False):
+    """Validate qpth-style inputs; return the six tensors (empties sized) and nBatch."""
+    values = [Q, p, G, h, A, b]
+    for i, (name, v) in enumerate(zip(NAMES, values)):
+        _checks.check_tensor(f"{name} (argument {i})", v)
+    dtype, device = _checks.promote(values, NAMES)
+    values = [v.to(dtype) for v in values]
+    Q, p, G, h, A, b = values
+    if Q.dim() not in (2, 3) or Q.shape[-1] != Q.shape[-2]:
+        raise ValueError(f"Q must have shape (nz, nz) or (nBatch, nz, nz), got {tuple(Q.shape)}.")
+    nz = Q.shape[-1]
+
+    def matrix(name, M, v):
+        if M.numel() == 0 and v.numel() == 0:
+            return (torch.zeros(0, nz, dtype=dtype, device=device),
+                    torch.zeros(0, dtype=dtype, device=device))
+        if M.dim() not in (2, 3) or M.shape[-1] != nz:
+            raise ValueError(f"{name} must have shape (rows, {nz}) or (nBatch, rows, {nz}), "
+                             f"got {tuple(M.shape)}.")
+        rows = M.shape[-2]
+        vname = {"G": "h", "A": "b"}[name]
+        if v.dim() not in (1, 2) or v.shape[-1] != rows:
+            raise ValueError(f"{vname} must have shape ({rows},) or (nBatch, {rows}) to match "
+                             f"{name} {tuple(M.shape)}, got {tuple(v.shape)}.")
+        return M, v
+
+    if p.dim() not in (1, 2) or p.shape[-1] != nz:
+        raise ValueError(f"p must have shape ({nz},) or (nBatch, {nz}), got {tuple(p.shape)}.")
+    G, h = matrix("G", G, h)
+    A, b = matrix("A", A, b)
+    sizes = {name: t.shape[0] for name, t, d in zip(NAMES, (Q, p, G, h, A, b), (3, 2, 3, 2, 3, 2))
+             if t.dim() == d}
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise ValueError(f"Inconsistent batch sizes: {listing}.")
+    batch = next(iter(sizes.values())) if sizes else 1
+    if batch == 0:
+        raise ValueError("Empty batch: nBatch is 0.")
+    for name, t, d in zip(NAMES, (Q, p, G, h, A, b), (3, 2, 3, 2, 3, 2)):
+        _checks.check_finite(name, t, t.dim() == d, allow_posinf=(name == "h"))
+    if check_psd:
+        Qs = 0.5 * (Q + Q.mT)
+        # Cholesky settles the common positive definite case cheaply; only a
+        # failure pays for the eigenvalues that tell semidefinite from indefinite.
+        _, info = torch.linalg.cholesky_ex(Qs)
+        if bool((info != 0).any()):
+            eig = torch.linalg.eigvalsh(Qs.double())
+            tol = 1e-10 * eig.abs().amax(-1).clamp_min(1.0)
+            bad = eig.amin(-1) < -tol
+            if bool(bad.any()):
+                where = f" at batch index {int(bad.nonzero()[0, 0])}" if Q.dim() == 3 else ""
+                raise ValueError(f"Q must be positive semidefinite{where}: its smallest "
+                                 f"eigenvalue is {float(eig.amin()):.3g}. Pass "
+                                 "check_Q_spd=False to skip this check.")
+    return (Q, p, G, h, A, b), batch
