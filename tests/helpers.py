@@ -56,3 +56,11 @@ def rel_err(a, b) -> float:
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).norm() / max(float(b.norm()), 1e-12))
+
+
+def conic_layer(problem, parameters, variables, **kwargs):
+    """A CvxpyLayer forced onto the conic (diffcp) path, whatever ``backend="auto"`` picks."""
+    from declarative.torch import CvxpyLayer
+
+    kwargs.setdefault("backend", "conic")
+    return CvxpyLayer(problem, parameters, variables, **kwargs)

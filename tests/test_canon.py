@@ -7,9 +7,8 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import reference_solve
-
 from declarative.canon import NonconvexError, NotDPPError, ProblemError, compile_problem
+from helpers import reference_solve
 
 RNG = np.random.default_rng(0)
 
