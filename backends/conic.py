@@ -87,38 +87,39 @@ class ConicSettings:
     solver_kwargs: dict = field(default_factory=dict)
 
     @classmethod
-    def resolve(cls, solver: str | None, *arg_dicts: dict | None) -> ConicSettings:
-        """Merge the layer's and the call's solver_args, checking each key and type."""
-        merged: dict = {}
-        for d in arg_dicts:
-            if d:
-                merged.update(d)
-        method = merged.pop("solve_method", None) or SOLVE_METHODS.get(
-            (solver or "SCS").upper(), None)
-        if method is None or method.upper() not in SOLVE_METHODS:
-            raise ValueError(
-                f"solver must be one of {sorted(SOLVE_METHODS)} for the conic backend, "
-                f"got {solver!r}."
-            )
-        method = SOLVE_METHODS[method.upper()]
+    def resolve(cls, solver: str | None, defaults: dict | None = None,
+                call: dict | None = None) -> ConicSettings:
+        """Merge the layer's ``defaults`` and the ``call``'s solver_args, checking each.
+
+        The solve method comes from the call, else the defaults, else ``solver``.
+        Keys of the call must suit that method; keys of the layer's defaults that
+        another method does not take are left out when a call switches methods.
+        """
+        defaults, call = dict(defaults or {}), dict(call or {})
+        method = _solve_method(solver, defaults, call)
         accepted = SOLVER_KEYS[method]
         out = dict(solve_method=method)
         kwargs = {}
-        for key, value in merged.items():
-            if key in DIFFCP_KEYS:
-                _check_type("solver_args", key, value, DIFFCP_KEYS[key])
-                if key == "warm_starts":
-                    raise ValueError("solver_args['warm_starts'] is not supported; "
-                                     "warm starts are not available on the conic path yet.")
-                out[key] = value
-            elif key in accepted:
-                _check_type("solver_args", key, value, accepted[key])
-                kwargs[key] = value
-            else:
-                raise ValueError(
-                    f"solver_args has unknown key {key!r} for solve_method {method!r}. "
-                    f"Accepted keys: {sorted(set(DIFFCP_KEYS) | set(accepted))}."
-                )
+        for origin, args in (("layer", defaults), ("call", call)):
+            for key, value in args.items():
+                if key == "solve_method":
+                    continue
+                if key in DIFFCP_KEYS:
+                    _check_type("solver_args", key, value, DIFFCP_KEYS[key])
+                    if key == "warm_starts":
+                        raise ValueError("solver_args['warm_starts'] is not supported; "
+                                         "warm starts are not available on the conic path.")
+                    out[key] = value
+                elif key in accepted:
+                    _check_type("solver_args", key, value, accepted[key])
+                    kwargs[key] = value.item() if isinstance(value, np.generic) else value
+                elif origin == "layer" and "solve_method" in call and _known(key):
+                    continue  # a setting for the layer's default solver, not this one
+                else:
+                    raise ValueError(
+                        f"solver_args has unknown key {key!r} for solve_method {method!r}. "
+                        f"Accepted keys: {sorted(set(DIFFCP_KEYS) | set(accepted))}."
+                    )
         mode = out.get("mode", "auto")
         if mode not in DIFF_MODES:
             raise ValueError(f"solver_args['mode'] must be one of {DIFF_MODES}, got {mode!r}.")
@@ -131,7 +132,58 @@ class ConicSettings:
         return "dense" if cone.n + cone.m + 1 <= DENSE_MODE_MAX_DIM else "lsqr"
 
 
+def _solve_method(solver, defaults: dict, call: dict) -> str:
+    """The diffcp solve method, from the call, the layer's defaults or ``solver``."""
+    for where, args in (("solver_args", call), ("solver_args", defaults)):
+        if "solve_method" in args:
+            value = args["solve_method"]
+            if not isinstance(value, str):
+                raise TypeError(f"{where}['solve_method'] must be a str, got "
+                                f"{type(value).__name__} ({value!r}).")
+            if value.upper() not in SOLVE_METHODS:
+                raise ValueError(f"{where}['solve_method'] must be one of "
+                                 f"{sorted(set(SOLVE_METHODS.values()))}, got {value!r}.")
+            return SOLVE_METHODS[value.upper()]
+    name = "SCS" if solver is None else solver
+    if not isinstance(name, str) or name.upper() not in SOLVE_METHODS:
+        raise ValueError(f"solver must be one of {sorted(SOLVE_METHODS)} for the conic "
+                         f"backend, got {solver!r}.")
+    return SOLVE_METHODS[name.upper()]
+
+
+def _known(key: str) -> bool:
+    return any(key in keys for keys in SOLVER_KEYS.values())
+
+
+# What diffcp can differentiate, and which cones each solver takes through it.
+DIFFERENTIABLE_CONES = {"z", "f", "l", "q", "s", "ep", "ed"}
+SOLVER_CONES = {
+    "SCS": {"z", "f", "l", "q", "s", "ep", "ed", "p"},
+    "ECOS": {"z", "f", "l", "q", "ep"},
+    "Clarabel": {"z", "f", "l", "q", "s", "ep"},
+}
+CONE_NAMES = {"z": "zero", "f": "zero", "l": "nonnegative", "q": "second-order",
+              "s": "PSD", "ep": "exponential", "ed": "dual exponential", "p": "power"}
+
+
+def check_cones(cone_dict: dict, solve_method: str) -> None:
+    """Refuse, before any solve, cones that the solver or diffcp's derivative lacks."""
+    present = {k for k, v in cone_dict.items() if (v if not isinstance(v, list) else len(v))}
+    missing = present - SOLVER_CONES[solve_method]
+    if missing:
+        names = ", ".join(sorted(CONE_NAMES[k] for k in missing))
+        able = [m for m, cones in SOLVER_CONES.items() if present <= cones]
+        raise ValueError(f"solve_method {solve_method!r} does not support the {names} cone(s) "
+                         f"of this problem; use one of {able or ['none']}.")
+    if present - DIFFERENTIABLE_CONES:
+        names = ", ".join(sorted(CONE_NAMES[k] for k in present - DIFFERENTIABLE_CONES))
+        raise ValueError(f"This problem needs {names} cone(s), which diffcp cannot "
+                         "differentiate; rewrite the constraint with supported atoms.")
+
+
 def _check_type(where: str, key: str, value, types) -> None:
+    if isinstance(value, np.generic):
+        value = value.item()  # numpy scalars are what many users pass
     ok = isinstance(value, types) and not (isinstance(value, bool) and types in (_NUM, int))
     if types is bool:
         ok = isinstance(value, (bool, np.bool_))

@@ -105,8 +105,12 @@ def _check_arguments(problem: cp.Problem, parameters, variables) -> None:
         if not isinstance(p, cp.Parameter):
             raise ProblemError(
                 f"parameters[{i}] must be a cvxpy.Parameter, got {type(p).__name__}.")
-    if len(set(parameters)) != len(parameters):
-        raise ProblemError("The layer's parameters list names a Parameter twice.")
+    seen = set()
+    for i, p in enumerate(parameters):
+        if p in seen:
+            raise ProblemError(f"The layer's parameters list names Parameter '{p.name()}' "
+                               f"twice (again at position {i}).")
+        seen.add(p)
     in_problem = set(problem.parameters())
     given = set(parameters)
     if in_problem != given:
@@ -141,7 +145,6 @@ def compile_problem(problem: cp.Problem, parameters, variables,
     variables = list(variables)
     conic_ok = problem.is_dgp(dpp=True) if gp else problem.is_dpp()
 
-    layout = ParameterLayout(parameters)
     if gp:
         dgp2dcp = cp.reductions.Dgp2Dcp(problem)
         target, _ = dgp2dcp.apply(problem)
@@ -150,6 +153,7 @@ def compile_problem(problem: cp.Problem, parameters, variables,
     else:
         target, log_params, gp_var_ids = problem, {}, {}
     log_space = tuple(p in log_params for p in parameters)
+    layout = ParameterLayout(parameters, log_space)
     compiled = CompiledProblem(layout, gp, log_space,
                                _source=(problem, parameters, variables, conic_ok),
                                _dcp=(target, log_params, gp_var_ids))
@@ -169,14 +173,25 @@ def _canonical(problem, parameters, compiled, data_fn):
     param_prob = data[cp.settings.PARAM_PROB]
     param_ids = {k: v[0] for k, v in chain.compose_param_id_map().items()}
     var_ids = {k: v[0] for k, v in chain.compose_var_id_map().items()}
-    cvxpy_ids = []
-    for p in parameters:
-        pid = log_params[p].id if p in log_params else p.id
-        cvxpy_ids.append(param_ids.get(pid, pid))
-    S = compiled.layout.to_cvxpy(parameters, cvxpy_ids, param_prob.param_id_to_col,
-                                 param_prob.total_param_size)
+    S = compiled.layout.to_cvxpy(_entries(compiled.layout, parameters, log_params, param_ids),
+                                 param_prob.param_id_to_col, param_prob.total_param_size)
     ids = (var_ids, gp_var_ids, chain.compose_constr_id_map())
     return data, param_prob, S, ids
+
+
+def _entries(layout, parameters, log_params, param_ids):
+    """(parameter, θ slot, CVXPY id) for every value CVXPY's program reads.
+
+    In a geometric program a parameter may appear both as a coefficient (as its
+    log-space copy) and as an exponent (as itself); both are wired.
+    """
+    entries = []
+    for p, slot, log_slot in zip(parameters, layout.slots, layout.log_slots):
+        entries.append((p, slot, param_ids.get(p.id, p.id)))
+        if log_slot is not None:
+            lp = log_params[p]
+            entries.append((lp, log_slot, param_ids.get(lp.id, lp.id)))
+    return entries
 
 
 def _conic_form(problem, parameters, variables, compiled) -> Form:

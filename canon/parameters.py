@@ -5,6 +5,11 @@ the user listed them, each in row-major (C) order, and appends a constant 1:
 
     θ = [vec_C(p_0), vec_C(p_1), ..., vec_C(p_{k-1}), 1]      (length ``size``)
 
+For geometric programs (``gp=True``) CVXPY's log-space reformulation uses
+log(p) where p is a coefficient and p itself where it is an exponent, so θ
+carries both: after the raw values come vec_C(log p_i) for every parameter
+that has a log-space copy, then the constant 1.
+
 CVXPY's canonical parameter vector differs in three ways: its own column
 order, column-major (Fortran) flattening, and lowered representations for
 parameters with dimension-reducing attributes (a symmetric or PSD n×n
@@ -45,10 +50,14 @@ class ParameterSlot:
 
 
 class ParameterLayout:
-    """Positions of the user's parameters in θ, in the user's order."""
+    """Positions of the user's parameters in θ, in the user's order.
 
-    def __init__(self, parameters):
-        slots = []
+    ``log_space[i]`` adds a slot for log(p_i) (geometric programs).
+    """
+
+    def __init__(self, parameters, log_space=None):
+        log_space = tuple(log_space) if log_space is not None else (False,) * len(parameters)
+        slots, log_slots = [], []
         offset = 0
         for p in parameters:
             shape = tuple(int(d) for d in p.shape)
@@ -56,7 +65,16 @@ class ParameterLayout:
             attrs = {k: v for k, v in p.attributes.items() if v}
             slots.append(ParameterSlot(p.name(), shape, offset, size, attrs))
             offset += size
+        for slot, log in zip(slots, log_space):
+            if log:
+                log_slots.append(ParameterSlot(f"log({slot.name})", slot.shape, offset,
+                                               slot.size, slot.attributes))
+                offset += slot.size
+            else:
+                log_slots.append(None)
         self.slots: tuple[ParameterSlot, ...] = tuple(slots)
+        self.log_slots: tuple[ParameterSlot | None, ...] = tuple(log_slots)
+        self.log_space = log_space
         self.user_size = offset
         # θ carries one trailing constant 1 for the affine offsets.
         self.size = offset + 1
@@ -64,16 +82,16 @@ class ParameterLayout:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def to_cvxpy(self, parameters, cvxpy_ids, param_id_to_col, total_param_size) -> sp.csr_array:
+    def to_cvxpy(self, entries, param_id_to_col, total_param_size) -> sp.csr_array:
         """Sparse S, (total_param_size + 1) × self.size, with θ_cvxpy = S @ θ.
 
-        ``cvxpy_ids[i]`` is the id under which CVXPY's canonical program knows
-        user parameter i (after DGP's log substitution and attribute lowering).
+        ``entries`` lists (parameter, slot, cvxpy id): the id under which CVXPY's
+        canonical program knows that slot's values (after attribute lowering).
         """
         rows, cols, vals = [], [], []
-        for param, slot, pid in zip(parameters, self.slots, cvxpy_ids):
+        for param, slot, pid in entries:
             if pid not in param_id_to_col:
-                continue  # the parameter was eliminated; it has no effect
+                continue  # not in this program: it has no effect here
             col0 = param_id_to_col[pid]
             r, c, v = _lowering(param, slot)
             rows.append(r + col0)

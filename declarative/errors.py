@@ -29,6 +29,11 @@ class SolverError(diffcp.SolverError):
         msg += (" Pass on_failure='mask' to get the other samples with NaN in the failed"
                 " ones, or return_info=True to inspect statuses.")
         super().__init__(msg)
+        self._detail = detail
+
+    def __reduce__(self):
+        # Errors cross process boundaries (DataLoader workers, multiprocessing).
+        return (type(self), (self.indices, self.statuses, self._detail))
 
 
 class ParameterTypeError(TypeError, AttributeError):

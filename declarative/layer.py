@@ -87,7 +87,15 @@ class CvxpyLayer(torch.nn.Module):
         self.on_failure = on_failure
         # Resolve once so a bad key fails at construction, not at the first call.
         if self.backend == "conic":
-            conic.ConicSettings.resolve(solver, self.solver_args)
+            method = self.solver_args.get("solve_method")
+            if solver is not None and method is not None and (
+                    conic.SOLVE_METHODS.get(str(solver).upper()) !=
+                    conic.SOLVE_METHODS.get(str(method).upper())):
+                raise ValueError(f"solver={solver!r} conflicts with solver_args['solve_method']="
+                                 f"{method!r}; give one of them.")
+            settings = conic.ConicSettings.resolve(solver, self.solver_args)
+            conic.check_cones(self._compiled.form("conic").program.cone_dict,
+                              settings.solve_method)
         else:
             qp_settings(self.solver_args)
 
@@ -124,11 +132,12 @@ class CvxpyLayer(torch.nn.Module):
             flat = _mask_failed(flat, info)
         else:
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
+            form = self._compiled.form("conic")
+            conic.check_cones(form.program.cone_dict, settings.solve_method)
             theta = self._theta(params, batch, torch.float64)
             need_derivative = torch.is_grad_enabled() and theta.requires_grad
             box: dict = {}
-            flat = ConicSolve.apply(theta, self._compiled.form("conic"), settings,
-                                    need_derivative, box)
+            flat = ConicSolve.apply(theta, form, settings, need_derivative, box)
             result = box["result"]
             info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
         _handle_failures(info, on_failure)
@@ -139,13 +148,14 @@ class CvxpyLayer(torch.nn.Module):
     def _theta(self, params, batch: _checks.BatchInfo, dtype: torch.dtype) -> torch.Tensor:
         """The (B, len θ) parameter matrix; see `canon.parameters` for the layout."""
         B = batch.size
-        cols = []
-        for p, batched, log in zip(params, batch.per_input,
-                                   self._compiled.log_space or [False] * len(params)):
+        cols, logs = [], []
+        for p, batched, log in zip(params, batch.per_input, self._compiled.layout.log_space):
             p = p.to(dtype)
+            flat = p.reshape(B, -1) if batched else p.reshape(1, -1).expand(B, -1)
+            cols.append(flat)
             if log:
-                p = torch.log(p)
-            cols.append(p.reshape(B, -1) if batched else p.reshape(1, -1).expand(B, -1))
+                logs.append(torch.log(flat))
+        cols.extend(logs)
         cols.append(torch.ones(B, 1, dtype=dtype, device=batch.device))
         return torch.cat(cols, dim=1)
 

@@ -78,8 +78,6 @@ def test_non_variable_output_and_non_list_arguments_are_refused(simple):
         conic_layer("not a problem", [alpha, beta], [x])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the duplicate-parameter error does not say "
-                   "which Parameter is listed twice")
 def test_duplicate_parameter_is_named(simple):
     _, prob, (alpha, beta), x = simple
     with pytest.raises(ProblemError, match="twice") as err:
@@ -293,8 +291,6 @@ def test_other_bad_options_are_refused(simple):
         layer(_t(np.zeros(3)), _t(1.0), on_failure="ignore")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: numpy scalars (np.int64 max_iters, np.float32 "
-                   "eps), which SCS/ECOS accept, are refused as wrongly typed")
 def test_numpy_scalar_solver_args_are_accepted(simple):
     layer, prob, params, x = simple
     for args in ({"max_iters": np.int64(1000)}, {"eps": np.float32(1e-6)}):
@@ -302,24 +298,18 @@ def test_numpy_scalar_solver_args_are_accepted(simple):
         layer(_t(np.zeros(3)), _t(1.0), solver_args=args)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unknown solver_args['solve_method'] is reported "
-                   "as 'solver ... got None', naming the wrong argument and value")
 def test_unknown_solve_method_names_solve_method(simple):
     _, prob, params, x = simple
     with pytest.raises(ValueError, match="GUROBI"):
         conic_layer(prob, list(params), [x], solver_args={"solve_method": "GUROBI"})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-str solver_args['solve_method'] crashes with "
-                   "AttributeError ('int' object has no attribute 'upper')")
 def test_non_string_solve_method_is_type_error(simple):
     _, prob, params, x = simple
     with pytest.raises(TypeError, match=r"solver_args\['solve_method'\]"):
         conic_layer(prob, list(params), [x], solver_args={"solve_method": 3})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: solver='ECOS' on a problem with a PSD cone is "
-                   "accepted at construction; diffcp's bare ValueError comes at the first call")
 def test_solver_that_cannot_handle_the_cones_fails_at_construction():
     P = cp.Parameter((2, 2))
     X = cp.Variable((2, 2), symmetric=True)
@@ -414,8 +404,6 @@ def test_solver_error_message_lists_indices_and_statuses():
 
 
 # Exceptions cross process boundaries (DataLoader workers, torch.multiprocessing).
-@pytest.mark.xfail(strict=True, reason="BUG: SolverError cannot be unpickled (its __init__ "
-                   "takes indices and statuses, but pickle replays it with the message)")
 def test_solver_error_round_trips_through_pickle():
     err = declarative.SolverError([1, 3], [Status.INFEASIBLE, Status.UNBOUNDED])
     back = pickle.loads(pickle.dumps(err))
