@@ -5,11 +5,14 @@ variables) and asks CVXPY for its parametrized programs (`ParamConeProg`
 through ``get_problem_data``), composed with the user's parameter layout.
 Each *form* is one canonicalization for one family of backends:
 
-    "conic"  cone program, SCS convention (diffcp)           `cone.ConeProgram`
-    "qp"     quadratic program, dense blocks (torch IPM)      `qp.QuadraticProgram`
+    "simplex"  Euclidean projection onto a simplex (sparsemax) `entropy.SimplexProjection`
+    "entropy"  entropy-regularized LP (softmax, transport)     `entropy.EntropyProgram`
+    "qp"       quadratic program, dense blocks (torch IPM)     `qp.QuadraticProgram`
+    "conic"    cone program, SCS convention (diffcp)           `cone.ConeProgram`
 
-The QP form is built at construction when the problem is a QP; the conic form
-is built on first use (a QP layer may never need it). Forms hold no values:
+in order from most specific to most general. The structured forms are built at
+construction when the problem has that structure; the conic form is built on
+first use (a QP layer may never need it). Forms hold no values:
 calling a layer never writes ``Parameter.value``.
 """
 
@@ -20,11 +23,14 @@ from dataclasses import dataclass, field
 
 import cvxpy as cp
 
+from . import entropy as entropy_canon
 from . import qp as qp_canon
 from .cone import cone_dict_from_dims, from_param_cone_prog
 from .diagnostics import NotDPPError, ProblemError, check_problem
 from .parameters import ParameterLayout
 from .recovery import Recovery, dual_recovery, primal_recovery
+
+KINDS = ("simplex", "entropy", "qp", "conic")
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class CompiledProblem:
         kinds = set(self.forms)
         if self._source is not None and self._source[3]:
             kinds.add("conic")
-        return tuple(k for k in ("qp", "conic") if k in kinds)
+        return tuple(k for k in KINDS if k in kinds)
 
     def form(self, kind: str) -> Form:
         if kind in self.forms:
@@ -157,6 +163,8 @@ def compile_problem(problem: cp.Problem, parameters, variables,
     compiled = CompiledProblem(layout, gp, log_space,
                                _source=(problem, parameters, variables, conic_ok),
                                _dcp=(target, log_params, gp_var_ids))
+    if not gp:
+        compiled.forms.update(_structured_forms(problem, parameters, variables, compiled))
     if qp_ok:
         form = _qp_form(problem, parameters, variables, compiled)
         if form is not None:
@@ -211,6 +219,29 @@ def _qp_form(problem, parameters, variables, compiled) -> Form | None:
     outputs = tuple(_recoveries(problem, variables, param_prob, ids, program.n,
                                 program.m + program.p, compiled.gp))
     return Form("qp", program, outputs)
+
+
+def _structured_forms(problem, parameters, variables, compiled) -> dict:
+    """Simplex-projection and entropy forms, when the problem has that structure."""
+    primal = set(problem.variables())
+    if len(variables) == 0 or any(v not in primal for v in variables):
+        return {}  # these forms return the primal variable only
+
+    def S_fn(param_prob, param_ids):
+        return compiled.layout.to_cvxpy(_entries(compiled.layout, parameters, {}, param_ids),
+                                        param_prob.param_id_to_col,
+                                        param_prob.total_param_size)
+
+    user_cols = compiled.layout.user_size
+    forms = {}
+    for kind, recognize in (("simplex", entropy_canon.recognize_simplex),
+                            ("entropy", entropy_canon.recognize_entropy)):
+        program = recognize(problem, S_fn, user_cols)
+        if program is not None:
+            z = problem.variables()[0]
+            outputs = tuple(primal_recovery(v, 0, z.size) for v in variables)
+            forms[kind] = Form(kind, program, outputs)
+    return forms
 
 
 def _recoveries(problem, variables, param_prob, ids, x_size, y_size, gp):

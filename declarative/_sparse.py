@@ -14,18 +14,34 @@ import torch
 
 
 class SparseMap:
-    """y = x Mᵀ for x (B, cols); its adjoint g -> g M."""
+    """y = x Mᵀ for x (B, cols); its adjoint g -> g M.
+
+    Most maps are selections (each row reads one column, often with coefficient
+    1, often a contiguous block); those run as a slice or an index gather in
+    torch, with autograd's own backward, and skip the sparse product.
+    """
 
     def __init__(self, matrix: sp.csr_array):
         self.matrix = sp.csr_array(matrix)
+        self.matrix.sum_duplicates()
         self.matrix_T = sp.csr_array(self.matrix.T)
         self._device_copies: dict = {}
+        self._selection = _as_selection(self.matrix)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.matrix.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._selection is not None:
+            start, index, scale = self._selection
+            if start is not None:
+                out = x.narrow(-1, start, self.shape[0])
+            else:
+                out = x.index_select(-1, index.to(x.device))
+            if scale is not None:
+                out = out * torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+            return out
         return _Apply.apply(x, self)
 
     def dense_constant(self, dtype, device) -> torch.Tensor:
@@ -52,6 +68,21 @@ class SparseMap:
             return torch.from_numpy(np.ascontiguousarray(np.asarray(out).T)).to(x.dtype)
         Mt = self._torch(which, x.dtype, x.device)
         return (Mt @ x.T).T
+
+
+def _as_selection(M: sp.csr_array):
+    """(start, index, scale) when every row of M has one entry; else None.
+
+    ``start`` is set when the columns are consecutive; ``scale`` is None when
+    every coefficient is 1.
+    """
+    rows, cols = M.shape
+    if rows == 0 or M.nnz != rows or not np.all(np.diff(M.indptr) == 1):
+        return None
+    index = M.indices.astype(np.int64)
+    scale = None if np.all(M.data == 1.0) else M.data.copy()
+    start = int(index[0]) if np.array_equal(index, index[0] + np.arange(rows)) else None
+    return start, torch.as_tensor(index), scale
 
 
 class _Apply(torch.autograd.Function):

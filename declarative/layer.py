@@ -23,6 +23,7 @@ import torch
 
 from . import _checks
 from ._conic import ConicSolve
+from ._entropy import EntropyPath, SimplexPath
 from ._qp import QPPath, qp_settings
 from .backends import conic
 from .backends.status import Status
@@ -30,7 +31,8 @@ from .canon import CompiledProblem, compile_problem
 from .errors import SolverError
 
 ON_FAILURE = ("raise", "mask")
-BACKENDS = ("auto", "qp", "conic")
+BACKENDS = ("auto", "simplex", "entropy", "qp", "conic")
+TORCH_PATHS = {"simplex": SimplexPath, "entropy": EntropyPath, "qp": QPPath}
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,10 @@ class CvxpyLayer(torch.nn.Module):
         on_failure: "raise" (default) raises `SolverError` when a sample has no
             solution; "mask" returns NaN for those samples (zero gradient).
         backend: "auto" (default) takes the most specific exact path the problem's
-            structure allows (QP -> batched torch interior point; otherwise conic);
-            "qp" or "conic" forces one (an invalid choice is an error).
+            structure allows: "simplex" (projection onto a simplex: sparsemax),
+            "entropy" (entropy-regularized LP: softmax, optimal transport), "qp"
+            (batched torch interior point), "conic" (diffcp); naming one forces it
+            (an invalid choice is an error).
     """
 
     def __init__(self, problem, parameters, variables, solver: str | None = None,
@@ -72,7 +76,8 @@ class CvxpyLayer(torch.nn.Module):
         super().__init__()
         self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
-        self._qp = QPPath(self._compiled.form("qp")) if self.backend == "qp" else None
+        path = TORCH_PATHS.get(self.backend)
+        self._path = path(self._compiled.form(self.backend)) if path else None
         self._labels = tuple(f"parameter {i} ('{s.name}')"
                              for i, s in enumerate(self._compiled.layout.slots))
         self.solver = solver
@@ -123,12 +128,12 @@ class CvxpyLayer(torch.nn.Module):
         for lab, p, slot, b in zip(self._labels, params, layout.slots, batch.per_input):
             _checks.check_finite(lab, p, b)
             _checks.check_attributes(lab, p, slot.attributes, b)
-        if self.backend == "qp":
+        if self._path is not None:
             settings = qp_settings(self.solver_args, solver_args)
             theta = self._theta(params, batch, batch.dtype)
-            flat, result = self._qp.solve(theta, settings)
+            flat, result = self._path.solve(theta, settings)
             info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
-                             result.residuals.detach().cpu().numpy(), "qp")
+                             result.residuals.detach().cpu().numpy(), self.backend)
             flat = _mask_failed(flat, info)
         else:
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
@@ -179,6 +184,8 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
         # Naming a conic solver (solver=... or solver_args['solve_method']) asks for it.
         wants_conic = solver is not None or "solve_method" in (solver_args or {})
         return "conic" if wants_conic and "conic" in kinds else kinds[0]
+    if backend == "conic":
+        compiled.form("conic")  # raises the specific reason when there is none
     if backend not in kinds:
         raise ValueError(
             f"backend={backend!r} is not valid for this problem: its structure allows "

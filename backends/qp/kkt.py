@@ -30,63 +30,14 @@ import copy
 
 import torch
 
+from .. import linalg
+from ..linalg import backward_solve, chol_solve, forward_solve
 from .data import QPData, mv, rmv
 from .settings import QPSettings
 
 
-def cholesky(M: torch.Tensor, settings: QPSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched Cholesky with a per-sample diagonal-shift fallback.
-
-    Returns (L, shifted): ``shifted`` marks the samples that needed a shift.
-    """
-    L, info = torch.linalg.cholesky_ex(M)
-    bad = info != 0
-    if not bool(bad.any()):
-        return L, bad
-    scale = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
-    shift = settings.regularization
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    shifted = bad.clone()
-    for _ in range(settings.regularization_tries):
-        if M.dim() == 2:
-            trial = M + (shift * scale) * eye
-            L2, info2 = torch.linalg.cholesky_ex(trial)
-            L = L2
-            bad = info2 != 0
-        else:
-            idx = bad.nonzero().squeeze(-1)
-            trial = M[idx] + (shift * scale[idx])[:, None, None] * eye
-            L2, info2 = torch.linalg.cholesky_ex(trial)
-            L = L.index_copy(0, idx, L2)
-            bad = bad.index_copy(0, idx, info2 != 0)
-        if not bool(bad.any()):
-            return L, shifted
-        shift *= 100.0
-    # Still failing: the matrix is not positive semidefinite to working precision.
-    return L, shifted
-
-
-def tri_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """(LLᵀ)⁻¹ r for batched vectors r (B, k); L (k, k) or (B, k, k)."""
-    if L.dim() == 2:
-        y = torch.linalg.solve_triangular(L, r.T, upper=False)
-        return torch.linalg.solve_triangular(L.T, y, upper=True).T
-    y = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
-
-
-def forward_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """L⁻¹ r for batched vectors r (B, k)."""
-    if L.dim() == 2:
-        return torch.linalg.solve_triangular(L, r.T, upper=False).T
-    return torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False).squeeze(-1)
-
-
-def backward_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """L⁻ᵀ r for batched vectors r (B, k)."""
-    if L.dim() == 2:
-        return torch.linalg.solve_triangular(L.T, r.T, upper=True).T
-    return torch.linalg.solve_triangular(L.mT, r.unsqueeze(-1), upper=True).squeeze(-1)
+def cholesky(M: torch.Tensor, settings: QPSettings):
+    return linalg.cholesky(M, settings.regularization, settings.regularization_tries)
 
 
 class KKTSystem:
@@ -209,8 +160,8 @@ class SchurKKT(KKTSystem):
             rhs = u_l - mv(self.T, u_n)
         else:
             rhs = u_l
-        dl = tri_solve(F["L"], rhs)
-        dn = tri_solve(self.L_AA, u_n) - rmv(self.T, dl) if self.m else r_n
+        dl = chol_solve(F["L"], rhs)
+        dn = chol_solve(self.L_AA, u_n) - rmv(self.T, dl) if self.m else r_n
         if not primal:
             return None, dl, dn
         dz = r_z - self.GT(dl)
@@ -272,12 +223,12 @@ class ReducedKKT(KKTSystem):
         rhs = r_z + self.GT(d * r_l)
         if self.m:
             rhs = rhs + self.rho * self.AT(r_n)
-            Hr = tri_solve(F["L"], rhs)
-            dn = tri_solve(F["L_S"], self.A(Hr) - r_n)
-            dz = tri_solve(F["L"], rhs - self.AT(dn))
+            Hr = chol_solve(F["L"], rhs)
+            dn = chol_solve(F["L_S"], self.A(Hr) - r_n)
+            dz = chol_solve(F["L"], rhs - self.AT(dn))
         else:
             dn = r_n
-            dz = tri_solve(F["L"], rhs)
+            dz = chol_solve(F["L"], rhs)
         dl = d * (self.G(dz) - r_l)
         return dz, dl, dn
 

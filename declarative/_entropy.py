@@ -1,0 +1,80 @@
+"""Torch wiring of the simplex-projection and entropy forms (closed forms and dual Newton)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._sparse import SparseMap
+from .backends import entropy as backend
+from .backends.status import Status
+from .canon.compile import Form
+
+
+class _Result:
+    """What the layer reads off a structured solve: statuses, iterations, residuals."""
+
+    def __init__(self, status, iterations, residuals):
+        self.status, self.iterations, self.residuals = status, iterations, residuals
+
+
+class SimplexPath:
+    def __init__(self, form: Form):
+        self.form = form
+        self.y = SparseMap(form.program.y_map)
+        self.r = SparseMap(form.program.r_map)
+        self.outputs = [SparseMap(rec.matrix) for rec in form.outputs]
+
+    def solve(self, theta: torch.Tensor, settings=None):
+        y, r = self.y(theta), self.r(theta)
+        x = backend.project_simplex(y, r)
+        B = theta.shape[0]
+        bad = (r.detach() <= 0).squeeze(-1) | ~torch.isfinite(y.detach()).any(-1)
+        status = [Status.INFEASIBLE if bool(b) else Status.OPTIMAL for b in bad]
+        result = _Result(status, torch.zeros(B, dtype=torch.long),
+                         torch.zeros(B, 3, dtype=theta.dtype))
+        return [o(x) for o in self.outputs], result
+
+
+class EntropyPath:
+    def __init__(self, form: Form, dtype=torch.float64):
+        program = form.program
+        self.form = form
+        self.program = program
+        self.theta = SparseMap(program.theta_map)
+        self.b = SparseMap(program.b_map)
+        self.outputs = [SparseMap(rec.matrix) for rec in form.outputs]
+        independent = torch.as_tensor(program.independent, dtype=torch.long)
+        if program.kind == "transport":
+            r, c = program.transport_shape
+            self.eq = backend.TransportEqualities(r, c, independent)
+        else:
+            self.eq = backend.DenseEqualities(torch.as_tensor(program.A), independent)
+
+    def _equalities(self, dtype, device):
+        eq = self.eq
+        if isinstance(eq, backend.DenseEqualities) and (
+                eq.full.dtype != dtype or eq.full.device != device):
+            eq = backend.DenseEqualities(eq.full.to(dtype=dtype, device=device),
+                                         eq.independent.to(device))
+        elif isinstance(eq, backend.TransportEqualities):
+            eq = backend.TransportEqualities(eq.r, eq.c, eq.independent.to(device))
+        return eq
+
+    def solve(self, theta: torch.Tensor, settings=None):
+        logits = self.theta(theta)
+        B = theta.shape[0]
+        tau = self.program.tau
+        if self.program.kind == "softmax":
+            x = backend.softmax(logits, tau)
+            bad = ~torch.isfinite(logits.detach()).any(-1) | torch.isposinf(
+                logits.detach()).any(-1)
+            status = [Status.INVALID_INPUT if bool(b) else Status.OPTIMAL for b in bad]
+            result = _Result(status, torch.zeros(B, dtype=torch.long),
+                             torch.zeros(B, 3, dtype=theta.dtype))
+        else:
+            box: dict = {}
+            eq = self._equalities(theta.dtype, theta.device)
+            x = backend.EntropySolve.apply(logits, self.b(theta), tau, eq, box)
+            r = box["result"]
+            result = _Result(r.status, r.iterations, r.residuals)
+        return [o(x) for o in self.outputs], result
