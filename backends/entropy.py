@@ -220,6 +220,7 @@ class EntropySolve(torch.autograd.Function):
         return result.x
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gx):
         (x,) = ctx.saved_tensors
         eq = ctx.eq
