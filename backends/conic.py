@@ -64,11 +64,12 @@ SOLVER_KEYS = {
     },
 }
 
-# Largest KKT dimension n + m + 1 for which `mode="auto"` picks diffcp's dense
-# adjoint: an exact LU solve, faster than LSQR at these sizes and accurate
-# where LSQR stops at a few percent (NOTES.md). Above it, the dense matrix's
-# O(N²) memory and O(N³) factorization lose to LSQR's sparse products.
-DENSE_MODE_MAX_DIM = 1500
+# Largest KKT dimension N = n + m + 1 for which `mode="auto"` picks diffcp's dense
+# adjoint: exact, and accurate where LSQR stops at a few percent (NOTES.md).
+# diffcp builds the dense N×N matrix in the forward pass and factors MMᵀ in the
+# backward; measured here (benchmarks/bench_conic.py, B = 1) dense beats LSQR
+# up to N ≈ 250 (N = 202: 8.8 vs 10.5 ms; N = 302: 16.5 vs 13.7 ms).
+DENSE_MODE_MAX_DIM = 250
 
 # A sample reported "solved" whose scaled residuals exceed this is downgraded
 # to optimal_inaccurate: SCS can stop on a wrong point at large scale.

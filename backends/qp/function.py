@@ -19,8 +19,11 @@ for broadcasting. Samples without a solution receive zero gradient.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from ..krylov import minres
 from . import ipm
 from .data import QPData
 from .settings import QPSettings
@@ -38,8 +41,11 @@ class QPSolve(torch.autograd.Function):
     def forward(ctx, Q, q, G, h, A, b, batch: int, settings: QPSettings, box: dict):
         Q = 0.5 * (Q + Q.mT)  # ½zᵀQz only sees the symmetric part
         data = QPData(Q, q, G, h, A, b, batch)
-        need_factor = any(ctx.needs_input_grad[:6])
+        # The implicit backward reuses the factorization at the final iterate; the
+        # matrix-free one needs only W there.
+        need_factor = any(ctx.needs_input_grad[:6]) and settings.backward == "implicit"
         result = ipm.solve(data, settings, need_factor=need_factor)
+        ctx.settings = settings
         box["result"] = result
         ctx.result = result
         ctx.shapes = (Q, q, G, h, A, b)
@@ -62,7 +68,11 @@ class QPSolve(torch.autograd.Function):
         gn = zeros(nu) if gn is None else gn
         ok = ctx.ok.unsqueeze(-1)
         gz, gl, gn = (torch.where(ok, g, torch.zeros_like(g)) for g in (gz, gl, gn))
-        a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
+        if ctx.settings.backward == "iterative":
+            a_w, a_l, a_n = _iterative_adjoint(kkt, result, kkt.rhs_to_working(gz), gl, gn,
+                                               ctx.settings)
+        else:
+            a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
         a_z = kkt.dir_to_original(a_w)
         a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
 
@@ -84,6 +94,37 @@ class QPSolve(torch.autograd.Function):
         if needs[5]:
             db = _reduce(a_n, b)
         return dQ, dq, dG, dh, dA, db, None, None, None
+
+
+def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
+    """Solve the adjoint KKT system matrix-free with MINRES (it is symmetric).
+
+    Only products with Q, G, A and W are used; the matrix is never formed. A
+    diagonal preconditioner scales each inequality row by 1/(1 + Wᵢ), which
+    brings the inactive rows (W large) to unit size.
+    """
+    n, p = r_z.shape[-1], r_l.shape[-1]
+    w = result.s / result.lam if p else result.s
+    w = torch.where(torch.isfinite(w), w, torch.full_like(w, ipm.FREE_ROW_WEIGHT))
+    F = {"w": w}
+
+    def split(v):
+        return v[:, :n], v[:, n:n + p], v[:, n + p:]
+
+    def matvec(v):
+        return torch.cat(kkt.apply(F, *split(v)), dim=-1)
+
+    scale = torch.cat([torch.ones_like(r_z), 1.0 / (1.0 + w), torch.ones_like(r_n)], dim=-1)
+    rhs = torch.cat([r_z, r_l, r_n], dim=-1)
+    sol, info = minres(matvec, rhs, tol=settings.iterative_tol,
+                       max_iter=settings.iterative_max_iter, precond=lambda v: scale * v)
+    if not bool(info.converged.all()):
+        worst = float(info.residual.max())
+        warnings.warn(f"iterative backward: MINRES stopped after {info.iterations} iterations "
+                      f"with relative residual {worst:.2e} > tol {settings.iterative_tol:g}; "
+                      "gradients may be inaccurate (raise iterative_max_iter, or use "
+                      "backward='implicit').", UserWarning, stacklevel=4)
+    return split(sol)
 
 
 def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None):

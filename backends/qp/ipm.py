@@ -125,6 +125,9 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     best = torch.full((B,), float("inf"), dtype=dtype, device=device)
     stalled = torch.zeros(B, dtype=torch.long, device=device)
     final = _Buffer()
+    # The best iterate so far (by worst scaled residual): a sample that stalls
+    # or hits the cap returns it rather than a possibly degraded last iterate.
+    best_state = [x, lam, s, nu]
     active = torch.arange(B, device=device)
     act = kkt  # the system restricted to the active samples
 
@@ -177,14 +180,20 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
             & ((qa * xa).sum(-1) / x_norm < -settings.infeas_tol)
             & (x_norm > 1.0 / settings.infeas_tol ** 0.5)
         )
-        improved = worst < 0.9 * best[active]
-        best[active] = torch.where(improved, worst, best[active])
+        worst_d = worst.detach()
+        improved = worst_d < 0.9 * best[active]
+        better = worst_d < best[active]
+        if bool(better.any()):
+            sel = active[better]
+            best_state = [t.index_copy(0, sel, v[better]) for t, v in
+                          zip(best_state, (xa, la, sa, na))]
+        best[active] = torch.minimum(worst_d, best[active])
         stall = torch.where(improved, torch.zeros_like(stalled[active]), stalled[active] + 1)
         stalled[active] = stall
 
         code = torch.full_like(active, RUNNING)
         code = torch.where(stall >= settings.not_improved_lim,
-                           torch.where(worst <= eps ** 0.5, INACCURATE, NUMERICAL), code)
+                           torch.where(best[active] <= eps ** 0.5, INACCURATE, NUMERICAL), code)
         if it == settings.max_iter:
             code = torch.where(code == RUNNING, MAX_ITER, code)
         code = torch.where(recession & ~converged, UNBOUNDED, code)
@@ -193,6 +202,15 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         iterations[active] = it
         residuals[active] = res.detach()
         done = code != RUNNING
+        # Stalled or capped samples go back to their best iterate.
+        revert = done & ~converged & (best[active] < worst_d)
+        if bool(revert.any()):
+            sel = active[revert]
+            xa, la, sa, na = (torch.where(revert.unsqueeze(-1), bt[active], v) for bt, v in
+                              zip(best_state, (xa, la, sa, na)))
+            x, lam, s, nu = (t.index_copy(0, sel, bt[sel]) for t, bt in
+                             zip((x, lam, s, nu), best_state))
+            residuals[sel] = best[sel].unsqueeze(-1).expand(-1, 3).to(residuals.dtype)
         w = sa / la if p else sa
         if has_free:
             w = torch.where(fa, torch.full_like(w, FREE_ROW_WEIGHT), w)
@@ -238,7 +256,7 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         r_l = r_c / la - r_p
         if has_free:
             r_l = torch.where(fa, torch.zeros_like(r_l), r_l)
-        dx, dl, dn = act.solve(F, -r_d, r_l, -r_e)
+        dx, dl, dn = act.newton_solve(F, -r_d, r_l, -r_e)
         ds = -r_p - r_l - w * dl
         if has_free:
             dl = torch.where(fa, torch.zeros_like(dl), dl)
