@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CvxpyLayer": ".layer",
+    "QPFunction": ".qpfunction",
+    "QPSolvers": ".qpfunction",
+    "implicit": ".implicit",
+    "ImplicitFunctionError": ".implicit",
     "SolveInfo": ".layer",
     "SolverError": ".errors",
     "ParameterTypeError": ".errors",

@@ -84,7 +84,7 @@ class _Buffer:
         if name not in self.t:
             self.t[name] = torch.zeros((batch,) + tuple(value.shape[1:]), dtype=value.dtype,
                                        device=value.device)
-        self.t[name] = self.t[name].index_copy(0, idx, value)
+        self.t[name].index_copy_(0, idx, value.detach())
 
 
 def solve(data: QPData, settings: QPSettings, need_factor: bool,

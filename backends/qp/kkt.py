@@ -36,8 +36,8 @@ from .data import QPData, mv, rmv
 from .settings import QPSettings
 
 
-def cholesky(M: torch.Tensor, settings: QPSettings):
-    return linalg.cholesky(M, settings.regularization, settings.regularization_tries)
+def cholesky(M: torch.Tensor, settings: QPSettings, out: torch.Tensor | None = None):
+    return linalg.cholesky(M, settings.regularization, settings.regularization_tries, out=out)
 
 
 class KKTSystem:
@@ -60,6 +60,20 @@ class KKTSystem:
         self.p, self.m, self.n = data.p, data.m, data.n
         self.batch = data.batch
         self.q, self.h, self.b = data.q, data.h, data.b
+        # Scratch matrices reused across iterations (shared with subsets): a fresh
+        # 10 MB tensor per iteration costs as much in page faults as the copy itself.
+        self._scratch: dict = {}
+
+    def scratch(self, name: str, shape, like: torch.Tensor) -> torch.Tensor | None:
+        """A reusable (shape) buffer, or None when autograd must see fresh tensors."""
+        if torch.is_grad_enabled() and like.requires_grad:
+            return None
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != tuple(shape[1:]) \
+                or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+            self._scratch[name] = buf
+        return buf[: shape[0]]
 
     def subset(self, idx: torch.Tensor) -> KKTSystem:
         sub = copy.copy(self)
@@ -160,9 +174,14 @@ class SchurKKT(KKTSystem):
 
     def factor(self, w: torch.Tensor) -> dict:
         K = self.K
-        M = K.expand(w.shape[0], -1, -1).clone() if K.dim() == 2 else K.clone()
+        shape = (w.shape[0], self.p, self.p)
+        M = self.scratch("K+W", shape, w)
+        if M is None:
+            M = K.expand(shape).clone()
+        else:
+            M.copy_(K.expand(shape))
         M.diagonal(dim1=-2, dim2=-1).add_(w)
-        L, _ = cholesky(M, self.settings)
+        L, _ = cholesky(M, self.settings, out=self.scratch("L", shape, w))
         return {"L": L, "w": w}
 
     def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True):
@@ -269,7 +288,7 @@ def choose(data: QPData, settings: QPSettings) -> KKTSystem:
         L, info = torch.linalg.cholesky_ex(data.Q)
         definite = bool((info == 0).all())
         if definite:
-            diag = L.diagonal(dim1=-2, dim2=-1)
+            diag = L.detach().diagonal(dim1=-2, dim2=-1)
             cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
             definite = cond < settings.schur_max_condition
         if method == "schur" and not definite:
