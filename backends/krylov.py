@@ -107,6 +107,7 @@ def gmres(matvec, rhs: torch.Tensor, tol: float = 1e-10, max_iter: int = 1000,
     dtype = rhs.dtype
     tiny = torch.finfo(dtype).tiny
     x = torch.zeros_like(rhs)
+    rhs_norm = rhs.norm(dim=-1).clamp_min(tiny)
     total = 0
     restart = max(1, min(restart, n))
     while total < max_iter:

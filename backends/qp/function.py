@@ -104,8 +104,7 @@ def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
     brings the inactive rows (W large) to unit size.
     """
     n, p = r_z.shape[-1], r_l.shape[-1]
-    w = result.s / result.lam if p else result.s
-    w = torch.where(torch.isfinite(w), w, torch.full_like(w, ipm.FREE_ROW_WEIGHT))
+    w = result.w
     F = {"w": w}
 
     def split(v):

@@ -54,6 +54,7 @@ class IPMResult:
     residuals: torch.Tensor  # (B, 3) scaled primal, dual, gap
     kkt: KKTSystem
     factor: dict | None  # Newton matrix factors at the final iterates
+    w: torch.Tensor | None = None  # (B, p) W = s/λ of the backward's matrix (sharpened)
 
     @property
     def status(self) -> list[Status]:
@@ -72,6 +73,32 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
         return torch.ones(v.shape[:-1], dtype=v.dtype, device=v.device)
     ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
     return ratio.amin(-1).clamp(max=1.0)
+
+
+# Active-set sharpening of W for the backward pass. At a finite μ a constraint
+# with a small slack (or a small multiplier) still has a moderate W = s/λ, which
+# leaks O(1/W) (or O(W)) into the derivative: seen as 1e-6 errors on random QPs.
+# A row whose normalized W̃ = W·(1 + ‖λ‖∞)/(1 + |hᵢ| + sᵢ) exceeds SHARPEN (or
+# falls below 1/SHARPEN) is clearly inactive (active): the backward uses the
+# limit μ → 0, dropping it (W = FREE_ROW_WEIGHT) or tightening it (W·1e-6).
+# Ambiguous rows (weakly active) keep their W: a generalized derivative. Only the
+# Schur form can take the tightening: in the reduced form W⁻¹ enters H directly
+# and a further 1e6 there is beyond what refinement recovers.
+SHARPEN = 1e4
+ACTIVE_TIGHTEN = 1e-6
+
+
+def _sharpened(w, s, lam, h, converged, tighten: bool):
+    if w.shape[-1] == 0:
+        return w
+    dual_scale = 1.0 + lam.abs().amax(-1, keepdim=True)
+    primal_scale = 1.0 + h.abs() + s.abs()
+    wn = w * dual_scale / primal_scale
+    ok = converged.unsqueeze(-1)
+    w = torch.where(ok & (wn > SHARPEN), torch.full_like(w, FREE_ROW_WEIGHT), w)
+    if not tighten:
+        return w
+    return torch.where(ok & (wn < 1.0 / SHARPEN), w * ACTIVE_TIGHTEN, w)
 
 
 class _Buffer:
@@ -125,6 +152,7 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     best = torch.full((B,), float("inf"), dtype=dtype, device=device)
     stalled = torch.zeros(B, dtype=torch.long, device=device)
     final = _Buffer()
+    final_w = torch.ones(B, p, dtype=dtype, device=device)
     # The best iterate so far (by worst scaled residual): a sample that stalls
     # or hits the cap returns it rather than a possibly degraded last iterate.
     best_state = [x, lam, s, nu]
@@ -163,6 +191,13 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         dres = _inf_norm(r_d) / (1 + torch.maximum(torch.maximum(_inf_norm(qa), _inf_norm(Hx)),
                                                    _inf_norm(GTl + ATn)))
         gres = gap / (1 + obj.abs())
+        if p:
+            # Per-row complementarity: the gap alone lets a weakly active row stop
+            # at s = λ = √μ, a solution error of √μ (1e-5 at μ = 1e-10).
+            comp = torch.minimum(sa / (1 + ha.abs()), la / (1 + _inf_norm(la).unsqueeze(-1)))
+            if has_free:
+                comp = torch.where(fa, torch.zeros_like(comp), comp)
+            gres = torch.maximum(gres, comp.amax(-1))
         res = torch.stack([pres, dres, gres], -1)
         worst = res.amax(-1)
         converged = worst <= eps
@@ -215,15 +250,18 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         if has_free:
             w = torch.where(fa, torch.full_like(w, FREE_ROW_WEIGHT), w)
 
-        # ---- factor at the current iterate --------------------------------
-        if need_factor:
-            F = act.factor(w)
-            if bool(done.any()):
-                sel = done.nonzero().squeeze(-1)
-                for k, v in F.items():
-                    final.put(k, active[sel], v[sel], B)
+        # ---- finished samples leave; the rest factor at the current iterate --
         if bool(done.any()):
-            codes[active[done]] = code[done]
+            sel = done.nonzero().squeeze(-1)
+            codes[active[sel]] = code[sel]
+            w_done = _sharpened(w[sel], sa[sel], la[sel], ha[sel], code[sel] == OPTIMAL,
+                                tighten=kkt.name == "schur")
+            final_w.index_copy_(0, active[sel], w_done.detach())
+            if need_factor:
+                # The backward's factorization, at the (sharpened) final iterate.
+                done_kkt = act.subset(sel)
+                for k, v in done_kkt.factor(w_done).items():
+                    final.put(k, active[sel], v, B)
             keep = (~done).nonzero().squeeze(-1)
             active = active[keep]
             if active.numel() == 0:
@@ -232,9 +270,7 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
             r_d, r_p, r_e, w = r_d[keep], r_p[keep], r_e[keep], w[keep]
             fa = fa[keep] if has_free else None
             act = kkt.subset(active)
-            F = {k: v[keep] for k, v in F.items()} if need_factor else act.factor(w)
-        elif not need_factor:
-            F = act.factor(w)
+        F = act.factor(w)
 
         # ---- predictor -----------------------------------------------------
         count = max(p, 1) if not has_free else (~fa).sum(-1, keepdim=True).clamp_min(1)
@@ -274,4 +310,4 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     z = kkt.to_original(x)
     s_out = torch.where(free_all, torch.full_like(s, float("inf")), s) if has_free else s
     factor = final.t if need_factor else None
-    return IPMResult(z, lam, nu, s_out, codes, iterations, residuals, kkt, factor)
+    return IPMResult(z, lam, nu, s_out, codes, iterations, residuals, kkt, factor, final_w)
