@@ -64,3 +64,52 @@ def conic_layer(problem, parameters, variables, **kwargs):
 
     kwargs.setdefault("backend", "conic")
     return CvxpyLayer(problem, parameters, variables, **kwargs)
+
+
+def directional_difference(fn, inputs, directions, weights, eps=1e-6):
+    """d/dh Σ weights·fn(inputs + h·directions) at h = 0, by a central difference.
+
+    For derivatives that exist only along some directions (the marginals of a
+    transport problem must keep equal totals), where an entry-by-entry
+    difference would leave the feasible set.
+    """
+    def value(h):
+        out = fn(*[x + h * d for x, d in zip(inputs, directions)])
+        return sum((w * o).sum() for w, o in zip(weights, out))
+
+    return (value(eps) - value(-eps)) / (2 * eps)
+
+
+def qp_reference(Q, q, G, h, A, b):
+    """One QP ``min ½zᵀQz + qᵀz s.t. Gz ≤ h, Az = b`` by CVXPY + Clarabel (tight tolerances).
+
+    Arrays of shapes (n, n), (n,), (p, n), (p,), (m, n), (m,); Q only needs to be
+    PSD (its symmetric part is used). Rows with h = +inf are left out, their λ is 0.
+    Returns (z, λ, ν) as float64 arrays in CVXPY's sign convention
+    (Lagrangian ½zᵀQz + qᵀz + λᵀ(Gz − h) + νᵀ(Az − b)).
+    """
+    Q, q, G, h, A, b = (np.asarray(t, dtype=np.float64) for t in (Q, q, G, h, A, b))
+    n = q.shape[0]
+    z = cp.Variable(n)
+    S = 0.5 * (Q + Q.T)
+    objective = q @ z
+    if np.any(S != 0):
+        objective = objective + 0.5 * cp.quad_form(z, cp.psd_wrap(S))
+    keep = np.isfinite(h)
+    constraints = []
+    if keep.any():
+        constraints.append(G[keep] @ z <= h[keep])
+    if b.shape[0]:
+        constraints.append(A @ z == b)
+    problem = cp.Problem(cp.Minimize(objective), constraints)
+    problem.solve(solver=cp.CLARABEL, **CLARABEL_TIGHT)
+    if problem.status != "optimal":
+        raise RuntimeError(f"reference solve status {problem.status}")
+    lam = np.zeros(h.shape[0])
+    k = 0
+    if keep.any():
+        lam[keep] = constraints[0].dual_value
+        k = 1
+    nu = np.asarray(constraints[k].dual_value, dtype=np.float64).reshape(-1) if b.shape[0] \
+        else np.zeros(0)
+    return np.asarray(z.value, dtype=np.float64), lam, nu
