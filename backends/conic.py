@@ -37,7 +37,9 @@ DIFFCP_KEYS = {
     "n_jobs_backward": int,
     "derivative_kwargs": dict,
     "warm_starts": (list, tuple),
+    "time_limit": (int, float),  # seconds; mapped to the solver's own setting
 }
+TIME_LIMIT_KEYS = {"SCS": "time_limit_secs", "Clarabel": "time_limit"}
 # Solver settings accepted per solve method, with their types (bool < int < float).
 _NUM = (int, float)
 SOLVER_KEYS = {
@@ -110,6 +112,12 @@ class ConicSettings:
                     if key == "warm_starts":
                         raise ValueError("solver_args['warm_starts'] is not supported; "
                                          "warm starts are not available on the conic path.")
+                    if key == "time_limit":
+                        if method not in TIME_LIMIT_KEYS:
+                            raise ValueError(f"solver_args['time_limit'] is not supported by "
+                                             f"{method}; use SCS or Clarabel.")
+                        kwargs[TIME_LIMIT_KEYS[method]] = float(value)
+                        continue
                     out[key] = value
                 elif key in accepted:
                     _check_type("solver_args", key, value, accepted[key])

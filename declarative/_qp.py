@@ -8,8 +8,6 @@ DGP log transform is torch's.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ._sparse import SparseMap
@@ -17,22 +15,46 @@ from .backends.qp import QPSettings, solve_qp
 from .canon.compile import Form
 from .canon.qp import BLOCKS
 
-QP_KEYS = {f.name: f.type for f in dataclasses.fields(QPSettings)}
-# Conic-solver spellings understood on the QP path (drop-in code passes them).
-QP_ALIASES = {"max_iters": "max_iter"}
+# QPSettings fields a caller may set through solver_args, with their types.
+QP_KEYS = {
+    "eps": (int, float), "max_iter": int, "time_limit": (int, float), "step_fraction": float,
+    "infeas_tol": float, "not_improved_lim": int, "kkt": str, "regularization": float,
+    "regularization_tries": int, "schur_max_condition": (int, float),
+    "fixed_iterations": bool, "backward": str, "iterative_tol": float,
+    "iterative_max_iter": int,
+}
+# Conic-solver spellings understood on the torch paths (drop-in code passes them).
+QP_ALIASES = {"max_iters": "max_iter", "time_limit_secs": "time_limit"}
 
 
 def qp_settings(*arg_dicts) -> QPSettings:
-    """QPSettings from the layer's and the call's solver_args (QP keys only)."""
+    """QPSettings for the torch paths from the layer's and the call's solver_args.
+
+    QP keys are checked by name and type. Keys meant for the conic solvers
+    (SCS, ECOS, Clarabel, diffcp) are accepted and have no effect here, so code
+    written for cvxpylayers runs unchanged; anything else is an error that
+    lists the accepted keys. ``eps`` only tightens the default tolerance.
+    """
+    from .backends.conic import DIFFCP_KEYS, SOLVER_KEYS
+    from .backends.conic import _check_type as check_type
+
+    conic_keys = set(DIFFCP_KEYS).union(*SOLVER_KEYS.values())
     merged = {}
     for d in arg_dicts:
         if d:
             merged.update(d)
-    changes = {}
+    changes = {"eps_tightens": True}
     for key, value in merged.items():
         name = QP_ALIASES.get(key, key)
         if name in QP_KEYS:
-            changes[name] = value
+            check_type("solver_args", key, value, QP_KEYS[name])
+            changes[name] = value.item() if hasattr(value, "item") else value
+        elif key not in conic_keys:
+            raise ValueError(
+                f"solver_args has unknown key {key!r} for the torch solvers. Accepted keys: "
+                f"{sorted(set(QP_KEYS) | set(QP_ALIASES))} (conic-solver keys are accepted "
+                "and ignored on this path)."
+            )
     return QPSettings(**changes)
 
 

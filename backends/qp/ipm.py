@@ -18,6 +18,7 @@ implicit backward solves with it instead of factoring again.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ from .settings import QPSettings
 # Integer codes used on the device; converted to `Status` once at the end.
 # W for an h = +inf row: large enough that W⁻¹ vanishes next to any real row.
 FREE_ROW_WEIGHT = 1e30
+
+# Floors for s and λ under `fixed_iterations` (far below any tolerance).
+SLACK_FLOOR = {torch.float64: 1e-14, torch.float32: 1e-7}
 
 RUNNING, OPTIMAL, INFEASIBLE, UNBOUNDED, MAX_ITER, NUMERICAL, INACCURATE = range(7)
 CODE_TO_STATUS = {
@@ -71,7 +75,11 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """Largest α ≤ 1 with v + α dv ≥ 0, per sample (v > 0)."""
     if v.shape[-1] == 0:
         return torch.ones(v.shape[:-1], dtype=v.dtype, device=v.device)
-    ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
+    neg = dv < 0
+    # Divide only where dv < 0: torch.where would otherwise carry the other
+    # branch's inf into the unrolled backward as NaN.
+    safe = torch.where(neg, dv, -torch.ones_like(dv))
+    ratio = torch.where(neg, -v / safe, torch.full_like(v, float("inf")))
     return ratio.amin(-1).clamp(max=1.0)
 
 
@@ -159,9 +167,11 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     active = torch.arange(B, device=device)
     act = kkt  # the system restricted to the active samples
 
+    deadline = None if settings.time_limit is None else time.monotonic() + settings.time_limit
     for it in range(settings.max_iter + 1):
         if active.numel() == 0:
             break
+        out_of_time = deadline is not None and time.monotonic() > deadline
         full = active.numel() == B
         xa = x if full else x[active]
         la = lam if full else lam[active]
@@ -201,6 +211,8 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         res = torch.stack([pres, dres, gres], -1)
         worst = res.amax(-1)
         converged = worst <= eps
+        if settings.fixed_iterations:
+            converged = converged & (it == settings.max_iter)
 
         # Infeasibility certificates on the normalized iterates.
         y_norm = torch.maximum(_inf_norm(la), _inf_norm(na)).clamp_min(1e-300)
@@ -229,7 +241,9 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         code = torch.full_like(active, RUNNING)
         code = torch.where(stall >= settings.not_improved_lim,
                            torch.where(best[active] <= eps ** 0.5, INACCURATE, NUMERICAL), code)
-        if it == settings.max_iter:
+        if settings.fixed_iterations:
+            code = torch.full_like(active, RUNNING)
+        if it == settings.max_iter or out_of_time:
             code = torch.where(code == RUNNING, MAX_ITER, code)
         code = torch.where(recession & ~converged, UNBOUNDED, code)
         code = torch.where(farkas & ~converged, INFEASIBLE, code)
@@ -302,8 +316,14 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
 
         x = x.index_copy(0, active, xa + alpha * dx)
         if p:
-            s = s.index_copy(0, active, sa + alpha * ds)
-            lam = lam.index_copy(0, active, la + alpha * dl)
+            s_new, l_new = sa + alpha * ds, la + alpha * dl
+            if settings.fixed_iterations:
+                floor = SLACK_FLOOR[dtype]
+                s_new, l_new = s_new.clamp_min(floor), l_new.clamp_min(floor)
+                if has_free:
+                    l_new = torch.where(fa, torch.zeros_like(l_new), l_new)
+            s = s.index_copy(0, active, s_new)
+            lam = lam.index_copy(0, active, l_new)
         if m:
             nu = nu.index_copy(0, active, na + alpha * dn)
 

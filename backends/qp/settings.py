@@ -18,6 +18,12 @@ class QPSettings:
     eps: float | None = None
     # Iteration cap; a sample still running there gets status max_iter.
     max_iter: int = 50
+    # Wall-clock limit of one solve in seconds (None: no limit); samples still
+    # running then get status max_iter and their best iterate.
+    time_limit: float | None = None
+    # `eps` only ever tightens the dtype's default (CvxpyLayer sets this: code
+    # written for SCS passes eps=1e-6 meaning "at least this accurate").
+    eps_tightens: bool = False
     # Fraction of the step to the boundary of the positive orthant (keeps s, λ > 0).
     step_fraction: float = 0.99
     # Relative threshold of the infeasibility certificates (Farkas / recession direction).
@@ -38,6 +44,11 @@ class QPSettings:
     # Condition bound (max/min diagonal of chol(Q), squared) above which "auto"
     # avoids the Schur path: its change of variables amplifies rounding by cond(Q).
     schur_max_condition: float = 1e10
+    # Run exactly max_iter iterations on every sample (no early exit): for
+    # measuring the backward's cost against the iteration count K (implicit
+    # versus unroll). Slacks and multipliers are floored at SLACK_FLOOR so the
+    # iteration stays finite after it has converged.
+    fixed_iterations: bool = False
     backward: str = "implicit"
     # Matrix-free backward ("iterative"): MINRES tolerance and iteration cap.
     iterative_tol: float = 1e-10
@@ -52,11 +63,16 @@ class QPSettings:
             raise ValueError(f"step_fraction must lie in (0, 1), got {self.step_fraction}.")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {self.max_iter}.")
+        if self.eps is not None and not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}.")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be positive seconds, got {self.time_limit}.")
 
     def tolerance(self, dtype: torch.dtype) -> float:
-        if self.eps is not None:
-            return float(self.eps)
-        return 1e-10 if dtype == torch.float64 else 1e-5
+        default = 1e-10 if dtype == torch.float64 else 1e-5
+        if self.eps is None:
+            return default
+        return min(float(self.eps), default) if self.eps_tightens else float(self.eps)
 
     def with_(self, **changes) -> QPSettings:
         return replace(self, **changes)

@@ -1,0 +1,230 @@
+"""Implicit versus unrolled differentiation: backward memory and time against K and n.
+
+The seed's thesis (sections 1–3, 4.2) made measurable. For an iterative
+solver run for K iterations, differentiating by storing its trace costs memory
+that grows with K; the implicit function theorem needs only the solution.
+
+Two inner solvers, each differentiated both ways:
+
+  qp   the batched interior-point QP engine run for exactly K iterations
+       (QPSettings(fixed_iterations=True)): backward="implicit" (KKT system at
+       the solution, reusing the final factorization) vs backward="unroll"
+       (autograd through every iteration); n variables, n inequalities, batch B.
+  gd   K gradient-descent steps on a strongly convex quadratic
+       f(x; θ) = ½ xᵀMx − θᵀx, unrolled by autograd vs declarative.implicit
+       with the residual ∇f = Mx − θ (matrix-free MINRES); batch B.
+
+Each configuration runs in a fresh subprocess; "peak MB" is the growth of the
+process's peak resident memory during forward + backward over its value after
+the inputs were built, and times are medians of repeats (backward alone, and
+forward + backward). Run:
+
+    python benchmarks/bench_implicit.py                 # table + figure
+    python benchmarks/bench_implicit.py --quick         # smaller sweep
+
+The figure goes to docs/implicit_vs_unroll.png (README shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIGURE = os.path.join(HERE, "..", "docs", "implicit_vs_unroll.png")
+
+
+# ---------------------------------------------------------------------------
+# One configuration, measured inside a child process
+# ---------------------------------------------------------------------------
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def _qp_case(K: int, n: int, B: int, mode: str, repeats: int):
+    import torch
+    from declarative.backends.qp import QPSettings, solve_qp
+
+    torch.manual_seed(0)
+    dt = torch.float64
+    L = torch.randn(B, n, n, dtype=dt) / n ** 0.5
+    Q = L @ L.mT + torch.eye(n, dtype=dt)
+    q = torch.randn(B, n, dtype=dt)
+    G = torch.randn(B, n, n, dtype=dt)
+    z0 = torch.randn(B, n, dtype=dt)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, n, dtype=dt)
+    A, b = torch.zeros(B, 0, n, dtype=dt), torch.zeros(B, 0, dtype=dt)
+    w = torch.randn(B, n, dtype=dt)
+    settings = QPSettings(backward=mode, fixed_iterations=True, max_iter=K)
+
+    def run():
+        ins = [t.clone().requires_grad_() for t in (Q, q, G, h)]
+        t0 = time.perf_counter()
+        (z, _, _), _ = solve_qp(*ins, A, b, batch=B, settings=settings)
+        t1 = time.perf_counter()
+        grads = torch.autograd.grad((w * z).sum(), ins)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, grads
+
+    return run
+
+
+def _gd_case(K: int, n: int, B: int, mode: str, repeats: int):
+    import torch
+
+    from declarative import implicit
+
+    torch.manual_seed(0)
+    dt = torch.float64
+    R = torch.randn(n, n, dtype=dt) / n ** 0.5
+    M = R @ R.T + torch.eye(n, dtype=dt)  # eigenvalues in [1, ~5]
+    eta = 1.0 / float(torch.linalg.eigvalsh(M).max())
+    theta0 = torch.randn(B, n, dtype=dt)
+    w = torch.randn(B, n, dtype=dt)
+
+    def descend(theta):
+        x = torch.zeros_like(theta)
+        for _ in range(K):
+            x = x - eta * (x @ M - theta)
+        return x
+
+    solver = implicit(descend, lambda x, theta: x @ M - theta, method="iterative",
+                      symmetric=True, tol=1e-12, residual_tol=None)
+
+    def run():
+        theta = theta0.clone().requires_grad_()
+        t0 = time.perf_counter()
+        x = descend(theta) if mode == "unroll" else solver(theta)
+        t1 = time.perf_counter()
+        (g,) = torch.autograd.grad((w * x).sum(), [theta])
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, (g,)
+
+    return run
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    make = {"qp": _qp_case, "gd": _gd_case}[spec["solver"]]
+    run = make(spec["K"], spec["n"], spec["B"], spec["mode"], spec["repeats"])
+    base = _peak_mb()
+    fwd, bwd = [], []
+    grads = None
+    for _ in range(spec["repeats"]):
+        f, b_, grads = run()
+        fwd.append(f)
+        bwd.append(b_)
+    peak = _peak_mb() - base
+    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    checksum = float(sum(g.double().abs().sum() for g in grads))
+    return {"peak_mb": peak, "fwd_ms": 1e3 * statistics.median(fwd),
+            "bwd_ms": 1e3 * statistics.median(bwd), "finite": finite, "checksum": checksum}
+
+
+def measure(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# Sweep, table, figure
+# ---------------------------------------------------------------------------
+
+
+def sweep(quick: bool, repeats: int):
+    Ks = [10, 25, 50, 100] if quick else [10, 25, 50, 100, 200]
+    rows = []
+    for solver, n, B in (("qp", 100, 128), ("gd", 1000, 128)):
+        for K in Ks:
+            if solver == "qp" and K > 100 and quick:
+                continue
+            for mode in ("implicit", "unroll"):
+                spec = dict(solver=solver, K=K, n=n, B=B, mode=mode, repeats=repeats)
+                rows.append((spec, measure(spec)))
+                print(_row(*rows[-1]), flush=True)
+    ns = {"qp": [25, 50, 100] if quick else [25, 50, 100, 150],
+          "gd": [100, 300, 1000] if quick else [100, 300, 1000, 2000]}
+    for solver, K, B in (("qp", 50, 128), ("gd", 100, 128)):
+        for n in ns[solver]:
+            for mode in ("implicit", "unroll"):
+                spec = dict(solver=solver, K=K, n=n, B=B, mode=mode, repeats=repeats)
+                rows.append((spec, measure(spec)))
+                print(_row(*rows[-1]), flush=True)
+    return rows
+
+
+HEADER = ("| solver | K | n | B | backward | peak MB | forward ms | backward ms | grads finite |\n"
+          "|---|---:|---:|---:|---|---:|---:|---:|---|")
+
+
+def _row(spec, res) -> str:
+    if "error" in res:
+        return (f"| {spec['solver']} | {spec['K']} | {spec['n']} | {spec['B']} | {spec['mode']} "
+                f"| failed: {res['error'][:60]} | | | |")
+    return (f"| {spec['solver']} | {spec['K']} | {spec['n']} | {spec['B']} | {spec['mode']} | "
+            f"{res['peak_mb']:.1f} | {res['fwd_ms']:.1f} | {res['bwd_ms']:.1f} | "
+            f"{'yes' if res['finite'] else 'NO'} |")
+
+
+def figure(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, solver, title in ((axes[0], "qp", "QP engine (n = 100, B = 128)"),
+                              (axes[1], "gd", "gradient descent (n = 1000, B = 128)")):
+        n_ref = 100 if solver == "qp" else 1000
+        for mode, style in (("implicit", "o-"), ("unroll", "s--")):
+            pts = sorted((s["K"], r["peak_mb"]) for s, r in rows
+                         if s["solver"] == solver and s["mode"] == mode and s["n"] == n_ref
+                         and "peak_mb" in r and s["B"] == 128)
+            Ks = sorted({k for k, _ in pts})
+            best = [max(v for k2, v in pts if k2 == k) for k in Ks]
+            if pts:
+                ax.plot(Ks, [max(b, 0.1) for b in best], style, label=mode)
+        ax.set_xlabel("iterations K")
+        ax.set_ylabel("peak memory of forward + backward (MB)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"figure written to {os.path.relpath(path)}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smaller sweep")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-figure", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    print(HEADER)
+    rows = sweep(args.quick, args.repeats)
+    if not args.no_figure:
+        figure(rows, FIGURE)
+
+
+if __name__ == "__main__":
+    main()
