@@ -31,12 +31,20 @@ import torch
 from .linalg import chol_solve, cholesky
 from .status import Status
 
-NEWTON_MAX_ITER = 100
+NEWTON_MAX_ITER = 200
 # Stop when ‖Ax − b‖∞ ≤ NEWTON_TOL · (1 + ‖b‖∞); float64 reaches it in a few
 # Newton steps and the tests ask for 1e-10 on marginals.
 NEWTON_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}
-# Armijo line search on the dual: sufficient decrease and backtracking factor.
-ARMIJO, BACKTRACK = 0.25, 0.5
+# Line search: the step t is the best of 1, ½, ¼, … (LINE_SEARCH_STEPS of them),
+# all evaluated at once. Far from the optimum exp() makes the Newton step wildly
+# too long (|θ/τ| ~ 1e2..1e4); an Armijo backtracking loop runs out of halvings
+# there, a grid of 60 does not.
+LINE_SEARCH_STEPS = 60
+# Near the optimum the dual's decrease (half the Newton decrement) falls below
+# its round-off: the full Newton step is taken (quadratic convergence region).
+FULL_STEP_DECREMENT = 1e-9
+# Sinkhorn-style sweeps that initialize ν when A is a 0/1 matrix (sums of entries).
+INIT_SWEEPS = 20
 # The dual decreasing by this much relative to its start certifies infeasibility.
 UNBOUNDED_DUAL = 1e12
 
@@ -63,6 +71,12 @@ class DenseEqualities:
     def full_matvec(self, x):
         return x @ self.full.T
 
+    def infeasible(self, b):
+        """Samples whose b no x ≥ 0 can meet, by sign: a 0/1 row needs bⱼ > 0."""
+        if self.binary():
+            return (b <= 0).any(-1)
+        return torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+
     def hessian(self, x):
         return (self.A * x.unsqueeze(1)) @ self.A.T
 
@@ -71,6 +85,16 @@ class DenseEqualities:
 
     def column_weight(self):
         return self.A.sum(0)  # (Aᵀ1)ᵢ over the kept rows
+
+    def binary(self) -> bool:
+        return bool(((self.A == 0) | (self.A == 1)).all()) and bool((self.A.sum(0) > 0).all())
+
+    def sweep(self, e, nu, log_b):
+        """One damped Jacobi sweep of exact row updates for 0/1 rows (Sinkhorn's step)."""
+        mask = torch.where(self.A > 0, 0.0, -torch.inf).to(e)
+        row_lse = torch.logsumexp(e.unsqueeze(1) + mask, dim=-1)  # (B, m)
+        cover = self.A.sum(0).amax()  # rows touching one entry at most: damp by it
+        return nu + (row_lse - log_b) / cover
 
 
 class TransportEqualities:
@@ -86,6 +110,12 @@ class TransportEqualities:
     def full_matvec(self, x):
         X = self._X(x)
         return torch.cat([X.sum(2), X.sum(1)], dim=1)
+
+    def infeasible(self, b):
+        """Marginals must be positive with equal totals."""
+        a_, b_ = b[:, : self.r], b[:, self.r:]
+        totals = (a_.sum(-1) - b_.sum(-1)).abs() > 1e-9 * (1 + a_.abs().sum(-1))
+        return (b <= 0).any(-1) | totals
 
     def matvec(self, x):
         return self.full_matvec(x)[:, self.independent]
@@ -109,6 +139,26 @@ class TransportEqualities:
 
     def nonnegative(self) -> bool:
         return True
+
+    def binary(self) -> bool:
+        return True
+
+    def sweep(self, e, nu, log_b):
+        """Sinkhorn: make the row sums, then the column sums, exact (log domain)."""
+        B = e.shape[0]
+        full = torch.zeros(B, self.r + self.c, dtype=e.dtype, device=e.device)
+        full[:, self.independent] = nu
+        lb = torch.zeros_like(full)
+        lb[:, self.independent] = log_b
+        keep = torch.zeros(self.r + self.c, dtype=torch.bool, device=e.device)
+        keep[self.independent] = True
+        E = self._X(e)
+        rows = torch.logsumexp(E, dim=2) - lb[:, : self.r]
+        full[:, : self.r] += torch.where(keep[: self.r], rows, torch.zeros_like(rows))
+        E = E - torch.where(keep[: self.r], rows, torch.zeros_like(rows)).unsqueeze(2)
+        cols = torch.logsumexp(E, dim=1) - lb[:, self.r:]
+        full[:, self.r:] += torch.where(keep[self.r:], cols, torch.zeros_like(cols))
+        return full[:, self.independent]
 
     def column_weight(self):
         ones = torch.ones(1, len(self.independent), dtype=torch.float64)
@@ -136,9 +186,21 @@ def _dual(a, nu, b, eq):
     return x.sum(-1) + (b * nu).sum(-1), x
 
 
-def _initial_multiplier(a, eq, m):
-    """A ν₀ with finite dual: exponents a − Aᵀν₀ ≤ 0 when A ≥ 0 covers every entry."""
+def _initial_multiplier(a, b, eq, m):
+    """A starting ν with a finite, well-scaled dual.
+
+    For 0/1 constraint matrices (softmax-like sums, transport marginals) a few
+    Sinkhorn sweeps in the log domain put every constraint near its target;
+    otherwise ν is chosen so every exponent a − Aᵀν is ≤ 0 when A ≥ 0, or 0.
+    """
     B = a.shape[0]
+    positive = bool((b > 0).all())
+    if eq.binary() and positive:
+        nu = torch.zeros(B, m, dtype=a.dtype, device=a.device)
+        log_b = torch.log(b)
+        for _ in range(INIT_SWEEPS):
+            nu = eq.sweep(a - eq.rmatvec(nu), nu, log_b)
+        return torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu))
     finite = torch.where(torch.isfinite(a), a, torch.full_like(a, -torch.inf))
     if eq.nonnegative():
         w = eq.column_weight().to(a)
@@ -149,18 +211,19 @@ def _initial_multiplier(a, eq, m):
 
 
 def solve_entropy(theta, b, tau: float, eq, need_factor: bool) -> EntropyResult:
-    """Dual Newton with Armijo backtracking, all samples at once (θ: (B, n), b: (B, m_full))."""
-    dtype = theta.dtype
+    """Damped dual Newton, all samples at once (θ: (B, n), b: (B, m_full))."""
+    dtype, device = theta.dtype, theta.device
     tol = NEWTON_TOL.get(dtype, 1e-6)
     a = theta / tau - 1.0
     b_ind = b[:, eq.independent]
     B, m = b_ind.shape
-    nu = _initial_multiplier(a, eq, m)
+    nu = _initial_multiplier(a, b_ind, eq, m)
     g, x = _dual(a, nu, b_ind, eq)
     g0 = g.clone()
     scale = 1.0 + b.abs().amax(-1)
-    active = torch.ones(B, dtype=torch.bool, device=theta.device)
-    iterations = torch.zeros(B, dtype=torch.long, device=theta.device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    iterations = torch.zeros(B, dtype=torch.long, device=device)
+    steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=dtype, device=device)  # (T,)
     for _ in range(NEWTON_MAX_ITER):
         grad = b_ind - eq.matvec(x)  # ∇g
         done = grad.abs().amax(-1) <= tol * scale
@@ -170,32 +233,35 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool) -> EntropyResult:
         iterations += active.long()
         L, _ = cholesky(eq.hessian(x))
         step = chol_solve(L, grad)  # Newton: ν ← ν − t H⁻¹∇g
-        slope = -(grad * step).sum(-1)  # ∇gᵀ(−H⁻¹∇g) ≤ 0
-        t = torch.ones(B, 1, dtype=dtype, device=theta.device)
-        accepted = ~active
-        for _ in range(60):
-            trial = nu - t * step
-            g_new, x_new = _dual(a, trial, b_ind, eq)
-            ok = (g_new <= g + ARMIJO * t.squeeze(-1) * slope) & torch.isfinite(g_new)
-            take = ok & ~accepted
-            nu = torch.where(take.unsqueeze(-1), trial, nu)
-            x = torch.where(take.unsqueeze(-1), x_new, x)
-            g = torch.where(take, g_new, g)
-            accepted = accepted | ok
-            if bool(accepted.all()):
-                break
-            t = torch.where(accepted.unsqueeze(-1), t, t * BACKTRACK)
-        stuck = active & ~accepted  # no decrease possible at working precision
-        active = active & ~stuck
+        decrement = (grad * step).sum(-1)  # ∇gᵀH⁻¹∇g ≥ 0
+        # Every candidate step at once: exponents move along Aᵀ(H⁻¹∇g).
+        e0 = a - eq.rmatvec(nu)
+        d = eq.rmatvec(step)
+        trial_e = e0.unsqueeze(1) + steps.view(1, -1, 1) * d.unsqueeze(1)  # (B, T, n)
+        g_trial = torch.exp(trial_e).sum(-1) + ((nu * b_ind).sum(-1, keepdim=True)
+                                                - steps * (step * b_ind).sum(-1, keepdim=True))
+        g_trial = torch.where(torch.isfinite(g_trial), g_trial, torch.full_like(g_trial, torch.inf))
+        best = g_trial.argmin(-1)
+        g_best = g_trial.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+        t = steps[best]
+        near = decrement <= FULL_STEP_DECREMENT * (1.0 + g.abs())
+        t = torch.where(near, torch.ones_like(t), t)
+        moved = active & (near | (g_best < g))
+        t = torch.where(moved, t, torch.zeros_like(t)).unsqueeze(-1)
+        nu = nu - t * step
+        g_new, x_new = _dual(a, nu, b_ind, eq)
+        g, x = torch.where(moved, g_new, g), torch.where(moved.unsqueeze(-1), x_new, x)
+        active = active & moved  # no decrease possible: stop this sample
     residual = (eq.full_matvec(x) - b).abs().amax(-1) / scale
     unbounded = g < g0 - UNBOUNDED_DUAL * (1.0 + g0.abs())
+    infeasible = unbounded | eq.infeasible(b)
     status = []
     for i in range(B):
         r = float(residual[i])
-        if r <= tol * 10:
-            status.append(Status.OPTIMAL)
-        elif bool(unbounded[i]) or r > 1e-3:
+        if bool(infeasible[i]):
             status.append(Status.INFEASIBLE)
+        elif r <= tol * 10:
+            status.append(Status.OPTIMAL)
         elif r <= 1e-6:
             status.append(Status.OPTIMAL_INACCURATE)
         else:
@@ -254,9 +320,12 @@ class _SimplexProjection(torch.autograd.Function):
         css = torch.cumsum(u, dim=-1) - r
         k = torch.arange(1, y.shape[-1] + 1, dtype=y.dtype, device=y.device)
         cond = u * k > css  # u_k − (css_k)/k > 0
-        rho = cond.sum(-1, keepdim=True)  # size of the support
+        # Size of the support; at least 1 so that r ≤ 0 gives t = max(y) − r and
+        # x = 0 (r = 0: the only feasible point; r < 0: infeasible, reported by the caller).
+        rho = cond.sum(-1, keepdim=True).clamp_min(1)
         t = css.gather(-1, rho - 1) / rho.to(y.dtype)
         x = torch.clamp(y - t, min=0)
+        x = torch.where(r > 0, x, torch.zeros_like(x))
         ctx.save_for_backward(x)
         return x
 

@@ -105,6 +105,16 @@ def from_param_cone_prog(param_prob, S: sp.csr_array, cone_dict: ConeDict) -> Co
     return ConeProgram(n, int(m), cone_dict, indices, indptr, c_map, A_map, b_map, offset_map)
 
 
+def leading_rows(cone: ConeProgram, count: int) -> ConeProgram:
+    """The cone program restricted to its first ``count`` rows (e.g. the zero cone's)."""
+    keep = cone.indices < count
+    indptr = np.concatenate([[0], np.cumsum(
+        [keep[cone.indptr[j]:cone.indptr[j + 1]].sum() for j in range(cone.n)])]).astype(np.int32)
+    return ConeProgram(cone.n, count, {"z": count}, cone.indices[keep].astype(np.int32), indptr,
+                       cone.c_map, sp.csr_array(cone.A_map[np.flatnonzero(keep)]),
+                       sp.csr_array(cone.b_map[:count]), cone.offset_map)
+
+
 def _canonical_order(indices, indptr, shape) -> np.ndarray:
     """Permutation that sorts the row indices within each CSC column."""
     labels = np.arange(1, len(indices) + 1, dtype=np.float64)

@@ -34,7 +34,7 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 from cvxpy.atoms.affine.add_expr import AddExpression
-from cvxpy.atoms.affine.binary_operators import multiply
+from cvxpy.atoms.affine.binary_operators import DivExpression, multiply
 from cvxpy.atoms.affine.sum import Sum
 from cvxpy.atoms.affine.unary_operators import NegExpression
 from cvxpy.atoms.elementwise.entr import entr
@@ -42,7 +42,7 @@ from cvxpy.atoms.elementwise.rel_entr import rel_entr
 from cvxpy.atoms.quad_over_lin import quad_over_lin
 from cvxpy.constraints import Equality, Inequality, NonNeg, Zero
 
-from .cone import from_param_cone_prog
+from .cone import cone_dict_from_dims, from_param_cone_prog, leading_rows
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ def _terms(expr, coef: float = 1.0):
         yield from _terms(expr.args[1], coef * _scalar_constant(expr.args[0]))
     elif isinstance(expr, multiply) and _scalar_constant(expr.args[1]) is not None:
         yield from _terms(expr.args[0], coef * _scalar_constant(expr.args[1]))
+    elif isinstance(expr, DivExpression) and _scalar_constant(expr.args[1]):
+        yield from _terms(expr.args[0], coef / _scalar_constant(expr.args[1]))
     else:
         yield coef, expr
 
@@ -99,13 +101,18 @@ def _entropy_coefficient(term, z) -> float | None:
 
 
 def _single_variable(problem):
+    """The problem's only variable; attributes other than nonneg=True rule a match out."""
     variables = problem.variables()
-    return variables[0] if len(variables) == 1 else None
+    if len(variables) != 1:
+        return None
+    z = variables[0]
+    other = {k for k, v in z.attributes.items() if v and k != "nonneg"}
+    return None if other else z
 
 
 def _constraints(problem, z):
     """Equalities, and whether z ≥ 0 is stated; None when anything else appears."""
-    eqs, nonneg = [], False
+    eqs, nonneg = [], bool(z.attributes.get("nonneg"))
     for con in problem.constraints:
         if isinstance(con, (Equality, Zero)):
             eqs.append(con)
@@ -140,8 +147,12 @@ def _linear_data(objective_expr, eqs, z, S_fn):
         return None
     S = S_fn(param_prob, {k: v[0] for k, v in chain.compose_param_id_map().items()})
     m = sum(c.size for c in eqs)
-    cone = from_param_cone_prog(param_prob, S, {"z": m})
-    return cone
+    dims = data["dims"]
+    # Only the equalities, plus z ≥ 0 rows from a nonneg attribute, may appear.
+    if dims.zero != m or dims.soc or dims.psd or dims.exp or dims.p3d:
+        return None
+    cone = from_param_cone_prog(param_prob, S, cone_dict_from_dims(dims))
+    return leading_rows(cone, m)
 
 
 def _constant(M: sp.csr_array, user_cols: int) -> bool:

@@ -102,10 +102,13 @@ def check_batch(values: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]
                      tuple(b is not None for b in batch_sizes), dtype, device)
 
 
-def check_finite(label: str, value: torch.Tensor, batched: bool, allow_posinf: bool = False):
+def check_finite(label: str, value: torch.Tensor, batched: bool, allow_posinf: bool = False,
+                 allow_neginf: bool = False):
     ok = torch.isfinite(value)
     if allow_posinf:
         ok = ok | (value == float("inf"))
+    if allow_neginf:
+        ok = ok | (value == float("-inf"))
     if bool(ok.all()):
         return
     bad = (~ok).nonzero()[0].tolist()

@@ -28,7 +28,8 @@ class SimplexPath:
         y, r = self.y(theta), self.r(theta)
         x = backend.project_simplex(y, r)
         B = theta.shape[0]
-        bad = (r.detach() <= 0).squeeze(-1) | ~torch.isfinite(y.detach()).any(-1)
+        # r < 0: no point of the simplex; r = 0: x = 0 is the only (optimal) point.
+        bad = (r.detach() < 0).squeeze(-1) | ~torch.isfinite(y.detach()).any(-1)
         status = [Status.INFEASIBLE if bool(b) else Status.OPTIMAL for b in bad]
         result = _Result(status, torch.zeros(B, dtype=torch.long),
                          torch.zeros(B, 3, dtype=theta.dtype))
@@ -49,6 +50,22 @@ class EntropyPath:
             self.eq = backend.TransportEqualities(r, c, independent)
         else:
             self.eq = backend.DenseEqualities(torch.as_tensor(program.A), independent)
+
+    def maskable(self, layout) -> tuple[bool, ...]:
+        """Which parameters may hold −inf: masked logits (softmax's −inf → weight 0).
+
+        A parameter qualifies when it enters only the logits, with positive
+        coefficients, so −inf can only ever produce a −inf logit.
+        """
+        theta = self.program.theta_map.tocsc()
+        b_cols = set(self.program.b_map.tocoo().col.tolist())
+        out = []
+        for slot in layout.slots:
+            cols = range(slot.offset, slot.stop)
+            block = theta[:, slot.offset:slot.stop]
+            positive = block.nnz > 0 and bool((block.data > 0).all())
+            out.append(positive and not any(c in b_cols for c in cols))
+        return tuple(out)
 
     def _equalities(self, dtype, device):
         eq = self.eq

@@ -80,6 +80,10 @@ class CvxpyLayer(torch.nn.Module):
         self._path = path(self._compiled.form(self.backend)) if path else None
         self._labels = tuple(f"parameter {i} ('{s.name}')"
                              for i, s in enumerate(self._compiled.layout.slots))
+        # Parameters that may be −inf (masked softmax logits); none elsewhere.
+        self._maskable = (self._path.maskable(self._compiled.layout)
+                          if hasattr(self._path, "maskable") else
+                          (False,) * len(self._compiled.layout))
         self.solver = solver
         self.gp = gp
         self.verbose = verbose
@@ -125,8 +129,9 @@ class CvxpyLayer(torch.nn.Module):
         _check_on_failure(on_failure)
         params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(self._labels, params))
         batch = _checks.check_batch(params, [s.shape for s in layout.slots], self._labels)
-        for lab, p, slot, b in zip(self._labels, params, layout.slots, batch.per_input):
-            _checks.check_finite(lab, p, b)
+        for lab, p, slot, b, neginf in zip(self._labels, params, layout.slots, batch.per_input,
+                                           self._maskable):
+            _checks.check_finite(lab, p, b, allow_neginf=neginf)
             _checks.check_attributes(lab, p, slot.attributes, b)
         if self._path is not None:
             settings = qp_settings(self.solver_args, solver_args)

@@ -229,7 +229,9 @@ def _sinkhorn(C, a, b, tau, max_iter=100_000):
         f = np.log(a) - logsumexp(K + g[None, :], axis=1)
         g = np.log(b) - logsumexp(K + f[:, None], axis=0)
         Z = np.exp(K + f[:, None] + g[None, :])
-        if np.abs(Z.sum(1) - a).max() < 1e-15:
+        # 1e-14: at τ = 0.01 the sweeps settle at round-off (a few 1e-16) and
+        # can keep oscillating above 1e-15.
+        if np.abs(Z.sum(1) - a).max() < 1e-14:
             break
     else:
         raise RuntimeError("Sinkhorn reference did not converge")
@@ -434,8 +436,6 @@ def test_softmax_temperature_1e_3():
     assert J.abs().max() > 10.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CvxpyLayer rejects -inf logits (check_finite) "
-                                       "though the softmax path handles masked entries")
 def test_softmax_masked_entries_minus_inf():
     n = 5
     prob, th, z = _softmax_problem(n)
@@ -452,8 +452,6 @@ def test_softmax_masked_entries_minus_inf():
     assert (g - g_ref).abs().max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Variable(nonneg=True) routes to the entropy path "
-                                       "with -z = 0 read as equality rows: reported infeasible")
 def test_softmax_with_a_nonneg_variable():
     n = 4
     theta = cp.Parameter(n)
@@ -771,8 +769,6 @@ def test_transport_float32_keeps_its_dtype():
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dual Newton's Armijo test stalls in round-off "
-                                       "near the optimum: max_iter, optimal_inaccurate + warning")
 def test_transport_every_sample_of_a_batch_converges():
     """A batch of 50 ordinary problems: each reaches full accuracy, with no warning."""
     r, c, B = 3, 4, 50
@@ -841,8 +837,6 @@ def test_constrained_softmax_gradients_match_central_differences():
         assert g.abs().max() > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dual Newton reports feasible problems infeasible "
-                                       "when |θ/τ| is large (line search gives up on a huge step)")
 @pytest.mark.parametrize("case", ["transport_tau_0.01", "general_logits_30"])
 def test_dual_newton_solves_feasible_problems_with_large_logits(case):
     if case == "transport_tau_0.01":
@@ -1007,8 +1001,6 @@ def test_constrained_softmax_with_unreachable_b_is_infeasible():
     assert torch.isnan(z_m[1]).all() and torch.isfinite(z_m[0]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: simplex path with radius <= 0 crashes (gather "
-                                       "index -1) instead of status infeasible / z = 0")
 @pytest.mark.parametrize("radius", [-1.0, 0.0])
 def test_sparsemax_nonpositive_radius(radius):
     y, r, z = cp.Parameter(4), cp.Parameter(), cp.Variable(4)
