@@ -83,9 +83,13 @@ class EntropyPath:
         tau = self.program.tau
         if self.program.kind == "softmax":
             x = backend.softmax(logits, tau)
-            bad = ~torch.isfinite(logits.detach()).any(-1) | torch.isposinf(
-                logits.detach()).any(-1)
-            status = [Status.INVALID_INPUT if bool(b) else Status.OPTIMAL for b in bad]
+            # A row needs one finite logit and no +inf; masks (−inf) are fine.
+            if bool(torch.isfinite(logits.detach().sum())):
+                status = (Status.OPTIMAL,) * B
+            else:
+                lg = logits.detach()
+                bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1)
+                status = tuple(Status.INVALID_INPUT if bool(b) else Status.OPTIMAL for b in bad)
             result = _Result(status, torch.zeros(B, dtype=torch.long),
                              torch.zeros(B, 3, dtype=theta.dtype))
         else:

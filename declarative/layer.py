@@ -63,6 +63,9 @@ class CvxpyLayer(torch.nn.Module):
         solver_args: default solver arguments; a call's ``solver_args`` override them.
         on_failure: "raise" (default) raises `SolverError` when a sample has no
             solution; "mask" returns NaN for those samples (zero gradient).
+        strict: also count samples that stopped at the iteration/time limit
+            (max_iter) or solved inaccurately as failures; by default they are
+            returned with a UserWarning.
         backend: "auto" (default) takes the most specific exact path the problem's
             structure allows: "simplex" (projection onto a simplex: sparsemax),
             "entropy" (entropy-regularized LP: softmax, optimal transport), "qp"
@@ -72,7 +75,7 @@ class CvxpyLayer(torch.nn.Module):
 
     def __init__(self, problem, parameters, variables, solver: str | None = None,
                  gp: bool = False, verbose: bool = False, solver_args: dict | None = None,
-                 on_failure: str = "raise", backend: str = "auto"):
+                 on_failure: str = "raise", backend: str = "auto", strict: bool = False):
         super().__init__()
         self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
@@ -94,6 +97,7 @@ class CvxpyLayer(torch.nn.Module):
             self.solver_args.setdefault("verbose", True)
         _check_on_failure(on_failure)
         self.on_failure = on_failure
+        self.strict = bool(strict)
         # Resolve once so a bad key fails at construction, not at the first call.
         if self.backend == "conic":
             method = self.solver_args.get("solve_method")
@@ -114,7 +118,8 @@ class CvxpyLayer(torch.nn.Module):
 
     # ------------------------------------------------------------------
     def forward(self, *params: torch.Tensor, solver_args: dict | None = None,
-                return_info: bool = False, on_failure: str | None = None):
+                return_info: bool = False, on_failure: str | None = None,
+                strict: bool | None = None):
         """Solve for a batch of parameter values; returns a tuple in ``variables`` order."""
         layout = self._compiled.layout
         if len(params) != len(layout):
@@ -127,6 +132,7 @@ class CvxpyLayer(torch.nn.Module):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         on_failure = self.on_failure if on_failure is None else on_failure
         _check_on_failure(on_failure)
+        strict = self.strict if strict is None else bool(strict)
         params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(self._labels, params))
         batch = _checks.check_batch(params, [s.shape for s in layout.slots], self._labels)
         for lab, p, slot, b, neginf in zip(self._labels, params, layout.slots, batch.per_input,
@@ -134,12 +140,12 @@ class CvxpyLayer(torch.nn.Module):
             _checks.check_finite(lab, p, b, allow_neginf=neginf)
             _checks.check_attributes(lab, p, slot.attributes, b)
         if self._path is not None:
-            settings = qp_settings(self.solver_args, solver_args)
+            settings = (qp_settings(self.solver_args, solver_args) if self.backend == "qp"
+                        else None)
             theta = self._theta(params, batch, batch.dtype)
             flat, result = self._path.solve(theta, settings)
             info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
                              result.residuals.detach().cpu().numpy(), self.backend)
-            flat = _mask_failed(flat, info)
         else:
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
             form = self._compiled.form("conic")
@@ -150,7 +156,7 @@ class CvxpyLayer(torch.nn.Module):
             flat = ConicSolve.apply(theta, form, settings, need_derivative, box)
             result = box["result"]
             info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
-        _handle_failures(info, on_failure)
+        flat = _handle_failures(flat, info, on_failure, strict)
         outputs = self._shape_outputs(flat, batch)
         return (outputs, info) if return_info else outputs
 
@@ -200,11 +206,15 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
     return backend
 
 
-def _mask_failed(flat, info: SolveInfo):
-    """NaN for samples without a solution (their gradient is zero by construction)."""
-    bad = [i for i, s in enumerate(info.status) if not s.has_solution]
-    if not bad:
-        return flat
+def failed_samples(status, strict: bool) -> list[int]:
+    """Samples without a usable solution (strict: anything but optimal)."""
+    if strict:
+        return [i for i, s in enumerate(status) if s is not Status.OPTIMAL]
+    return [i for i, s in enumerate(status) if not s.has_solution]
+
+
+def mask_samples(flat, bad: list[int]):
+    """NaN in the rows ``bad``; torch.where gives those rows zero gradient."""
     out = []
     for t in flat:
         mask = torch.zeros(t.shape[0], 1, dtype=torch.bool, device=t.device)
@@ -218,17 +228,28 @@ def _check_on_failure(on_failure: str) -> None:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
 
 
-def _handle_failures(info: SolveInfo, on_failure: str) -> None:
-    failed = [(i, s) for i, s in enumerate(info.status) if not s.has_solution]
-    if failed and on_failure == "raise":
-        raise SolverError([i for i, _ in failed], [s for _, s in failed])
-    capped = [i for i, s in enumerate(info.status) if s is Status.MAX_ITER]
+def _handle_failures(flat, info: SolveInfo, on_failure: str, strict: bool):
+    """Raise, or NaN-mask, the failed samples; warn about the usable-but-imperfect ones."""
+    if all(s is Status.OPTIMAL for s in info.status):
+        return flat
+    bad = failed_samples(info.status, strict)
+    if bad and on_failure == "raise":
+        raise SolverError(bad, [info.status[i] for i in bad])
+    if bad:
+        flat = mask_samples(flat, bad)
+    if not strict:
+        warn_imperfect(info.status, stacklevel=4)
+    return flat
+
+
+def warn_imperfect(status, stacklevel: int = 3) -> None:
+    capped = [i for i, s in enumerate(status) if s is Status.MAX_ITER]
     if capped:
         warnings.warn(f"Samples {capped} stopped at the iteration or time limit (status "
-                      "max_iter); their solutions are the last iterate.", UserWarning,
-                      stacklevel=3)
-    inaccurate = [i for i, s in enumerate(info.status) if s is Status.OPTIMAL_INACCURATE]
+                      "max_iter); their solutions are the best iterate. Pass strict=True to "
+                      "treat this as a failure.", UserWarning, stacklevel=stacklevel)
+    inaccurate = [i for i, s in enumerate(status) if s is Status.OPTIMAL_INACCURATE]
     if inaccurate:
         warnings.warn(f"Samples {inaccurate} were solved inaccurately (status "
                       "optimal_inaccurate); tighten the solver tolerances.", UserWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)

@@ -30,15 +30,14 @@ Deviations from qpth, each deliberate:
 
 from __future__ import annotations
 
-import warnings
 from enum import Enum
 
 import torch
 
 from . import _checks
 from .backends.qp import QPSettings, solve_qp
-from .backends.status import Status
 from .errors import SolverError
+from .layer import failed_samples, mask_samples, warn_imperfect
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
 
@@ -52,12 +51,13 @@ class QPSolvers(Enum):
 
 def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int | None = None,
                maxIter: int | None = None, solver=QPSolvers.PDIPM_BATCHED,
-               check_Q_spd: bool = True, *, on_failure: str = "raise",
+               check_Q_spd: bool = True, *, on_failure: str = "raise", strict: bool = False,
                backward: str = "implicit", settings: QPSettings | None = None):
     """Build the QP function; call it as ``fn(Q, p, G, h, A, b)``.
 
     Extra keyword arguments beyond qpth's: ``on_failure`` ("raise" or "mask"),
-    ``backward`` ("implicit", "unroll" or "iterative") and a full `QPSettings`.
+    ``strict`` (max_iter and inaccurate samples count as failures), ``backward``
+    ("implicit", "unroll" or "iterative") and a full `QPSettings`.
     """
     if not isinstance(solver, QPSolvers) and solver not in (1, 2):
         raise ValueError(f"solver must be a QPSolvers value, got {solver!r}.")
@@ -82,18 +82,13 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
             print(f"declarative.QPFunction: batch {batch}, kkt={result.kkt.name}, "
                   f"iterations min/max {min(its)}/{max(its)}, statuses "
                   f"{ {str(s): status.count(s) for s in set(status)} }")
-        failed = [i for i, s in enumerate(status) if not s.has_solution]
-        if failed and on_failure == "raise":
-            raise SolverError(failed, [status[i] for i in failed])
-        if failed:
-            mask = torch.zeros(batch, 1, dtype=torch.bool, device=z.device)
-            mask[failed] = True
-            z = torch.where(mask, torch.full_like(z, float("nan")), z)
-        capped = [i for i, s in enumerate(status) if s is Status.MAX_ITER]
-        if capped and verbose != -1:
-            warnings.warn(f"QPFunction: samples {capped} reached maxIter={qp_settings.max_iter} "
-                          "(status max_iter); returning the last iterate.", UserWarning,
-                          stacklevel=2)
+        bad = failed_samples(status, strict)
+        if bad and on_failure == "raise":
+            raise SolverError(bad, [status[i] for i in bad])
+        if bad:
+            (z,) = mask_samples([z], bad)
+        if not strict and verbose != -1:
+            warn_imperfect(status)
         return (z, result) if return_info else z
 
     return qp_function
