@@ -17,14 +17,17 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import diffcp
 import numpy as np
 from diffcp.cone_program import solve_and_derivative_internal, solve_internal
 from threadpoolctl import threadpool_limits
 
-from ..canon.cone import ConeProgram
 from .status import Status
+
+if TYPE_CHECKING:  # canon's cone module is CVXPY-free, but keep the backend standalone
+    from ..canon.cone import ConeProgram
 
 SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel", "DIFFCP": "SCS"}
 DIFF_MODES = ("auto", "dense", "lsqr", "lsmr", "lpgd", "lpgd_left", "lpgd_right")

@@ -1,13 +1,30 @@
 """Compile CVXPY problems once into parameter-affine problem data.
 
 Framework-free (numpy, scipy, cvxpy): this package never imports torch.
+Names load lazily (PEP 562) so that the CVXPY-free modules (`cone`,
+`parameters`, `recovery`) can serve an exported layer without importing CVXPY.
 """
 
-from .compile import CompiledProblem as CompiledProblem
-from .compile import compile_problem as compile_problem
-from .cone import ConeProgram as ConeProgram
-from .diagnostics import NonconvexError as NonconvexError
-from .diagnostics import NotDPPError as NotDPPError
-from .diagnostics import ProblemError as ProblemError
-from .parameters import ParameterLayout as ParameterLayout
-from .recovery import Recovery as Recovery
+from importlib import import_module
+
+_EXPORTS = {
+    "CompiledProblem": ".compile",
+    "compile_problem": ".compile",
+    "ConeProgram": ".cone",
+    "NonconvexError": ".diagnostics",
+    "NotDPPError": ".diagnostics",
+    "ProblemError": ".diagnostics",
+    "ParameterLayout": ".parameters",
+    "Recovery": ".recovery",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'declarative.canon' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from .backends import conic
-from .canon.compile import Form
 
 
 class ConicSolve(torch.autograd.Function):
@@ -23,7 +22,7 @@ class ConicSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, form: Form,
+    def forward(ctx, theta: torch.Tensor, form,
                 settings: conic.ConicSettings, need_derivative: bool, box: dict):
         theta_np = theta.detach().to("cpu", torch.float64).numpy()
         result = conic.solve(form.program, theta_np, settings, need_derivative)

@@ -15,38 +15,25 @@ threads and two layers may share Parameters.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-from . import _checks
 from ._conic import ConicSolve
-from ._entropy import EntropyPath, SimplexPath
-from ._qp import QPPath, qp_settings
+from ._paths import as_tensors, make_path, spec_from_form
+from ._runtime import (
+    SolveInfo,
+    build_theta,
+    check_on_failure,
+    check_params,
+    handle_failures,
+    shape_outputs,
+)
+from ._settings import qp_settings
 from .backends import conic
-from .backends.status import Status
 from .canon import CompiledProblem, compile_problem
-from .errors import SolverError
 
-ON_FAILURE = ("raise", "mask")
 BACKENDS = ("auto", "simplex", "entropy", "qp", "conic")
-TORCH_PATHS = {"simplex": SimplexPath, "entropy": EntropyPath, "qp": QPPath}
 
-
-@dataclass(frozen=True)
-class SolveInfo:
-    """Per-sample outcome of one call (``layer(..., return_info=True)``)."""
-
-    status: tuple[Status, ...]
-    iterations: np.ndarray
-    residuals: np.ndarray  # (B, 3): scaled primal, dual residual and gap
-    backend: str
-
-    @property
-    def ok(self) -> bool:
-        return all(s is Status.OPTIMAL for s in self.status)
+__all__ = ["CvxpyLayer", "SolveInfo"]
 
 
 class CvxpyLayer(torch.nn.Module):
@@ -78,15 +65,20 @@ class CvxpyLayer(torch.nn.Module):
                  on_failure: str = "raise", backend: str = "auto", strict: bool = False):
         super().__init__()
         self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
+        layout = self._compiled.layout
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
-        path = TORCH_PATHS.get(self.backend)
-        self._path = path(self._compiled.form(self.backend)) if path else None
-        self._labels = tuple(f"parameter {i} ('{s.name}')"
-                             for i, s in enumerate(self._compiled.layout.slots))
-        # Parameters that may be −inf (masked softmax logits); none elsewhere.
-        self._maskable = (self._path.maskable(self._compiled.layout)
-                          if hasattr(self._path, "maskable") else
-                          (False,) * len(self._compiled.layout))
+        form = self._compiled.form(self.backend)
+        if self.backend == "conic":
+            self._spec, self._path = None, None
+            self._maskable = (False,) * len(layout)
+        else:
+            arrays, meta = spec_from_form(form, layout)
+            self._spec = (arrays, meta)
+            self._path = make_path(as_tensors(arrays), meta)
+            self._maskable = tuple(meta["maskable"])
+        self._shapes = tuple(rec.shape for rec in form.outputs)
+        self._exp = tuple(self._compiled.gp and rec.is_primal for rec in form.outputs)
+        self._labels = tuple(f"parameter {i} ('{s.name}')" for i, s in enumerate(layout.slots))
         self.solver = solver
         self.gp = gp
         self.verbose = verbose
@@ -95,7 +87,7 @@ class CvxpyLayer(torch.nn.Module):
         self.solver_args = dict(solver_args or {})
         if verbose:
             self.solver_args.setdefault("verbose", True)
-        _check_on_failure(on_failure)
+        check_on_failure(on_failure)
         self.on_failure = on_failure
         self.strict = bool(strict)
         # Resolve once so a bad key fails at construction, not at the first call.
@@ -107,8 +99,7 @@ class CvxpyLayer(torch.nn.Module):
                 raise ValueError(f"solver={solver!r} conflicts with solver_args['solve_method']="
                                  f"{method!r}; give one of them.")
             settings = conic.ConicSettings.resolve(solver, self.solver_args)
-            conic.check_cones(self._compiled.form("conic").program.cone_dict,
-                              settings.solve_method)
+            conic.check_cones(form.program.cone_dict, settings.solve_method)
         else:
             qp_settings(self.solver_args)
 
@@ -121,28 +112,17 @@ class CvxpyLayer(torch.nn.Module):
                 return_info: bool = False, on_failure: str | None = None,
                 strict: bool | None = None):
         """Solve for a batch of parameter values; returns a tuple in ``variables`` order."""
-        layout = self._compiled.layout
-        if len(params) != len(layout):
-            names = ", ".join(f"'{s.name}'" for s in layout.slots)
-            raise ValueError(
-                "A tensor must be provided for each CVXPY parameter; "
-                f"received {len(params)} tensors, expected {len(layout)} ({names})."
-            )
         if solver_args is not None and not isinstance(solver_args, dict):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         on_failure = self.on_failure if on_failure is None else on_failure
-        _check_on_failure(on_failure)
+        check_on_failure(on_failure)
         strict = self.strict if strict is None else bool(strict)
-        params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(self._labels, params))
-        batch = _checks.check_batch(params, [s.shape for s in layout.slots], self._labels)
-        for lab, p, slot, b, neginf in zip(self._labels, params, layout.slots, batch.per_input,
-                                           self._maskable):
-            _checks.check_finite(lab, p, b, allow_neginf=neginf)
-            _checks.check_attributes(lab, p, slot.attributes, b)
+        layout = self._compiled.layout
+        params, batch = check_params(params, layout, self._labels, self._maskable)
         if self._path is not None:
             settings = (qp_settings(self.solver_args, solver_args) if self.backend == "qp"
                         else None)
-            theta = self._theta(params, batch, batch.dtype)
+            theta = build_theta(params, batch, layout.log_space, batch.dtype)
             flat, result = self._path.solve(theta, settings)
             info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
                              result.residuals.detach().cpu().numpy(), self.backend)
@@ -150,41 +130,21 @@ class CvxpyLayer(torch.nn.Module):
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
             form = self._compiled.form("conic")
             conic.check_cones(form.program.cone_dict, settings.solve_method)
-            theta = self._theta(params, batch, torch.float64)
+            theta = build_theta(params, batch, layout.log_space, torch.float64)
             need_derivative = torch.is_grad_enabled() and theta.requires_grad
             box: dict = {}
             flat = ConicSolve.apply(theta, form, settings, need_derivative, box)
             result = box["result"]
             info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
-        flat = _handle_failures(flat, info, on_failure, strict)
-        outputs = self._shape_outputs(flat, batch)
+        flat = handle_failures(flat, info, on_failure, strict)
+        outputs = shape_outputs(flat, self._shapes, self._exp, batch)
         return (outputs, info) if return_info else outputs
 
-    # ------------------------------------------------------------------
-    def _theta(self, params, batch: _checks.BatchInfo, dtype: torch.dtype) -> torch.Tensor:
-        """The (B, len θ) parameter matrix; see `canon.parameters` for the layout."""
-        B = batch.size
-        cols, logs = [], []
-        for p, batched, log in zip(params, batch.per_input, self._compiled.layout.log_space):
-            p = p.to(dtype)
-            flat = p.reshape(B, -1) if batched else p.reshape(1, -1).expand(B, -1)
-            cols.append(flat)
-            if log:
-                logs.append(torch.log(flat))
-        cols.extend(logs)
-        cols.append(torch.ones(B, 1, dtype=dtype, device=batch.device))
-        return torch.cat(cols, dim=1)
+    def export(self):
+        """A standalone torch module for this layer (see `declarative.export`)."""
+        from .export import ExportedLayer
 
-    def _shape_outputs(self, flat, batch: _checks.BatchInfo):
-        outs = []
-        for value, rec in zip(flat, self._compiled.form(self.backend).outputs):
-            value = value.reshape((batch.size,) + rec.shape)
-            if self._compiled.gp and rec.is_primal:
-                value = torch.exp(value)
-            if not batch.batched:
-                value = value[0]
-            outs.append(value.to(batch.dtype))
-        return tuple(outs)
+        return ExportedLayer.from_layer(self)
 
 
 def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_args) -> str:
@@ -204,52 +164,3 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
             "constraints."
         )
     return backend
-
-
-def failed_samples(status, strict: bool) -> list[int]:
-    """Samples without a usable solution (strict: anything but optimal)."""
-    if strict:
-        return [i for i, s in enumerate(status) if s is not Status.OPTIMAL]
-    return [i for i, s in enumerate(status) if not s.has_solution]
-
-
-def mask_samples(flat, bad: list[int]):
-    """NaN in the rows ``bad``; torch.where gives those rows zero gradient."""
-    out = []
-    for t in flat:
-        mask = torch.zeros(t.shape[0], 1, dtype=torch.bool, device=t.device)
-        mask[bad] = True
-        out.append(torch.where(mask, torch.full_like(t, float("nan")), t))
-    return out
-
-
-def _check_on_failure(on_failure: str) -> None:
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
-
-
-def _handle_failures(flat, info: SolveInfo, on_failure: str, strict: bool):
-    """Raise, or NaN-mask, the failed samples; warn about the usable-but-imperfect ones."""
-    if all(s is Status.OPTIMAL for s in info.status):
-        return flat
-    bad = failed_samples(info.status, strict)
-    if bad and on_failure == "raise":
-        raise SolverError(bad, [info.status[i] for i in bad])
-    if bad:
-        flat = mask_samples(flat, bad)
-    if not strict:
-        warn_imperfect(info.status, stacklevel=4)
-    return flat
-
-
-def warn_imperfect(status, stacklevel: int = 3) -> None:
-    capped = [i for i, s in enumerate(status) if s is Status.MAX_ITER]
-    if capped:
-        warnings.warn(f"Samples {capped} stopped at the iteration or time limit (status "
-                      "max_iter); their solutions are the best iterate. Pass strict=True to "
-                      "treat this as a failure.", UserWarning, stacklevel=stacklevel)
-    inaccurate = [i for i, s in enumerate(status) if s is Status.OPTIMAL_INACCURATE]
-    if inaccurate:
-        warnings.warn(f"Samples {inaccurate} were solved inaccurately (status "
-                      "optimal_inaccurate); tighten the solver tolerances.", UserWarning,
-                      stacklevel=stacklevel)

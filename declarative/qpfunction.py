@@ -35,9 +35,9 @@ from enum import Enum
 import torch
 
 from . import _checks
+from ._runtime import failed_samples, mask_samples, warn_imperfect
 from .backends.qp import QPSettings, solve_qp
 from .errors import SolverError
-from .layer import failed_samples, mask_samples, warn_imperfect
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
 

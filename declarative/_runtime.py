@@ -1,0 +1,126 @@
+"""Torch-only pieces shared by `CvxpyLayer` and the exported module.
+
+Building θ from the user's tensors, shaping the outputs, and the failure
+policy (raise, NaN-mask, warn). Imports neither CVXPY nor `canon`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _checks
+from .backends.status import Status
+from .errors import SolverError
+
+ON_FAILURE = ("raise", "mask")
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """Per-sample outcome of one call (``layer(..., return_info=True)``)."""
+
+    status: tuple[Status, ...]
+    iterations: np.ndarray
+    residuals: np.ndarray  # (B, 3): scaled primal, dual residual and gap
+    backend: str
+
+    @property
+    def ok(self) -> bool:
+        return all(s is Status.OPTIMAL for s in self.status)
+
+
+def check_params(params, layout, labels, maskable):
+    """Validate the call's tensors against the parameter layout; returns (params, batch)."""
+    if len(params) != len(layout):
+        names = ", ".join(f"'{s.name}'" for s in layout.slots)
+        raise ValueError(
+            "A tensor must be provided for each CVXPY parameter; "
+            f"received {len(params)} tensors, expected {len(layout)} ({names})."
+        )
+    params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(labels, params))
+    batch = _checks.check_batch(params, [s.shape for s in layout.slots], labels)
+    for lab, p, slot, b, neginf in zip(labels, params, layout.slots, batch.per_input, maskable):
+        _checks.check_finite(lab, p, b, allow_neginf=neginf)
+        _checks.check_attributes(lab, p, slot.attributes, b)
+    return params, batch
+
+
+def build_theta(params, batch: _checks.BatchInfo, log_space, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, len θ) parameter matrix; see `canon.parameters` for the layout."""
+    B = batch.size
+    cols, logs = [], []
+    for p, batched, log in zip(params, batch.per_input, log_space):
+        p = p.to(dtype)
+        flat = p.reshape(B, -1) if batched else p.reshape(1, -1).expand(B, -1)
+        cols.append(flat)
+        if log:
+            logs.append(torch.log(flat))
+    cols.extend(logs)
+    cols.append(torch.ones(B, 1, dtype=dtype, device=batch.device))
+    return torch.cat(cols, dim=1)
+
+
+def shape_outputs(flat, shapes, exp_mask, batch: _checks.BatchInfo):
+    """(B, size) outputs -> the variables' shapes; exp() for GP primal variables."""
+    outs = []
+    for value, shape, exp in zip(flat, shapes, exp_mask):
+        value = value.reshape((batch.size,) + tuple(shape))
+        if exp:
+            value = torch.exp(value)
+        if not batch.batched:
+            value = value[0]
+        outs.append(value.to(batch.dtype))
+    return tuple(outs)
+
+
+def check_on_failure(on_failure: str) -> None:
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+
+
+def failed_samples(status, strict: bool) -> list[int]:
+    """Samples without a usable solution (strict: anything but optimal)."""
+    if strict:
+        return [i for i, s in enumerate(status) if s is not Status.OPTIMAL]
+    return [i for i, s in enumerate(status) if not s.has_solution]
+
+
+def mask_samples(flat, bad: list[int]):
+    """NaN in the rows ``bad``; torch.where gives those rows zero gradient."""
+    out = []
+    for t in flat:
+        mask = torch.zeros(t.shape[0], 1, dtype=torch.bool, device=t.device)
+        mask[bad] = True
+        out.append(torch.where(mask, torch.full_like(t, float("nan")), t))
+    return out
+
+
+def handle_failures(flat, info: SolveInfo, on_failure: str, strict: bool):
+    """Raise, or NaN-mask, the failed samples; warn about the usable-but-imperfect ones."""
+    if all(s is Status.OPTIMAL for s in info.status):
+        return flat
+    bad = failed_samples(info.status, strict)
+    if bad and on_failure == "raise":
+        raise SolverError(bad, [info.status[i] for i in bad])
+    if bad:
+        flat = mask_samples(flat, bad)
+    if not strict:
+        warn_imperfect(info.status, stacklevel=4)
+    return flat
+
+
+def warn_imperfect(status, stacklevel: int = 3) -> None:
+    capped = [i for i, s in enumerate(status) if s is Status.MAX_ITER]
+    if capped:
+        warnings.warn(f"Samples {capped} stopped at the iteration or time limit (status "
+                      "max_iter); their solutions are the best iterate. Pass strict=True to "
+                      "treat this as a failure.", UserWarning, stacklevel=stacklevel)
+    inaccurate = [i for i, s in enumerate(status) if s is Status.OPTIMAL_INACCURATE]
+    if inaccurate:
+        warnings.warn(f"Samples {inaccurate} were solved inaccurately (status "
+                      "optimal_inaccurate); tighten the solver tolerances.", UserWarning,
+                      stacklevel=stacklevel)
