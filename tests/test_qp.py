@@ -636,13 +636,9 @@ def _float32_vs_float64(seed, kkt, n=4, p=6, m=2, B=8):
     return res32, out32, out64, g32, g64
 
 
-@pytest.mark.parametrize("kkt", [
-    "schur",
-    pytest.param("reduced", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: kkt='reduced' float32 backward: ∇ through z off by O(1), through λ, ν by up "
-        "to 1e9 (Cholesky of Q + GᵀW⁻¹G with λ/s ~ 1e8 at the final iterate)"))),
-])
+@pytest.mark.parametrize("kkt", ["schur", "reduced"])
 def test_float32_end_to_end_is_close_to_float64(kkt):
+    """float32 in, float32 out; the reduced form computes in float64 internally."""
     res32, out32, out64, g32, g64 = _float32_vs_float64(0, kkt)
     assert res32.kkt.name == kkt
     for o32, o64 in zip(out32, out64):
@@ -652,9 +648,6 @@ def test_float32_end_to_end_is_close_to_float64(kkt):
             assert rel_err(g.double(), r) < 1e-3, name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: float32 gradients wrong by 10-50% under the default kkt='auto' whenever it picks "
-    "'reduced' (p ≳ 1.7 n): the reduced float32 backward above"))
 def test_float32_default_settings_when_auto_picks_reduced():
     res32, out32, out64, g32, g64 = _float32_vs_float64(0, "auto", n=3, p=8, m=0)
     assert res32.kkt.name == "reduced"

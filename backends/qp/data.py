@@ -81,6 +81,10 @@ class QPData:
         return QPData(*(take(getattr(self, k), self.batched(k), idx)
                         for k in ("Q", "q", "G", "h", "A", "b")), batch=int(idx.numel()))
 
+    def to(self, dtype: torch.dtype) -> QPData:
+        return QPData(*(getattr(self, k).to(dtype) for k in ("Q", "q", "G", "h", "A", "b")),
+                      batch=self.batch)
+
     def expand_vector(self, name: str) -> torch.Tensor:
         t = getattr(self, name)
         return t if self.batched(name) else t.unsqueeze(0).expand(self.batch, -1)

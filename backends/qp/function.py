@@ -26,6 +26,7 @@ import torch
 from ..krylov import minres
 from . import ipm
 from .data import QPData
+from .kkt import choose
 from .settings import QPSettings
 
 
@@ -38,28 +39,40 @@ class QPSolve(torch.autograd.Function):
     """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `IPMResult`."""
 
     @staticmethod
-    def forward(ctx, Q, q, G, h, A, b, batch: int, settings: QPSettings, box: dict):
+    def forward(ctx, Q, q, G, h, A, b, batch: int, settings: QPSettings, box: dict,
+                warm: dict | None = None):
         Q = 0.5 * (Q + Q.mT)  # ½zᵀQz only sees the symmetric part
         data = QPData(Q, q, G, h, A, b, batch)
+        kkt = choose(data, settings)
+        ctx.input_dtype = Q.dtype
+        if kkt.name == "reduced" and Q.dtype != torch.float64:
+            # Q + GᵀW⁻¹G loses every digit in float32 near the solution (W spans
+            # ~1e-8..1e8 there): the reduced path computes in float64 and returns
+            # the input dtype. The Schur form stays in float32 (it is well-conditioned).
+            data = data.to(torch.float64)
+            kkt = choose(data, settings)
         # The implicit backward reuses the factorization at the final iterate; the
         # matrix-free one needs only W there.
         need_factor = any(ctx.needs_input_grad[:6]) and settings.backward == "implicit"
-        result = ipm.solve(data, settings, need_factor=need_factor)
+        result = ipm.solve(data, settings, need_factor=need_factor, kkt=kkt, warm=warm)
         ctx.settings = settings
         box["result"] = result
         ctx.result = result
-        ctx.shapes = (Q, q, G, h, A, b)
+        ctx.shapes = (data.Q, data.q, data.G, data.h, data.A, data.b)
         ok = torch.tensor([s.has_solution for s in result.status], device=Q.device)
         ctx.ok = ok
         z, lam, nu = result.z, result.lam, result.nu
         ctx.save_for_backward(z, lam, nu)
-        return z, lam, nu
+        dt = ctx.input_dtype
+        return z.to(dt), lam.to(dt), nu.to(dt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, gl, gn):
         z, lam, nu = ctx.saved_tensors
         result = ctx.result
+        work = z.dtype  # the dtype the solve ran in (float64 for float32 reduced solves)
+        gz, gl, gn = (None if g is None else g.to(work) for g in (gz, gl, gn))
         kkt, F = result.kkt, result.factor
         Q, q, G, h, A, b = ctx.shapes
         zeros = torch.zeros_like
@@ -74,6 +87,8 @@ class QPSolve(torch.autograd.Function):
         else:
             a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
         a_z = kkt.dir_to_original(a_w)
+        if result.singular is not None and bool(result.singular.any()):
+            a_z, a_l, a_n = _min_norm_adjoint(ctx.shapes, result, (gz, gl, gn), (a_z, a_l, a_n))
         a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
 
         needs = ctx.needs_input_grad
@@ -93,7 +108,44 @@ class QPSolve(torch.autograd.Function):
                            + a_n.unsqueeze(-1) * z.unsqueeze(-2)), A)
         if needs[5]:
             db = _reduce(a_n, b)
-        return dQ, dq, dG, dh, dA, db, None, None, None
+        grads = tuple(None if g is None else g.to(ctx.input_dtype)
+                      for g in (dQ, dq, dG, dh, dA, db))
+        return (*grads, None, None, None, None)
+
+
+def _min_norm_adjoint(data, result, grads, current):
+    """Minimum-norm adjoint for samples whose limit KKT matrix is singular (ties).
+
+    The limit system keeps the active inequality rows as equalities and drops
+    the inactive ones (W → ∞): [[Q, G_Aᵀ, Aᵀ], [G_A, 0, 0], [A, 0, 0]]. Where
+    it is singular the solution is not unique and not differentiable; its
+    least-squares minimum-norm solution is the documented generalized
+    derivative (zero along the directions of the tie).
+    """
+    Q, _, G, _, A, _ = data
+    gz, gl, gn = grads
+    a_z, a_l, a_n = (t.clone() for t in current)
+    n, m = gz.shape[-1], gn.shape[-1]
+    for i in result.singular.nonzero().flatten().tolist():
+        Qi = Q[i] if Q.dim() == 3 else Q
+        Gi = G[i] if G.dim() == 3 else G
+        Ai = A[i] if A.dim() == 3 else A
+        act = (result.w[i] < ipm.FREE_ROW_WEIGHT).nonzero().flatten()
+        Ga = Gi[act]
+        k = n + act.numel() + m
+        M = torch.zeros(k, k, dtype=gz.dtype, device=gz.device)
+        M[:n, :n] = Qi
+        M[:n, n:n + act.numel()] = Ga.T
+        M[n:n + act.numel(), :n] = Ga
+        M[:n, n + act.numel():] = Ai.T
+        M[n + act.numel():, :n] = Ai
+        rhs = torch.cat([gz[i], gl[i][act], gn[i]])
+        sol = torch.linalg.pinv(M, hermitian=True) @ rhs
+        a_z[i] = sol[:n]
+        a_l[i] = 0.0
+        a_l[i, act] = sol[n:n + act.numel()]
+        a_n[i] = sol[n + act.numel():]
+    return a_z, a_l, a_n
 
 
 def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
@@ -126,14 +178,23 @@ def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
     return split(sol)
 
 
-def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None):
-    """Solve and return ((z, λ, ν), IPMResult); differentiable in all six inputs."""
+def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
+             warm: dict | None = None):
+    """Solve and return ((z, λ, ν), IPMResult); differentiable in all six inputs.
+
+    ``warm`` (optional) is a previous solution {"z", "lam", "s", "nu"} of the same
+    batch size (`IPMResult.warm_start()`), used as the starting point where finite.
+    """
     settings = settings or QPSettings()
     box: dict = {}
+    if warm is not None:
+        for k in ("z", "lam", "s", "nu"):
+            if warm[k].shape[0] != batch:
+                raise ValueError(f"warm start has batch size {warm[k].shape[0]}, the call {batch}.")
     if settings.backward == "unroll":
         with torch.enable_grad():
             data = QPData(0.5 * (Q + Q.mT), q, G, h, A, b, batch)
-            result = ipm.solve(data, settings, need_factor=False)
+            result = ipm.solve(data, settings, need_factor=False, warm=warm)
         return (result.z, result.lam, result.nu), result
-    z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box)
+    z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box, warm)
     return (z, lam, nu), box["result"]

@@ -59,10 +59,16 @@ class IPMResult:
     kkt: KKTSystem
     factor: dict | None  # Newton matrix factors at the final iterates
     w: torch.Tensor | None = None  # (B, p) W = s/λ of the backward's matrix (sharpened)
+    singular: torch.Tensor | None = None  # (B,) the backward's matrix is singular (a tie)
 
     @property
     def status(self) -> list[Status]:
         return [CODE_TO_STATUS[int(c)] for c in self.codes.tolist()]
+
+    def warm_start(self) -> dict:
+        """This solution as a starting point for the next solve (detached)."""
+        return {"z": self.z.detach(), "lam": self.lam.detach(), "s": self.s.detach(),
+                "nu": self.nu.detach()}
 
 
 def _inf_norm(t: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,10 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
 # Schur form can take the tightening: in the reduced form W⁻¹ enters H directly
 # and a further 1e6 there is beyond what refinement recovers.
 SHARPEN = 1e4
+# A factor whose (min/max diagonal)² falls below this is treated as singular: far
+# below any legitimate conditioning (W spans ~1e-16..1e16 at most), reached when a
+# dropped row (W⁻¹ = 1e-30) leaves a direction of the tie unconstrained.
+SINGULAR_RATIO = {torch.float64: 1e-20, torch.float32: 1e-20}
 ACTIVE_TIGHTEN = 1e-6
 
 
@@ -109,6 +119,25 @@ def _sharpened(w, s, lam, h, converged, tighten: bool):
     return torch.where(ok & (wn < 1.0 / SHARPEN), w * ACTIVE_TIGHTEN, w)
 
 
+def _warm_point(kkt, warm: dict, cold, free):
+    """Start from a previous solution (z, λ, s, ν) where it is usable, per sample."""
+    x0, l0, s0, n0 = cold
+    z, lam, s, nu = (warm[k].to(dtype=x0.dtype, device=x0.device) for k in ("z", "lam", "s", "nu"))
+    ok = torch.isfinite(z).all(-1) & torch.isfinite(lam).all(-1) & torch.isfinite(nu).all(-1)
+    if s.shape[-1]:
+        s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+        shift_s = WARM_START_SHIFT * (1 + s.abs().amax(-1, keepdim=True))
+        shift_l = WARM_START_SHIFT * (1 + lam.abs().amax(-1, keepdim=True))
+        s = s.clamp_min(0) + shift_s
+        lam = lam.clamp_min(0) + shift_l
+        if free is not None:
+            lam = torch.where(free, torch.zeros_like(lam), lam)
+    x = kkt.from_original(z)
+    keep = ok.unsqueeze(-1)
+    return (torch.where(keep, x, x0), torch.where(keep, lam, l0), torch.where(keep, s, s0),
+            torch.where(keep, nu, n0))
+
+
 class _Buffer:
     """Full-batch storage of per-sample tensors written by index."""
 
@@ -122,8 +151,17 @@ class _Buffer:
         self.t[name].index_copy_(0, idx, value.detach())
 
 
+# Warm start: the previous solution's slacks and multipliers are pushed at least
+# this far (relative to their scale) into the interior; a point on the boundary
+# (s·λ ≈ 0) would leave the Newton steps no room to move. Measured on a drifting
+# batch (n = 40, p = 60): 1e-3 takes 5.3 iterations for small drifts and 9.3 for
+# large ones (cold: 10.9, 11.2); 1e-4 is faster on small drifts, slower than cold
+# on large ones.
+WARM_START_SHIFT = 1e-3
+
+
 def solve(data: QPData, settings: QPSettings, need_factor: bool,
-          kkt: KKTSystem | None = None) -> IPMResult:
+          kkt: KKTSystem | None = None, warm: dict | None = None) -> IPMResult:
     kkt = kkt or choose(data, settings)
     B, p, m = data.batch, data.p, data.m
     dtype, device = data.dtype, data.device
@@ -153,6 +191,8 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         lam = torch.where(a_l >= 0, lam + 1 + a_l, lam)
         if has_free:
             lam = torch.where(free_all, torch.zeros_like(lam), lam)
+    if warm is not None:
+        x, lam, s, nu = _warm_point(kkt, warm, (x, lam, s, nu), free_all if has_free else None)
 
     codes = torch.zeros(B, dtype=torch.long, device=device)
     iterations = torch.zeros(B, dtype=torch.long, device=device)
@@ -161,6 +201,7 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     stalled = torch.zeros(B, dtype=torch.long, device=device)
     final = _Buffer()
     final_w = torch.ones(B, p, dtype=dtype, device=device)
+    final_singular = torch.zeros(B, dtype=torch.bool, device=device)
     # The best iterate so far (by worst scaled residual): a sample that stalls
     # or hits the cap returns it rather than a possibly degraded last iterate.
     best_state = [x, lam, s, nu]
@@ -274,7 +315,24 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
             if need_factor:
                 # The backward's factorization, at the (sharpened) final iterate.
                 done_kkt = act.subset(sel)
-                for k, v in done_kkt.factor(w_done).items():
+                F_done = done_kkt.factor(w_done)
+                # A (numerically) singular limit KKT matrix means a tie: the solution
+                # is not unique (a degenerate LP) and has no derivative; the backward
+                # then takes the minimum-norm solution of the limit system.
+                diag = F_done["L"].diagonal(dim1=-2, dim2=-1).abs()
+                tie = F_done["shifted"].clone()
+                if diag.shape[-1]:
+                    if kkt.name == "schur":  # dropped rows (huge W) are benign there
+                        kept = w_done < FREE_ROW_WEIGHT
+                        big = torch.where(kept, diag, torch.zeros_like(diag)).amax(-1)
+                        small = torch.where(kept, diag, torch.full_like(diag, torch.inf)).amin(-1)
+                    else:
+                        big, small = diag.amax(-1), diag.amin(-1)
+                    ratio = (small / big.clamp_min(1e-300)) ** 2
+                    tie |= kept.any(-1) & (ratio < SINGULAR_RATIO[dtype]) if kkt.name == "schur" \
+                        else ratio < SINGULAR_RATIO[dtype]
+                final_singular[active[sel]] = tie
+                for k, v in F_done.items():
                     final.put(k, active[sel], v, B)
             keep = (~done).nonzero().squeeze(-1)
             active = active[keep]
@@ -330,4 +388,5 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     z = kkt.to_original(x)
     s_out = torch.where(free_all, torch.full_like(s, float("inf")), s) if has_free else s
     factor = final.t if need_factor else None
-    return IPMResult(z, lam, nu, s_out, codes, iterations, residuals, kkt, factor, final_w)
+    return IPMResult(z, lam, nu, s_out, codes, iterations, residuals, kkt, factor, final_w,
+                     final_singular)

@@ -181,8 +181,8 @@ class SchurKKT(KKTSystem):
         else:
             M.copy_(K.expand(shape))
         M.diagonal(dim1=-2, dim2=-1).add_(w)
-        L, _ = cholesky(M, self.settings, out=self.scratch("L", shape, w))
-        return {"L": L, "w": w}
+        L, shifted = cholesky(M, self.settings, out=self.scratch("L", shape, w))
+        return {"L": L, "w": w, "shifted": shifted}
 
     def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True):
         u_l = self.G(r_z) - r_l
@@ -203,6 +203,11 @@ class SchurKKT(KKTSystem):
     # maps between spaces
     def to_original(self, x):
         return backward_solve(self.L, x)
+
+    def from_original(self, z):
+        """w = Lᵀz."""
+        L = self.L
+        return z @ L if L.dim() == 2 else torch.bmm(z.unsqueeze(-2), L).squeeze(-2)
 
     def rhs_to_working(self, g):
         return forward_solve(self.L, g)
@@ -240,8 +245,8 @@ class ReducedKKT(KKTSystem):
         else:
             GtDG = (G.mT * d.unsqueeze(1)) @ G
         H = self.H0 + GtDG
-        L, _ = cholesky(H, self.settings)
-        F = {"L": L, "d": d, "w": w}
+        L, shifted = cholesky(H, self.settings)
+        F = {"L": L, "d": d, "w": w, "shifted": shifted}
         if self.m:
             A = self.Am
             At = A.mT if A.dim() == 3 else A.T.unsqueeze(0).expand(L.shape[0], -1, -1)
@@ -276,6 +281,7 @@ class ReducedKKT(KKTSystem):
     def to_original(self, x):
         return x
 
+    from_original = to_original
     rhs_to_working = to_original
     dir_to_original = to_original
 
