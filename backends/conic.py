@@ -283,8 +283,12 @@ def _run(fn, batch: int, n_jobs: int) -> None:
 
 
 def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
-          need_derivative: bool) -> ConicResult:
-    """Solve the batch of cone programs at parameters θ (B, len θ)."""
+          need_derivative: bool, warm: dict | None = None) -> ConicResult:
+    """Solve the batch of cone programs at parameters θ (B, len θ).
+
+    ``warm`` ({"x", "y", "s"}, each (B, ·)) warm-starts SCS from a previous
+    solution, per sample where it is finite; other solvers ignore it.
+    """
     B = theta.shape[0]
     c, A_vals, b = cone.data(theta)
     x = np.full((B, cone.n), np.nan)
@@ -305,17 +309,22 @@ def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
             status[i] = Status.INVALID_INPUT
             return
         A = cone.matrix(A_vals[i])
+        start = None
+        if warm is not None and settings.solve_method == "SCS":
+            xs, ys, ss = (np.asarray(warm[k][i], dtype=np.float64) for k in ("x", "y", "s"))
+            if np.isfinite(xs).all() and np.isfinite(ys).all() and np.isfinite(ss).all():
+                start = (xs.copy(), ys.copy(), ss.copy())
         try:
             if need_derivative:
                 result = solve_and_derivative_internal(
-                    A, b[i].copy(), c[i].copy(), cone.cone_dict,
+                    A, b[i].copy(), c[i].copy(), cone.cone_dict, warm_start=start,
                     solve_method=settings.solve_method, mode=mode, raise_on_error=False,
                     **dict(kwargs))
             else:
                 kw = dict(kwargs)
                 kw.pop("derivative_kwargs", None)
                 result = solve_internal(A, b[i].copy(), c[i].copy(), cone.cone_dict,
-                                        solve_method=settings.solve_method,
+                                        solve_method=settings.solve_method, warm_start=start,
                                         raise_on_error=False, **kw)
         except diffcp.SolverError as err:  # ECOS raises instead of reporting
             status[i] = status_from_diffcp(str(err).rsplit("status", 1)[-1].strip())

@@ -210,14 +210,21 @@ def _initial_multiplier(a, b, eq, m):
     return torch.zeros(B, m, dtype=a.dtype, device=a.device)
 
 
-def solve_entropy(theta, b, tau: float, eq, need_factor: bool) -> EntropyResult:
-    """Damped dual Newton, all samples at once (θ: (B, n), b: (B, m_full))."""
+def solve_entropy(theta, b, tau: float, eq, need_factor: bool,
+                  warm_nu: torch.Tensor | None = None) -> EntropyResult:
+    """Damped dual Newton, all samples at once (θ: (B, n), b: (B, m_full)).
+
+    ``warm_nu`` (B, m) starts from a previous multiplier where it is finite.
+    """
     dtype, device = theta.dtype, theta.device
     tol = NEWTON_TOL.get(dtype, 1e-6)
     a = theta / tau - 1.0
     b_ind = b[:, eq.independent]
     B, m = b_ind.shape
     nu = _initial_multiplier(a, b_ind, eq, m)
+    if warm_nu is not None:
+        warm_nu = warm_nu.to(dtype=nu.dtype, device=nu.device)
+        nu = torch.where(torch.isfinite(warm_nu).all(-1, keepdim=True), warm_nu, nu)
     g, x = _dual(a, nu, b_ind, eq)
     g0 = g.clone()
     scale = 1.0 + b.abs().amax(-1)
@@ -275,9 +282,9 @@ class EntropySolve(torch.autograd.Function):
     """(θ (B, n), b (B, m)) -> x; backward by the reduced IFT system of size m."""
 
     @staticmethod
-    def forward(ctx, theta, b, tau: float, eq, box: dict):
+    def forward(ctx, theta, b, tau: float, eq, box: dict, warm_nu=None):
         need = any(ctx.needs_input_grad[:2])
-        result = solve_entropy(theta, b, tau, eq, need_factor=need)
+        result = solve_entropy(theta, b, tau, eq, need_factor=need, warm_nu=warm_nu)
         box["result"] = result
         ok = torch.tensor([s.has_solution for s in result.status], device=theta.device)
         ctx.tau, ctx.eq, ctx.factor, ctx.ok = tau, eq, result.factor, ok
@@ -295,7 +302,7 @@ class EntropySolve(torch.autograd.Function):
         dtheta = x * (gx - eq.rmatvec(kappa)) / ctx.tau
         db = torch.zeros(ctx.b_shape, dtype=x.dtype, device=x.device)
         db[:, eq.independent] = kappa
-        return dtheta, db, None, None, None
+        return dtheta, db, None, None, None, None
 
 
 def softmax(theta, tau: float):

@@ -23,9 +23,10 @@ class ConicSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, form,
-                settings: conic.ConicSettings, need_derivative: bool, box: dict):
+                settings: conic.ConicSettings, need_derivative: bool, box: dict,
+                warm: dict | None = None):
         theta_np = theta.detach().to("cpu", torch.float64).numpy()
-        result = conic.solve(form.program, theta_np, settings, need_derivative)
+        result = conic.solve(form.program, theta_np, settings, need_derivative, warm)
         box["result"] = result
         outs = []
         for rec in form.outputs:
@@ -53,4 +54,4 @@ class ConicSolve(torch.autograd.Function):
                 dy += rec.adjoint(gn)
         # A NaN upstream gradient stays in its own sample: the adjoint is per sample.
         dtheta = result.vjp(dx, dy)
-        return torch.from_numpy(dtheta).to(ctx.device), None, None, None, None
+        return torch.from_numpy(dtheta).to(ctx.device), None, None, None, None, None

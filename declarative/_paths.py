@@ -23,8 +23,12 @@ QP_BLOCKS = ("Q", "q", "G", "h", "A", "b")
 class Result:
     """What the layer reads off a structured solve: statuses, iterations, residuals."""
 
-    def __init__(self, status, iterations, residuals):
+    def __init__(self, status, iterations, residuals, warm_start=None):
         self.status, self.iterations, self.residuals = status, iterations, residuals
+        self._warm = warm_start
+
+    def warm_start(self):
+        return self._warm
 
 
 # ---------------------------------------------------------------------------
@@ -121,9 +125,9 @@ class QPPath(_Path):
                 out.append(lmap.constant(theta.dtype, theta.device).reshape(shape))
         return out
 
-    def solve(self, theta: torch.Tensor, settings: QPSettings):
+    def solve(self, theta: torch.Tensor, settings: QPSettings, warm=None):
         (x, lam, nu), result = solve_qp(*self.blocks(theta), batch=theta.shape[0],
-                                        settings=settings)
+                                        settings=settings, warm=warm)
         y = torch.cat([nu, lam], dim=-1)  # CVXPY's row order: zero cone, then nonneg
         return self._read(x, y), result
 
@@ -133,7 +137,8 @@ class SimplexPath(_Path):
         super().__init__(tensors, meta)
         self.y, self.r = self._map("y"), self._map("r")
 
-    def solve(self, theta: torch.Tensor, settings=None):
+    def solve(self, theta: torch.Tensor, settings=None, warm=None):
+        # A closed form: nothing to warm-start.
         y, r = self.y(theta), self.r(theta)
         x = entropy_backend.project_simplex(y, r)
         B = theta.shape[0]
@@ -160,7 +165,7 @@ class EntropyPath(_Path):
         return entropy_backend.DenseEqualities(self.t["A"].to(dtype=dtype, device=device),
                                                independent)
 
-    def solve(self, theta: torch.Tensor, settings=None):
+    def solve(self, theta: torch.Tensor, settings=None, warm=None):
         logits = self.theta(theta)
         B = theta.shape[0]
         if self.kind == "softmax":
@@ -177,9 +182,10 @@ class EntropyPath(_Path):
         else:
             box: dict = {}
             eq = self._equalities(theta.dtype, theta.device)
-            x = entropy_backend.EntropySolve.apply(logits, self.b(theta), self.tau, eq, box)
+            x = entropy_backend.EntropySolve.apply(logits, self.b(theta), self.tau, eq, box,
+                                                   None if warm is None else warm["nu"])
             r = box["result"]
-            result = Result(r.status, r.iterations, r.residuals)
+            result = Result(r.status, r.iterations, r.residuals, {"nu": r.nu.detach()})
         return self._read(x), result
 
 

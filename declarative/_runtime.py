@@ -27,6 +27,8 @@ class SolveInfo:
     iterations: np.ndarray
     residuals: np.ndarray  # (B, 3): scaled primal, dual residual and gap
     backend: str
+    # This call's solution as a starting point for the next (``warm_start=info``).
+    warm_start: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,32 @@ def shape_outputs(flat, shapes, exp_mask, batch: _checks.BatchInfo):
             value = value[0]
         outs.append(value.to(batch.dtype))
     return tuple(outs)
+
+
+def resolve_warm_start(warm_start, cache, backend: str, batch: int):
+    """The warm-start state for this call: from a `SolveInfo`, a dict, or the cache (True)."""
+    if warm_start is None or warm_start is False:
+        return None
+    if warm_start is True:
+        state, origin = cache, "the layer's last call"
+    elif isinstance(warm_start, SolveInfo):
+        if warm_start.backend != backend:
+            raise ValueError(f"warm_start comes from the {warm_start.backend!r} path; this "
+                             f"layer runs {backend!r}.")
+        state, origin = warm_start.warm_start, "warm_start"
+    elif isinstance(warm_start, dict):
+        state, origin = warm_start, "warm_start"
+    else:
+        raise TypeError("warm_start must be True, False/None, a SolveInfo (return_info=True) "
+                        f"or its .warm_start dict; got {type(warm_start).__name__}.")
+    if not state:
+        return None
+    sizes = {int(v.shape[0]) for v in state.values()}
+    if sizes != {batch}:
+        if warm_start is True:
+            return None  # the cache is from a call of another batch size: start cold
+        raise ValueError(f"{origin} has batch size {sizes.pop()}, this call {batch}.")
+    return state
 
 
 def check_on_failure(on_failure: str) -> None:

@@ -139,7 +139,8 @@ class ExportedLayer(torch.nn.Module):
             theta = build_theta(params, batch, layout.log_space, batch.dtype)
             flat, result = path.solve(theta, settings)
             info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
-                             result.residuals.detach().cpu().numpy(), meta["backend"])
+                             result.residuals.detach().cpu().numpy(), meta["backend"],
+                             result.warm_start())
         flat = handle_failures(flat, info, on_failure, strict)
         outputs = shape_outputs(flat, meta["shapes"], meta["exp"], batch)
         return (outputs, info) if return_info else outputs

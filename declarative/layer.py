@@ -25,6 +25,7 @@ from ._runtime import (
     check_on_failure,
     check_params,
     handle_failures,
+    resolve_warm_start,
     shape_outputs,
 )
 from ._settings import qp_settings
@@ -90,6 +91,9 @@ class CvxpyLayer(torch.nn.Module):
         check_on_failure(on_failure)
         self.on_failure = on_failure
         self.strict = bool(strict)
+        # The last call's solution, for forward(warm_start=True). A cache only:
+        # a warm start changes how fast a solve converges, never its answer.
+        self._warm_cache = None
         # Resolve once so a bad key fails at construction, not at the first call.
         if self.backend == "conic":
             method = self.solver_args.get("solve_method")
@@ -110,8 +114,13 @@ class CvxpyLayer(torch.nn.Module):
     # ------------------------------------------------------------------
     def forward(self, *params: torch.Tensor, solver_args: dict | None = None,
                 return_info: bool = False, on_failure: str | None = None,
-                strict: bool | None = None):
-        """Solve for a batch of parameter values; returns a tuple in ``variables`` order."""
+                strict: bool | None = None, warm_start=False):
+        """Solve for a batch of parameter values; returns a tuple in ``variables`` order.
+
+        ``warm_start``: True starts from the layer's previous solution (when the batch
+        size matches, as cvxpylayers' flag does), or pass a previous call's `SolveInfo`
+        (``return_info=True``). The QP and entropy paths and SCS use it.
+        """
         if solver_args is not None and not isinstance(solver_args, dict):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         on_failure = self.on_failure if on_failure is None else on_failure
@@ -119,13 +128,15 @@ class CvxpyLayer(torch.nn.Module):
         strict = self.strict if strict is None else bool(strict)
         layout = self._compiled.layout
         params, batch = check_params(params, layout, self._labels, self._maskable)
+        warm = resolve_warm_start(warm_start, self._warm_cache, self.backend, batch.size)
         if self._path is not None:
             settings = (qp_settings(self.solver_args, solver_args) if self.backend == "qp"
                         else None)
             theta = build_theta(params, batch, layout.log_space, batch.dtype)
-            flat, result = self._path.solve(theta, settings)
+            flat, result = self._path.solve(theta, settings, warm)
             info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
-                             result.residuals.detach().cpu().numpy(), self.backend)
+                             result.residuals.detach().cpu().numpy(), self.backend,
+                             result.warm_start())
         else:
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
             form = self._compiled.form("conic")
@@ -133,9 +144,11 @@ class CvxpyLayer(torch.nn.Module):
             theta = build_theta(params, batch, layout.log_space, torch.float64)
             need_derivative = torch.is_grad_enabled() and theta.requires_grad
             box: dict = {}
-            flat = ConicSolve.apply(theta, form, settings, need_derivative, box)
+            flat = ConicSolve.apply(theta, form, settings, need_derivative, box, warm)
             result = box["result"]
-            info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
+            info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic",
+                             {"x": result.x, "y": result.y, "s": result.s})
+        self._warm_cache = info.warm_start
         flat = handle_failures(flat, info, on_failure, strict)
         outputs = shape_outputs(flat, self._shapes, self._exp, batch)
         return (outputs, info) if return_info else outputs

@@ -55,6 +55,9 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
                backward: str = "implicit", settings: QPSettings | None = None):
     """Build the QP function; call it as ``fn(Q, p, G, h, A, b)``.
 
+    The returned function also takes ``return_info=True`` (returns (z, result)) and
+    ``warm_start=result`` (a previous call's result, same batch size).
+
     Extra keyword arguments beyond qpth's: ``on_failure`` ("raise" or "mask"),
     ``strict`` (max_iter and inaccurate samples count as failures), ``backward``
     ("implicit", "unroll" or "iterative") and a full `QPSettings`.
@@ -73,9 +76,10 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
         changes["not_improved_lim"] = int(notImprovedLim)
     qp_settings = base.with_(**changes)
 
-    def qp_function(Q, p, G, h, A, b, return_info: bool = False):
+    def qp_function(Q, p, G, h, A, b, return_info: bool = False, warm_start=None):
         inputs, batch = check_qp_inputs(Q, p, G, h, A, b, check_Q_spd)
-        (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings)
+        warm = warm_start.warm_start() if hasattr(warm_start, "warm_start") else warm_start
+        (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings, warm=warm)
         status = result.status
         if verbose and verbose > 0:
             its = result.iterations.tolist()
