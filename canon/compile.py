@@ -211,10 +211,20 @@ def _conic_form(problem, parameters, variables, compiled) -> Form:
     return Form("conic", cone, outputs)
 
 
+# The QP engine works on dense blocks (Q is n×n per sample, the Schur system
+# p×p): past these sizes a sparse problem belongs to the conic path, whose
+# solvers keep it sparse (a 4000-variable least squares would need 0.5 GB of
+# dense KKT data per sample).
+QP_MAX_VARIABLES = 2000
+QP_MAX_CONSTRAINTS = 4000
+
+
 def _qp_form(problem, parameters, variables, compiled) -> Form | None:
     data, param_prob, S, ids = _canonical(problem, parameters, compiled, qp_canon.problem_data)
     program = qp_canon.from_param_prog(param_prob, S, data["dims"])
     if program is None:
+        return None
+    if program.n > QP_MAX_VARIABLES or program.p + program.m > QP_MAX_CONSTRAINTS:
         return None
     outputs = tuple(_recoveries(problem, variables, param_prob, ids, program.n,
                                 program.m + program.p, compiled.gp))

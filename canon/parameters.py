@@ -20,6 +20,11 @@ reshaped per call.
 
 For a symmetric parameter the lowered entry (i, j) is ½(P_ij + P_ji): equal to
 P_ij on symmetric input, and its adjoint gives a symmetric gradient.
+
+A parameter with a fixed sparsity pattern (``cp.Parameter(shape, sparsity=...)``)
+occupies only its nnz values in θ, in CVXPY's ``sparse_idx`` order; the front
+door extracts them from a sparse (or dense) tensor, so no map ever has a column
+per zero entry.
 """
 
 from __future__ import annotations
@@ -43,10 +48,19 @@ class ParameterSlot:
     offset: int
     size: int
     attributes: dict = field(default_factory=dict, compare=False)
+    # (row indices, column indices) of a parameter with a fixed sparsity pattern.
+    sparse_index: tuple | None = field(default=None, compare=False)
+    # Scratch for the front door (the pattern's sorted keys per device).
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def stop(self) -> int:
         return self.offset + self.size
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of this slot's values in θ (the nnz values for a sparse parameter)."""
+        return (self.size,) if self.sparse_index is not None else self.shape
 
 
 class ParameterLayout:
@@ -62,13 +76,17 @@ class ParameterLayout:
         for p in parameters:
             shape = tuple(int(d) for d in p.shape)
             size = int(np.prod(shape, dtype=np.int64))
-            attrs = {k: v for k, v in p.attributes.items() if v}
-            slots.append(ParameterSlot(p.name(), shape, offset, size, attrs))
+            attrs = {k: v for k, v in p.attributes.items()
+                     if v is not None and v is not False and k != "sparsity"}
+            index = _sparse_index(p)
+            if index is not None:
+                size = int(index[0].size)
+            slots.append(ParameterSlot(p.name(), shape, offset, size, attrs, index))
             offset += size
         for slot, log in zip(slots, log_space):
             if log:
                 log_slots.append(ParameterSlot(f"log({slot.name})", slot.shape, offset,
-                                               slot.size, slot.attributes))
+                                               slot.size, slot.attributes, slot.sparse_index))
                 offset += slot.size
             else:
                 log_slots.append(None)
@@ -107,6 +125,17 @@ class ParameterLayout:
         return S.tocsr()
 
 
+def _sparse_index(param):
+    """(rows, cols) of a parameter declared with a sparsity pattern, else None."""
+    if param.attributes.get("sparsity") is None or param.attributes.get("sparsity") is False:
+        return None
+    index = getattr(param, "sparse_idx", None)
+    if index is None or len(index) != 2:
+        raise NotImplementedError(f"parameter {param.name()}: only 2-D sparsity patterns "
+                                  "are supported.")
+    return tuple(np.asarray(i, dtype=np.int64) for i in index)
+
+
 def _lowering(param, slot: ParameterSlot):
     """(rows, cols, values) of the map vec_C(P) -> CVXPY's value for P."""
     shape = slot.shape
@@ -125,10 +154,10 @@ def _lowering(param, slot: ParameterSlot):
         n = shape[0]
         k = np.arange(n)
         return k, k * n + k, np.ones(n)
-    if attrs.get("sparsity") is not None and attrs.get("sparsity") is not False:
-        idx = param.sparse_idx
-        flat = np.ravel_multi_index(idx, shape)
-        return np.arange(flat.size), flat, np.ones(flat.size)
+    if slot.sparse_index is not None:
+        # θ holds the nnz values in CVXPY's own order: the lowering is the identity.
+        k = np.arange(slot.size)
+        return k, k, np.ones(slot.size)
     # Plain parameter: CVXPY flattens column-major, θ row-major.
     c_index = np.arange(slot.size)
     f_index = np.ravel_multi_index(np.unravel_index(c_index, shape, order="C"), shape, order="F") \

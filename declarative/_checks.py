@@ -38,6 +38,54 @@ def describe(value) -> str:
     return type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
+def sparse_values(label: str, value: torch.Tensor, shape, index, cache: dict) -> torch.Tensor:
+    """The nnz values of a fixed-pattern parameter, in the compiled order: (nnz,) or (B, nnz).
+
+    ``value`` may be a torch sparse tensor (COO, CSR, ...), batched as (B, m, n)
+    with the same pattern in every sample, or dense (its entries outside the
+    pattern are ignored). Gradients flow back in the input's layout: a sparse
+    input gets a sparse gradient with its own pattern.
+    """
+    rows, cols = index
+    m, n = shape
+    if value.layout == torch.strided:
+        if value.dim() not in (2, 3) or tuple(value.shape[-2:]) != (m, n):
+            raise ValueError(f"Invalid parameter shape for {label}: expected ({m}, {n}) or "
+                             f"(batch, {m}, {n}), got {tuple(value.shape)}.")
+        r = torch.as_tensor(rows, device=value.device)
+        c = torch.as_tensor(cols, device=value.device)
+        return value[..., r, c]
+    if value.layout != torch.sparse_coo:
+        value = value.to_sparse_coo()
+    if value.dim() not in (2, 3) or tuple(value.shape[-2:]) != (m, n) or value.dense_dim():
+        raise ValueError(f"Invalid parameter shape for {label}: expected a sparse ({m}, {n}) or "
+                         f"(batch, {m}, {n}) tensor, got {tuple(value.shape)}.")
+    value = value.coalesce()
+    idx, vals = value.indices(), value.values()
+    key = cache.get("key")
+    if key is None or key.device != idx.device:
+        ours = torch.as_tensor(rows * n + cols, device=idx.device)
+        order = torch.argsort(ours)
+        cache["key"] = key = ours[order]
+        cache["rank"] = torch.argsort(order)
+    batch = value.shape[0] if value.dim() == 3 else None
+    got = idx[-2] * n + idx[-1]
+    if batch is None:
+        expected = key
+    else:
+        expected = key.repeat(batch)
+        if not torch.equal(idx[0], torch.arange(batch, device=idx.device).repeat_interleave(
+                key.numel())):
+            raise ValueError(f"{label}: every sample of a batched sparse tensor must hold the "
+                             f"declared pattern of {key.numel()} entries.")
+    if got.numel() != expected.numel() or not torch.equal(got, expected):
+        raise ValueError(f"{label} has a different sparsity pattern from its Parameter's "
+                         f"({got.numel()} stored entries, {key.numel()} declared): pass a "
+                         "tensor with exactly the declared pattern (explicit zeros are fine).")
+    rank = cache["rank"]
+    return vals[rank] if batch is None else vals.reshape(batch, -1)[:, rank]
+
+
 def check_tensor(label: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         hint = (" Convert it with torch.as_tensor(value)."

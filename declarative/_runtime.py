@@ -44,7 +44,11 @@ def check_params(params, layout, labels, maskable):
             f"received {len(params)} tensors, expected {len(layout)} ({names})."
         )
     params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(labels, params))
-    batch = _checks.check_batch(params, [s.shape for s in layout.slots], labels)
+    params = tuple(
+        _checks.sparse_values(lab, p, slot.shape, slot.sparse_index, slot.cache)
+        if slot.sparse_index is not None else p
+        for lab, p, slot in zip(labels, params, layout.slots))
+    batch = _checks.check_batch(params, [s.value_shape for s in layout.slots], labels)
     for lab, p, slot, b, neginf in zip(labels, params, layout.slots, batch.per_input, maskable):
         _checks.check_finite(lab, p, b, allow_neginf=neginf)
         _checks.check_attributes(lab, p, slot.attributes, b)

@@ -73,7 +73,10 @@ class ExportedLayer(torch.nn.Module):
             "backend": layer.backend,
             "path": path_meta,
             "slots": [dict(name=s.name, shape=list(s.shape), offset=s.offset, size=s.size,
-                           attributes=_plain(s.attributes)) for s in layout.slots],
+                           attributes=_plain(s.attributes),
+                           sparse_index=None if s.sparse_index is None else
+                           [s.sparse_index[0].tolist(), s.sparse_index[1].tolist()])
+                      for s in layout.slots],
             "log_space": list(layout.log_space),
             "maskable": list(layer._maskable),
             "shapes": [list(s) for s in layer._shapes],
@@ -123,9 +126,7 @@ class ExportedLayer(torch.nn.Module):
         on_failure = meta["on_failure"] if on_failure is None else on_failure
         check_on_failure(on_failure)
         strict = meta["strict"] if strict is None else bool(strict)
-        layout = _Layout([ParameterSlot(s["name"], tuple(s["shape"]), s["offset"], s["size"],
-                                        s["attributes"]) for s in meta["slots"]],
-                         meta["log_space"])
+        layout = self._layout()
         labels = tuple(f"parameter {i} ('{s.name}')" for i, s in enumerate(layout.slots))
         params, batch = check_params(params, layout, labels, meta["maskable"])
         if meta["backend"] == "conic":
@@ -144,6 +145,21 @@ class ExportedLayer(torch.nn.Module):
         flat = handle_failures(flat, info, on_failure, strict)
         outputs = shape_outputs(flat, meta["shapes"], meta["exp"], batch)
         return (outputs, info) if return_info else outputs
+
+    def _layout(self) -> _Layout:
+        """The parameter layout, rebuilt once per loaded state."""
+        cached = getattr(self, "_layout_cache", None)
+        if cached is not None and cached[0] is self._meta:
+            return cached[1]
+        slots = []
+        for s in self._meta["slots"]:
+            index = s.get("sparse_index")
+            index = None if index is None else tuple(np.asarray(i, dtype=np.int64) for i in index)
+            slots.append(ParameterSlot(s["name"], tuple(s["shape"]), s["offset"], s["size"],
+                                       s["attributes"], index))
+        layout = _Layout(slots, self._meta["log_space"])
+        self._layout_cache = (self._meta, layout)
+        return layout
 
     def _conic(self, params, batch, layout, solver_args):
         from ._conic import ConicSolve
