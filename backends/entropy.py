@@ -278,31 +278,79 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool,
     return EntropyResult(x, nu, status, iterations, res, factor)
 
 
+class _EntropySolved:
+    def __init__(self, result, tau, eq, b_shape):
+        self.result, self.tau, self.eq, self.b_shape = result, tau, eq, b_shape
+        self.ok = torch.tensor([s.has_solution for s in result.status],
+                               device=result.x.device).unsqueeze(-1)
+
+
 class EntropySolve(torch.autograd.Function):
-    """(θ (B, n), b (B, m)) -> x; backward by the reduced IFT system of size m."""
+    """(θ (B, n), b (B, m)) -> x; backward by the reduced IFT system of size m.
+
+    torch.func-ready: a vmap rule folds the mapped dimension into the batch and
+    the backward is a Function (`EntropyAdjoint`) with its own vmap rule.
+    """
 
     @staticmethod
-    def forward(ctx, theta, b, tau: float, eq, box: dict, warm_nu=None):
-        need = any(ctx.needs_input_grad[:2])
-        result = solve_entropy(theta, b, tau, eq, need_factor=need, warm_nu=warm_nu)
-        box["result"] = result
-        ok = torch.tensor([s.has_solution for s in result.status], device=theta.device)
-        ctx.tau, ctx.eq, ctx.factor, ctx.ok = tau, eq, result.factor, ok
-        ctx.b_shape = b.shape
-        ctx.save_for_backward(result.x)
+    def forward(theta, b, tau: float, eq, box, warm_nu, need_grad: bool):
+        result = solve_entropy(theta, b, tau, eq, need_factor=need_grad, warm_nu=warm_nu)
+        box.result = result
+        box.solved = _EntropySolved(result, tau, eq, b.shape)
         return result.x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        ctx.solved = inputs[4].solved
+        ctx.save_for_backward(output)
+
+    @staticmethod
     def backward(ctx, gx):
-        (x,) = ctx.saved_tensors
-        eq = ctx.eq
-        gx = torch.where(ctx.ok.unsqueeze(-1), gx, torch.zeros_like(gx))
-        kappa = chol_solve(ctx.factor, eq.matvec(x * gx))
-        dtheta = x * (gx - eq.rmatvec(kappa)) / ctx.tau
-        db = torch.zeros(ctx.b_shape, dtype=x.dtype, device=x.device)
+        ctx.saved_tensors  # noqa: B018 -- raises if the graph was already freed
+        return (*EntropyAdjoint.apply(gx, ctx.solved), None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, theta, b, tau, eq, box, warm_nu, need_grad):
+        V = info.batch_size
+        B = (theta if in_dims[0] is None else theta.movedim(in_dims[0], 0)[0]).shape[0]
+
+        def fold(t, d):
+            if d is None:
+                return t.unsqueeze(0).expand((V,) + tuple(t.shape)).reshape(
+                    (V * t.shape[0],) + tuple(t.shape[1:]))
+            t = t.movedim(d, 0)
+            return t.reshape((V * t.shape[1],) + tuple(t.shape[2:]))
+
+        x = EntropySolve.apply(fold(theta, in_dims[0]), fold(b, in_dims[1]), tau, eq, box,
+                               None, need_grad)
+        return x.reshape((V, B) + tuple(x.shape[1:])), 0
+
+
+class EntropyAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(gx, solved: _EntropySolved):
+        x, eq = solved.result.x, solved.eq
+        gx = torch.where(solved.ok, gx, torch.zeros_like(gx))
+        kappa = chol_solve(solved.result.factor, eq.matvec(x * gx))
+        dtheta = x * (gx - eq.rmatvec(kappa)) / solved.tau
+        db = torch.zeros(solved.b_shape, dtype=x.dtype, device=x.device)
         db[:, eq.independent] = kappa
-        return dtheta, db, None, None, None, None
+        return dtheta, db
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("Double backward through the entropy (dual Newton) path is not "
+                           "supported: its backward is an implicit solve, differentiated once.")
+
+    @staticmethod
+    def vmap(info, in_dims, gx, solved):
+        g = gx.movedim(in_dims[0], 0)
+        rows = [EntropyAdjoint.forward(g[v], solved) for v in range(info.batch_size)]
+        return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])), (0, 0)
 
 
 def softmax(theta, tau: float):
@@ -321,8 +369,11 @@ def project_simplex(y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 class _SimplexProjection(torch.autograd.Function):
+    # Sort, cumsum, gather and where all vmap: torch.func derives the rule.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, y, r):
+    def forward(y, r):
         u, _ = torch.sort(y, dim=-1, descending=True)
         css = torch.cumsum(u, dim=-1) - r
         k = torch.arange(1, y.shape[-1] + 1, dtype=y.dtype, device=y.device)
@@ -332,9 +383,11 @@ class _SimplexProjection(torch.autograd.Function):
         rho = cond.sum(-1, keepdim=True).clamp_min(1)
         t = css.gather(-1, rho - 1) / rho.to(y.dtype)
         x = torch.clamp(y - t, min=0)
-        x = torch.where(r > 0, x, torch.zeros_like(x))
-        ctx.save_for_backward(x)
-        return x
+        return torch.where(r > 0, x, torch.zeros_like(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, g):

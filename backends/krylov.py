@@ -101,8 +101,14 @@ def _minres(matvec, rhs: torch.Tensor, tol: float, max_iter: int, precond):
 
 
 def gmres(matvec, rhs: torch.Tensor, tol: float = 1e-10, max_iter: int = 1000,
-          restart: int = 50):
-    """Restarted GMRES with modified Gram–Schmidt, for general square systems."""
+          restart: int = 50, precond=None):
+    """Restarted GMRES with modified Gram–Schmidt, for general square systems.
+
+    ``precond(v)`` ≈ A⁻¹v is applied on the right (A P⁻¹ y = r, x = P⁻¹ y), so the
+    residual it minimizes is the true one; an inexact factorization makes a good
+    one: a few wrong directions cost a few extra iterations.
+    """
+    P = precond if precond is not None else (lambda v: v)
     B, n = rhs.shape
     dtype = rhs.dtype
     tiny = torch.finfo(dtype).tiny
@@ -124,8 +130,12 @@ def gmres(matvec, rhs: torch.Tensor, tol: float = 1e-10, max_iter: int = 1000,
         g = torch.zeros(B, k_max + 1, dtype=dtype, device=rhs.device)
         g[:, 0] = beta
         k_used = 0
+        Z = [] if precond is not None else None
         for k in range(k_max):
-            wv = matvec(V[:, k])
+            zk = P(V[:, k])
+            if Z is not None:
+                Z.append(zk)
+            wv = matvec(zk)
             for j in range(k + 1):
                 H[:, j, k] = _dot(V[:, j], wv)
                 wv = wv - H[:, j, k].unsqueeze(-1) * V[:, j]
@@ -147,6 +157,7 @@ def gmres(matvec, rhs: torch.Tensor, tol: float = 1e-10, max_iter: int = 1000,
                 break
         R = H[:, :k_used, :k_used]
         yk = torch.linalg.solve_triangular(R, g[:, :k_used].unsqueeze(-1), upper=True)
-        x = x + (V[:, :k_used].mT @ yk).squeeze(-1)
+        basis = torch.stack(Z, dim=1) if Z is not None else V[:, :k_used]
+        x = x + (basis.mT @ yk).squeeze(-1)
     residual = (rhs - matvec(x)).norm(dim=-1) / rhs_norm
     return x, KrylovInfo(residual <= tol * 10, residual, total)

@@ -50,10 +50,13 @@ def cholesky(M: torch.Tensor, shift: float = 1e-12, tries: int = 6,
 
     A sample whose factorization fails is retried with ``shift`` times its
     largest diagonal entry added to the diagonal, the shift growing 100-fold
-    per try. Returns (L, shifted) where ``shifted`` marks those samples.
+    per try. Returns (L, shifted) where ``shifted`` marks those samples. ``out``
+    is an optional preallocated result (reused across interior-point iterations).
     """
-    L, info = torch.linalg.cholesky_ex(M)
-    bad = info != 0
+    if torch.is_grad_enabled() and M.requires_grad:
+        return _cholesky_differentiable(M, shift, tries)
+    L, ok = _factor(M, out)
+    bad = ~ok
     if not bool(bad.any()):
         return L, bad
     scale = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
@@ -85,6 +88,31 @@ def chol_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(L.T, y, upper=True).T
     y = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
     return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
+
+
+def _cholesky_differentiable(M: torch.Tensor, shift: float, tries: int):
+    """The fallback for autograd (unrolled backward): find each sample's shift
+    without the graph, then factor once with it, so no failed factorization (whose
+    backward is NaN) ever enters the graph."""
+    with torch.no_grad():
+        _, info = torch.linalg.cholesky_ex(M)
+        bad = info != 0
+        scale = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
+        amount = torch.zeros_like(scale)
+        s = shift
+        eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        for _ in range(tries):
+            if not bool(bad.any()):
+                break
+            amount = torch.where(bad, s * scale, amount)
+            _, info = torch.linalg.cholesky_ex(M + amount[..., None, None] * eye)
+            bad = info != 0
+            s *= 100.0
+    shifted = amount > 0
+    if bool(shifted.any()):
+        M = M + amount[..., None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    L, _ = torch.linalg.cholesky_ex(M)
+    return L, shifted
 
 
 def forward_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

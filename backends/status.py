@@ -23,3 +23,14 @@ class Status(str, Enum):
     def has_solution(self) -> bool:
         """A point is returned that the caller may use (possibly with a warning)."""
         return self in (Status.OPTIMAL, Status.OPTIMAL_INACCURATE, Status.MAX_ITER)
+
+
+class Box:
+    """A per-call mailbox a backend's autograd Function writes its result into.
+
+    A plain object on purpose: torch.func flattens dict arguments into new
+    dicts (pytree), so a dict would not carry the result back to the caller.
+    """
+
+    result = None
+    solved = None

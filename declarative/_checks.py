@@ -31,6 +31,16 @@ class BatchInfo:
     device: torch.device
 
 
+def functorch_active(*tensors) -> bool:
+    """Any tensor wrapped by a torch.func transform (vmap, grad, jacrev, ...)?
+
+    Value-dependent checks (NaN, attributes, statuses read on the host) cannot
+    run inside those transforms; the layer skips them there.
+    """
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
+
+
 def describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"

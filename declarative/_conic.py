@@ -17,17 +17,17 @@ from .backends import conic
 class ConicSolve(torch.autograd.Function):
     """θ (B, len θ) -> the requested outputs, each (B, size_k), float64.
 
-    ``box`` is a per-call dict that receives the `ConicResult`, so statuses
+    ``box`` is a per-call `Box` that receives the `ConicResult`, so statuses
     reach the caller without any state on the layer (thread-safe).
     """
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, form,
-                settings: conic.ConicSettings, need_derivative: bool, box: dict,
+                settings: conic.ConicSettings, need_derivative: bool, box,
                 warm: dict | None = None):
         theta_np = theta.detach().to("cpu", torch.float64).numpy()
         result = conic.solve(form.program, theta_np, settings, need_derivative, warm)
-        box["result"] = result
+        box.result = result
         outs = []
         for rec in form.outputs:
             v = result.x if rec.is_primal else result.y

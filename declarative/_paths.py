@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._checks import functorch_active
 from ._maps import LinearMap, coo_arrays
 from .backends import entropy as entropy_backend
 from .backends.qp import QPSettings, solve_qp
-from .backends.status import Status
+from .backends.status import Box, Status
 
 QP_BLOCKS = ("Q", "q", "G", "h", "A", "b")
 
@@ -142,12 +143,13 @@ class SimplexPath(_Path):
         y, r = self.y(theta), self.r(theta)
         x = entropy_backend.project_simplex(y, r)
         B = theta.shape[0]
-        # r < 0: no point of the simplex; r = 0: x = 0 is the only (optimal) point.
-        bad = (r.detach() < 0).squeeze(-1) | ~torch.isfinite(y.detach()).any(-1)
-        status = tuple(Status.INFEASIBLE if bool(b) else Status.OPTIMAL for b in bad)
-        result = Result(status, torch.zeros(B, dtype=torch.long),
-                        torch.zeros(B, 3, dtype=theta.dtype))
-        return self._read(x), result
+        if functorch_active(y, r):
+            status = (Status.OPTIMAL,) * B  # not inspectable inside torch.func transforms
+        else:
+            # r < 0: no point of the simplex; r = 0: x = 0 is the only (optimal) point.
+            bad = (r.detach() < 0).squeeze(-1) | ~torch.isfinite(y.detach()).any(-1)
+            status = tuple(Status.INFEASIBLE if bool(b) else Status.OPTIMAL for b in bad)
+        return self._read(x), Result(status, np.zeros(B, dtype=np.int64), np.zeros((B, 3)))
 
 
 class EntropyPath(_Path):
@@ -170,21 +172,24 @@ class EntropyPath(_Path):
         B = theta.shape[0]
         if self.kind == "softmax":
             x = entropy_backend.softmax(logits, self.tau)
-            # A row needs one finite logit and no +inf; masks (−inf) are fine.
-            if bool(torch.isfinite(logits.detach().sum())):
+            # A row needs one finite logit and no +inf; masks (−inf) are fine. Under
+            # torch.func the values are not inspectable: the closed form has no
+            # failure mode besides such inputs.
+            if functorch_active(logits) or bool(torch.isfinite(logits.detach().sum())):
                 status = (Status.OPTIMAL,) * B
             else:
                 lg = logits.detach()
                 bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1)
                 status = tuple(Status.INVALID_INPUT if bool(b) else Status.OPTIMAL for b in bad)
-            result = Result(status, torch.zeros(B, dtype=torch.long),
-                            torch.zeros(B, 3, dtype=theta.dtype))
+            result = Result(status, np.zeros(B, dtype=np.int64), np.zeros((B, 3)))
         else:
-            box: dict = {}
+            box = Box()
             eq = self._equalities(theta.dtype, theta.device)
+            need_grad = torch.is_grad_enabled() and theta.requires_grad
             x = entropy_backend.EntropySolve.apply(logits, self.b(theta), self.tau, eq, box,
-                                                   None if warm is None else warm["nu"])
-            r = box["result"]
+                                                   None if warm is None else warm["nu"],
+                                                   need_grad)
+            r = box.result
             result = Result(r.status, r.iterations, r.residuals, {"nu": r.nu.detach()})
         return self._read(x), result
 

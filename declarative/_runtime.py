@@ -49,6 +49,8 @@ def check_params(params, layout, labels, maskable):
         if slot.sparse_index is not None else p
         for lab, p, slot in zip(labels, params, layout.slots))
     batch = _checks.check_batch(params, [s.value_shape for s in layout.slots], labels)
+    if _checks.functorch_active(*params):
+        return params, batch  # values are not inspectable inside torch.func transforms
     for lab, p, slot, b, neginf in zip(labels, params, layout.slots, batch.per_input, maskable):
         _checks.check_finite(lab, p, b, allow_neginf=neginf)
         _checks.check_attributes(lab, p, slot.attributes, b)
@@ -81,6 +83,18 @@ def shape_outputs(flat, shapes, exp_mask, batch: _checks.BatchInfo):
             value = value[0]
         outs.append(value.to(batch.dtype))
     return tuple(outs)
+
+
+def host(values) -> np.ndarray:
+    """Iteration counts or residuals as a numpy array (they may already be one)."""
+    if isinstance(values, np.ndarray):
+        return values
+    t = values.detach()
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        # Inside torch.func transforms even bookkeeping tensors come wrapped and
+        # have no storage to share; tolist() still reads their values.
+        return np.asarray(t.tolist())
+    return t.cpu().numpy()
 
 
 def resolve_warm_start(warm_start, cache, backend: str, batch: int):

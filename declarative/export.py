@@ -33,8 +33,10 @@ from ._runtime import (
     check_on_failure,
     check_params,
     handle_failures,
+    host,
     shape_outputs,
 )
+from .backends.status import Box
 from .canon.parameters import ParameterSlot
 
 FORMAT = 1
@@ -139,8 +141,8 @@ class ExportedLayer(torch.nn.Module):
                         if meta["backend"] == "qp" else None)
             theta = build_theta(params, batch, layout.log_space, batch.dtype)
             flat, result = path.solve(theta, settings)
-            info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
-                             result.residuals.detach().cpu().numpy(), meta["backend"],
+            info = SolveInfo(tuple(result.status), host(result.iterations),
+                             host(result.residuals), meta["backend"],
                              result.warm_start())
         flat = handle_failures(flat, info, on_failure, strict)
         outputs = shape_outputs(flat, meta["shapes"], meta["exp"], batch)
@@ -171,9 +173,9 @@ class ExportedLayer(torch.nn.Module):
         conic.check_cones(form.program.cone_dict, settings.solve_method)
         theta = build_theta(params, batch, layout.log_space, torch.float64)
         need = torch.is_grad_enabled() and theta.requires_grad
-        box: dict = {}
+        box = Box()
         flat = ConicSolve.apply(theta, form, settings, need, box)
-        result = box["result"]
+        result = box.result
         return flat, SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
 
 

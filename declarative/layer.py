@@ -25,11 +25,13 @@ from ._runtime import (
     check_on_failure,
     check_params,
     handle_failures,
+    host,
     resolve_warm_start,
     shape_outputs,
 )
 from ._settings import qp_settings
 from .backends import conic
+from .backends.status import Box
 from .canon import CompiledProblem, compile_problem
 
 BACKENDS = ("auto", "simplex", "entropy", "qp", "conic")
@@ -134,8 +136,8 @@ class CvxpyLayer(torch.nn.Module):
                         else None)
             theta = build_theta(params, batch, layout.log_space, batch.dtype)
             flat, result = self._path.solve(theta, settings, warm)
-            info = SolveInfo(tuple(result.status), result.iterations.cpu().numpy(),
-                             result.residuals.detach().cpu().numpy(), self.backend,
+            info = SolveInfo(tuple(result.status), host(result.iterations),
+                             host(result.residuals), self.backend,
                              result.warm_start())
         else:
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
@@ -143,9 +145,9 @@ class CvxpyLayer(torch.nn.Module):
             conic.check_cones(form.program.cone_dict, settings.solve_method)
             theta = build_theta(params, batch, layout.log_space, torch.float64)
             need_derivative = torch.is_grad_enabled() and theta.requires_grad
-            box: dict = {}
+            box = Box()
             flat = ConicSolve.apply(theta, form, settings, need_derivative, box, warm)
-            result = box["result"]
+            result = box.result
             info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic",
                              {"x": result.x, "y": result.y, "s": result.s})
         self._warm_cache = info.warm_start

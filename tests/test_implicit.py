@@ -32,9 +32,8 @@ from helpers import central_differences, directional_difference, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-# From the module: the package-level name `declarative.implicit` can be the module
-# itself (a bug recorded below).
-from declarative.implicit import ImplicitFunctionError, implicit
+# (The function, not a module: the implementation lives in declarative._implicit.)
+from declarative import ImplicitFunctionError, implicit
 
 DT = torch.float64
 KKTS = ("schur", "reduced")
@@ -241,9 +240,6 @@ def test_softmax_kkt_is_singular_where_u_is_zero():
         torch.autograd.grad(x[:, :n].sum(), th)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: implicit(method='iterative') ignores the dtype: the default tol=1e-10 is below "
-    "float32 precision, so every float32 call runs 1000 GMRES iterations and warns"))
 def test_softmax_kkt_iterative_float32_default_tolerance_does_not_warn():
     B, n = 3, 5
     theta = torch.randn(B, n, generator=_gen(2))  # float32, torch's default dtype
@@ -493,10 +489,6 @@ def test_non_tensor_parameter_raises_type_error(bad):
         layer(torch.tensor([1.0], dtype=DT), bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `declarative.implicit` is the submodule, not the function, once any other lazy "
-    "name from declarative/implicit.py was loaded first (e.g. `from declarative import "
-    "ImplicitFunctionError, implicit`): the submodule import binds the package attribute"))
 def test_public_name_implicit_is_the_function_whatever_the_import_order():
     code = ("import declarative; declarative.ImplicitFunctionError; "
             "assert callable(declarative.implicit), declarative.implicit")
@@ -654,10 +646,7 @@ def _spread_errors(**options):
     ("schur", "implicit"),
     ("schur", "iterative"),
     ("reduced", "iterative"),
-    pytest.param("reduced", "implicit", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: kkt='reduced' implicit backward silently wrong (error 0.4-0.8 in dz/dq, status "
-        "optimal, no warning) when active multipliers span decades: solve_refined stalls on "
-        "the Cholesky of I + GᵀW⁻¹G (cond ~1e20, diagonal shift) and never checks"))),
+    ("reduced", "implicit"),
 ])
 def test_qp_backward_with_multipliers_spread_over_decades(kkt, backward):
     errors, status = _spread_errors(kkt=kkt, backward=backward)
@@ -667,10 +656,7 @@ def test_qp_backward_with_multipliers_spread_over_decades(kkt, backward):
 
 @pytest.mark.parametrize("kkt", [
     "schur",
-    pytest.param("reduced", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: backward='unroll' with kkt='reduced' gives NaN gradients once linalg.cholesky's "
-        "shift fallback fires: the failed first cholesky_ex stays in the autograd graph and "
-        "its backward returns NaN (fixed_iterations K = 30, 60)"))),
+    "reduced",
 ])
 @pytest.mark.parametrize("K", [30, 60])
 def test_qp_fixed_iterations_unroll_stays_finite_with_spread_multipliers(kkt, K):
@@ -679,10 +665,6 @@ def test_qp_fixed_iterations_unroll_stays_finite_with_spread_multipliers(kkt, K)
     assert float(errors.max()) <= 1e-6, errors
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: backward='unroll' with kkt='reduced' and equalities emits torch's 'Converting a "
-    "tensor with requires_grad=True to a scalar' UserWarning (float(Q.abs().amax()) in "
-    "ReducedKKT.__init__ runs on the graph)"))
 def test_qp_unroll_reduced_emits_no_warning():
     data = _random_qp(3)
     warn_always = torch.is_warn_always_enabled()
@@ -705,10 +687,6 @@ def test_qp_iterative_float32_matches_implicit():
     assert _close(got, reference, 1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: float32 backward='iterative' with kkt='schur' always runs all 1000 MINRES "
-    "iterations and warns (relative residual ~0.3 > iterative_tol=1e-10, a float64 "
-    "tolerance), though its gradient matches implicit to ~1e-6"))
 def test_qp_iterative_float32_default_settings_do_not_warn():
     data = [t.float() for t in _random_qp(0)]
     with warnings.catch_warnings():

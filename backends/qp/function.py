@@ -24,27 +24,38 @@ import warnings
 import torch
 
 from ..krylov import minres
+from ..status import Box
 from . import ipm
 from .data import QPData
 from .kkt import choose
 from .settings import QPSettings
 
 
-def _reduce(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a per-sample gradient over the batch when the input was shared."""
-    return grad.sum(0) if grad.dim() > like.dim() else grad
+class _Solved:
+    """What the backward needs from a forward solve (kept off the autograd graph)."""
+
+    def __init__(self, result, data, settings, input_dtype):
+        self.result, self.settings, self.input_dtype = result, settings, input_dtype
+        self.blocks = (data.Q, data.q, data.G, data.h, data.A, data.b)
+        self.ok = torch.tensor([s.has_solution for s in result.status],
+                               device=result.z.device).unsqueeze(-1)
 
 
 class QPSolve(torch.autograd.Function):
-    """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `IPMResult`."""
+    """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `IPMResult`.
+
+    Written for torch.func too: ``setup_context`` style, a ``vmap`` rule that
+    folds the mapped dimension into the solver's own batch, and a backward that
+    is itself a Function (`QPAdjoint`) with a vmap rule, so jacrev works.
+    """
 
     @staticmethod
-    def forward(ctx, Q, q, G, h, A, b, batch: int, settings: QPSettings, box: dict,
-                warm: dict | None = None):
+    def forward(Q, q, G, h, A, b, batch: int, settings: QPSettings, box,
+                warm: dict | None, need_grad: bool):
         Q = 0.5 * (Q + Q.mT)  # ½zᵀQz only sees the symmetric part
         data = QPData(Q, q, G, h, A, b, batch)
         kkt = choose(data, settings)
-        ctx.input_dtype = Q.dtype
+        input_dtype = Q.dtype
         if kkt.name == "reduced" and Q.dtype != torch.float64:
             # Q + GᵀW⁻¹G loses every digit in float32 near the solution (W spans
             # ~1e-8..1e8 there): the reduced path computes in float64 and returns
@@ -53,64 +64,118 @@ class QPSolve(torch.autograd.Function):
             kkt = choose(data, settings)
         # The implicit backward reuses the factorization at the final iterate; the
         # matrix-free one needs only W there.
-        need_factor = any(ctx.needs_input_grad[:6]) and settings.backward == "implicit"
+        need_factor = need_grad and settings.backward == "implicit"
         result = ipm.solve(data, settings, need_factor=need_factor, kkt=kkt, warm=warm)
-        ctx.settings = settings
-        box["result"] = result
-        ctx.result = result
-        ctx.shapes = (data.Q, data.q, data.G, data.h, data.A, data.b)
-        ok = torch.tensor([s.has_solution for s in result.status], device=Q.device)
-        ctx.ok = ok
-        z, lam, nu = result.z, result.lam, result.nu
-        ctx.save_for_backward(z, lam, nu)
-        dt = ctx.input_dtype
-        return z.to(dt), lam.to(dt), nu.to(dt)
+        box.result = result
+        box.solved = _Solved(result, data, settings, input_dtype)
+        # Fresh tensors: an empty ν can alias the input b, which autograd refuses to save.
+        return tuple(t.to(input_dtype, copy=True) for t in (result.z, result.lam, result.nu))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gz, gl, gn):
-        z, lam, nu = ctx.saved_tensors
-        result = ctx.result
-        work = z.dtype  # the dtype the solve ran in (float64 for float32 reduced solves)
-        gz, gl, gn = (None if g is None else g.to(work) for g in (gz, gl, gn))
-        kkt, F = result.kkt, result.factor
-        Q, q, G, h, A, b = ctx.shapes
-        zeros = torch.zeros_like
-        gz = zeros(z) if gz is None else gz
-        gl = zeros(lam) if gl is None else gl
-        gn = zeros(nu) if gn is None else gn
-        ok = ctx.ok.unsqueeze(-1)
-        gz, gl, gn = (torch.where(ok, g, torch.zeros_like(g)) for g in (gz, gl, gn))
-        if ctx.settings.backward == "iterative":
-            a_w, a_l, a_n = _iterative_adjoint(kkt, result, kkt.rhs_to_working(gz), gl, gn,
-                                               ctx.settings)
-        else:
-            a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
-        a_z = kkt.dir_to_original(a_w)
-        if result.singular is not None and bool(result.singular.any()):
-            a_z, a_l, a_n = _min_norm_adjoint(ctx.shapes, result, (gz, gl, gn), (a_z, a_l, a_n))
-        a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
+    def setup_context(ctx, inputs, output):
+        ctx.solved = inputs[8].solved
+        ctx.shared = tuple(t.dim() == d for t, d in zip(inputs[:6], (2, 1, 2, 1, 2, 1)))
+        # The solution is what the backward needs (the factorization rides on
+        # `solved`); saving it through autograd also gives the usual "backward
+        # through the graph a second time" error without retain_graph.
+        ctx.save_for_backward(*output)
 
-        needs = ctx.needs_input_grad
-        dQ = dq = dG = dh = dA = db = None
-        if needs[0]:
-            outer = a_z.unsqueeze(-1) * z.unsqueeze(-2)
-            dQ = _reduce(-0.5 * (outer + outer.mT), Q)
-        if needs[1]:
-            dq = _reduce(-a_z, q)
-        if needs[2]:
-            dG = _reduce(-(lam.unsqueeze(-1) * a_z.unsqueeze(-2)
-                           + a_l.unsqueeze(-1) * z.unsqueeze(-2)), G)
-        if needs[3]:
-            dh = _reduce(a_l, h)
-        if needs[4]:
-            dA = _reduce(-(nu.unsqueeze(-1) * a_z.unsqueeze(-2)
-                           + a_n.unsqueeze(-1) * z.unsqueeze(-2)), A)
-        if needs[5]:
-            db = _reduce(a_n, b)
-        grads = tuple(None if g is None else g.to(ctx.input_dtype)
-                      for g in (dQ, dq, dG, dh, dA, db))
-        return (*grads, None, None, None, None)
+    @staticmethod
+    def backward(ctx, gz, gl, gn):
+        ctx.saved_tensors  # noqa: B018 -- raises if the graph was already freed
+        solved = ctx.solved
+        like = [torch.zeros_like(t) for t in (solved.result.z, solved.result.lam,
+                                              solved.result.nu)]
+        gz, gl, gn = (l if g is None else g for g, l in zip((gz, gl, gn), like))
+        grads = QPAdjoint.apply(gz, gl, gn, solved, ctx.needs_input_grad[:6], ctx.shared)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, Q, q, G, h, A, b, batch, settings, box, warm, need_grad):
+        """Fold the vmapped dimension V into the batch: one solve of V·batch samples."""
+        V = info.batch_size
+        folded = []
+        for t, d, nd in zip((Q, q, G, h, A, b), in_dims[:6], (2, 1, 2, 1, 2, 1)):
+            if d is None:
+                folded.append(t)  # shared by every mapped sample: stays shared
+                continue
+            t = t.movedim(d, 0)
+            if t.dim() == nd + 1:  # mapped but unbatched: one copy per batch sample
+                t = t.unsqueeze(1).expand((V, batch) + tuple(t.shape[1:]))
+            folded.append(t.reshape((V * batch,) + tuple(t.shape[2:])))
+        z, lam, nu = QPSolve.apply(*folded, V * batch, settings, box, None, need_grad)
+        out = tuple(o.reshape((V, batch) + tuple(o.shape[1:])) for o in (z, lam, nu))
+        return out, (0, 0, 0)
+
+
+class QPAdjoint(torch.autograd.Function):
+    """Cotangents (ḡ_z, ḡ_λ, ḡ_ν) -> gradients of (Q, q, G, h, A, b); see the module doc."""
+
+    @staticmethod
+    def forward(gz, gl, gn, solved: _Solved, needs, shared):
+        return _adjoint(gz, gl, gn, solved, needs, shared)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("Double backward through the QP layer is not supported: its "
+                           "backward is an implicit (KKT) solve, differentiated once.")
+
+    @staticmethod
+    def vmap(info, in_dims, gz, gl, gn, solved, needs, shared):
+        """A batch of cotangents (jacrev): one adjoint solve per cotangent."""
+        V = info.batch_size
+        cot = [None if d is None else t.movedim(d, 0) for t, d in zip((gz, gl, gn), in_dims[:3])]
+        rows = []
+        for v in range(V):
+            args = [t if c is None else c[v] for t, c in zip((gz, gl, gn), cot)]
+            rows.append(_adjoint(*args, solved, needs, shared))
+        out = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
+                    for k in range(6))
+        return out, tuple(None if o is None else 0 for o in out)
+
+
+def _adjoint(gz, gl, gn, solved: _Solved, needs, shared):
+    result = solved.result
+    z, lam, nu = result.z, result.lam, result.nu
+    work = z.dtype  # the dtype the solve ran in (float64 for float32 reduced solves)
+    gz, gl, gn = (g.to(work) for g in (gz, gl, gn))
+    kkt, F = result.kkt, result.factor
+    ok = solved.ok
+    gz, gl, gn = (torch.where(ok, g, torch.zeros_like(g)) for g in (gz, gl, gn))
+    if solved.settings.backward == "iterative":
+        a_w, a_l, a_n = _iterative_adjoint(kkt, result, kkt.rhs_to_working(gz), gl, gn,
+                                           solved.settings)
+    else:
+        a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
+    a_z = kkt.dir_to_original(a_w)
+    if result.singular is not None and bool(result.singular.any()):
+        a_z, a_l, a_n = _min_norm_adjoint(solved.blocks, result, (gz, gl, gn), (a_z, a_l, a_n))
+    a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
+
+    def reduce(g, i):
+        return g.sum(0) if shared[i] else g
+
+    grads = [None] * 6
+    if needs[0]:
+        outer = a_z.unsqueeze(-1) * z.unsqueeze(-2)
+        grads[0] = reduce(-0.5 * (outer + outer.mT), 0)
+    if needs[1]:
+        grads[1] = reduce(-a_z, 1)
+    if needs[2]:
+        grads[2] = reduce(-(lam.unsqueeze(-1) * a_z.unsqueeze(-2)
+                            + a_l.unsqueeze(-1) * z.unsqueeze(-2)), 2)
+    if needs[3]:
+        grads[3] = reduce(a_l, 3)
+    if needs[4]:
+        grads[4] = reduce(-(nu.unsqueeze(-1) * a_z.unsqueeze(-2)
+                            + a_n.unsqueeze(-1) * z.unsqueeze(-2)), 4)
+    if needs[5]:
+        grads[5] = reduce(a_n, 5)
+    return tuple(None if g is None else g.to(solved.input_dtype) for g in grads)
 
 
 def _min_norm_adjoint(data, result, grads, current):
@@ -156,7 +221,13 @@ def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
     brings the inactive rows (W large) to unit size.
     """
     n, p = r_z.shape[-1], r_l.shape[-1]
-    w = result.w
+    dtype = r_z.dtype
+    if dtype != torch.float64:
+        # MINRES loses orthogonality fast in float32 on a KKT matrix whose W spans
+        # ~1e-8..1e8: the matrix-free solve runs in float64 and returns the input dtype.
+        kkt = kkt.to(torch.float64)
+        r_z, r_l, r_n = (t.double() for t in (r_z, r_l, r_n))
+    w = result.w.to(r_z.dtype)
     F = {"w": w}
 
     def split(v):
@@ -167,15 +238,16 @@ def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
 
     scale = torch.cat([torch.ones_like(r_z), 1.0 / (1.0 + w), torch.ones_like(r_n)], dim=-1)
     rhs = torch.cat([r_z, r_l, r_n], dim=-1)
-    sol, info = minres(matvec, rhs, tol=settings.iterative_tol,
-                       max_iter=settings.iterative_max_iter, precond=lambda v: scale * v)
+    tol = settings.krylov_tolerance(dtype)
+    sol, info = minres(matvec, rhs, tol=tol, max_iter=settings.iterative_max_iter,
+                       precond=lambda v: scale * v)
     if not bool(info.converged.all()):
         worst = float(info.residual.max())
         warnings.warn(f"iterative backward: MINRES stopped after {info.iterations} iterations "
-                      f"with relative residual {worst:.2e} > tol {settings.iterative_tol:g}; "
+                      f"with relative residual {worst:.2e} > tol {tol:g}; "
                       "gradients may be inaccurate (raise iterative_max_iter, or use "
                       "backward='implicit').", UserWarning, stacklevel=4)
-    return split(sol)
+    return tuple(t.to(dtype) for t in split(sol))
 
 
 def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
@@ -186,7 +258,7 @@ def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
     batch size (`IPMResult.warm_start()`), used as the starting point where finite.
     """
     settings = settings or QPSettings()
-    box: dict = {}
+    box = Box()
     if warm is not None:
         for k in ("z", "lam", "s", "nu"):
             if warm[k].shape[0] != batch:
@@ -196,5 +268,7 @@ def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
             data = QPData(0.5 * (Q + Q.mT), q, G, h, A, b, batch)
             result = ipm.solve(data, settings, need_factor=False, warm=warm)
         return (result.z, result.lam, result.nu), result
-    z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box, warm)
-    return (z, lam, nu), box["result"]
+    need_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (Q, q, G, h, A, b))
+    z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box, warm, need_grad)
+    return (z, lam, nu), box.result

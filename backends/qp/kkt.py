@@ -75,6 +75,16 @@ class KKTSystem:
             self._scratch[name] = buf
         return buf[: shape[0]]
 
+    def to(self, dtype: torch.dtype) -> KKTSystem:
+        """A copy with every tensor in ``dtype`` (the matrix-free float32 backward
+        runs its Krylov solve in float64)."""
+        other = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(other, name, value.to(dtype))
+        other._scratch = {}
+        return other
+
     def subset(self, idx: torch.Tensor) -> KKTSystem:
         sub = copy.copy(self)
         sub.batch = int(idx.numel())
@@ -108,27 +118,68 @@ class KKTSystem:
         """The interior point's (corrector) direction; see `ReducedKKT.newton_solve`."""
         return self.solve(F, r_z, r_l, r_n)
 
-    def solve_refined(self, F: dict, r_z, r_l, r_n, max_steps: int = 40):
+    def solve_refined(self, F: dict, r_z, r_l, r_n, max_steps: int = 40,
+                      fallback: bool = True):
         """`solve` plus iterative refinement with exact products, to working precision.
 
         Near the solution W spans many orders of magnitude: the reduced matrix
         Q + GᵀW⁻¹G is then ill-conditioned and one solve with its factor is only
         accurate to a few digits (the Schur form is well-conditioned and needs no
         refinement). Each refinement step reuses the factorization; the error
-        contracts by the factor's relative inaccuracy per step.
+        contracts by the factor's relative inaccuracy per step. When that stalls
+        (condition ~1e20, a shifted factor), GMRES preconditioned by the same
+        factorization finishes the job; if even that fails, a warning says so.
         """
         tol = 1e-13 if r_z.dtype == torch.float64 else 1e-6
-        scale = torch.cat([r_z, r_l, r_n], -1).norm(dim=-1).clamp_min(1e-300)
-        dz, dl, dn = self.solve(F, r_z, r_l, r_n)
+        rhs = [r_z, r_l, r_n]
+        # Residuals are measured with each inequality row scaled by 1/(1 + Wᵢ): a
+        # dropped row (W = 1e30) would otherwise turn round-off in its λ into a
+        # huge residual that says nothing about the solution's accuracy.
+        row = 1.0 / (1.0 + F["w"])
+
+        def size(parts):
+            return torch.cat([parts[0], parts[1] * row, parts[2]], -1).norm(dim=-1)
+
+        scale = size(rhs).clamp_min(1e-300)
+        sol = list(self.solve(F, *rhs))
+        res = None
         for _ in range(max_steps):
-            az, al, an = self.apply(F, dz, dl, dn)
-            ez_r, el_r, en_r = r_z - az, r_l - al, r_n - an
-            res = torch.cat([ez_r, el_r, en_r], -1).norm(dim=-1) / scale
-            if bool((res <= tol).all()):
-                break
-            ez, el, en = self.solve(F, ez_r, el_r, en_r)
-            dz, dl, dn = dz + ez, dl + el, dn + en
-        return dz, dl, dn
+            resid = [r - a for r, a in zip(rhs, self.apply(F, *sol))]
+            new = size(resid) / scale
+            if bool((new <= tol).all()):
+                return tuple(sol)
+            if res is not None and bool((new > 0.5 * res).any()):
+                break  # contraction too slow: switch to preconditioned GMRES
+            res = new
+            sol = [s + e for s, e in zip(sol, self.solve(F, *resid))]
+        if not fallback:
+            return tuple(sol)
+        sizes = [t.shape[-1] for t in rhs]
+
+        def split(v):
+            return torch.split(v, sizes, dim=-1)
+
+        def matvec(v):
+            return torch.cat(self.apply(F, *split(v)), -1)
+
+        def precond(v):
+            return torch.cat(self.solve(F, *split(v)), -1)
+
+        from ..krylov import gmres
+
+        base = torch.cat(sol, -1)
+        correction, info = gmres(matvec, torch.cat(rhs, -1) - matvec(base), tol=tol * 10,
+                                 max_iter=200, restart=50, precond=precond)
+        total = base + correction
+        final = size(split(torch.cat(rhs, -1) - matvec(total))) / scale
+        if bool((final > 1e3 * tol).any()):
+            import warnings
+
+            warnings.warn(f"QP backward: the KKT system is too ill-conditioned to solve "
+                          f"accurately (relative residual {float(final.max()):.1e}); "
+                          "gradients may be inaccurate. kkt='schur' (Q positive definite) "
+                          "or backward='iterative' may do better.", UserWarning, stacklevel=5)
+        return split(total)
 
     def G(self, x):
         return mv(self.Gm, x)
@@ -228,8 +279,9 @@ class ReducedKKT(KKTSystem):
             # ρAᵀA keeps H definite on the null space of Q ∩ ker G, exactly (A dz = r_ν);
             # scaled to Q's size.
             AtA = data.A.mT @ data.A
-            qs = float(data.Q.abs().amax()) if data.Q.numel() else 0.0
-            as_ = float(AtA.diagonal(dim1=-2, dim2=-1).abs().amax()) if AtA.numel() else 1.0
+            qs = float(data.Q.detach().abs().amax()) if data.Q.numel() else 0.0
+            as_ = (float(AtA.detach().diagonal(dim1=-2, dim2=-1).abs().amax())
+                   if AtA.numel() else 1.0)
             self.rho = max(qs, 1.0) / max(as_, 1e-30)
             H0 = H0 + self.rho * AtA
         self.H0 = H0
@@ -276,7 +328,7 @@ class ReducedKKT(KKTSystem):
         on random QPs with n = p = 100); one step with the same factor restores
         the accuracy the interior point needs.
         """
-        return self.solve_refined(F, r_z, r_l, r_n, max_steps=1)
+        return self.solve_refined(F, r_z, r_l, r_n, max_steps=1, fallback=False)
 
     def to_original(self, x):
         return x

@@ -50,8 +50,9 @@ class QPSettings:
     # iteration stays finite after it has converged.
     fixed_iterations: bool = False
     backward: str = "implicit"
-    # Matrix-free backward ("iterative"): MINRES tolerance and iteration cap.
-    iterative_tol: float = 1e-10
+    # Matrix-free backward ("iterative"): MINRES tolerance (None: 1e-10 in float64,
+    # 1e-5 in float32) and iteration cap.
+    iterative_tol: float | None = None
     iterative_max_iter: int = 1000
 
     def __post_init__(self):
@@ -73,6 +74,11 @@ class QPSettings:
         if self.eps is None:
             return default
         return min(float(self.eps), default) if self.eps_tightens else float(self.eps)
+
+    def krylov_tolerance(self, dtype: torch.dtype) -> float:
+        if self.iterative_tol is not None:
+            return float(self.iterative_tol)
+        return 1e-10 if dtype == torch.float64 else 1e-5
 
     def with_(self, **changes) -> QPSettings:
         return replace(self, **changes)

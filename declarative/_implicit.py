@@ -50,7 +50,7 @@ class ImplicitFunctionError(ValueError):
 
 
 def implicit(solve: Callable, residual: Callable, *, method: str = "dense",
-             symmetric: bool = False, tol: float = 1e-10, max_iter: int = 1000,
+             symmetric: bool = False, tol: float | None = None, max_iter: int = 1000,
              residual_tol: float | None = 1e-6, rcond: float | None = None):
     """Wrap ``solve`` so its output is differentiable through ``residual``.
 
@@ -61,8 +61,8 @@ def implicit(solve: Callable, residual: Callable, *, method: str = "dense",
         method: "dense" (assemble ∂F/∂x per sample and factor it) or "iterative"
             (matrix-free GMRES / MINRES on ∂F/∂xᵀ products).
         symmetric: ∂F/∂x is symmetric (e.g. F is a gradient): MINRES instead of GMRES.
-        tol, max_iter: the iterative solve's relative tolerance and cap; stopping at
-            the cap warns.
+        tol, max_iter: the iterative solve's relative tolerance (default 1e-10 in
+            float64, 1e-5 in float32) and cap; stopping at the cap warns.
         residual_tol: largest allowed ‖F(x, θ)‖∞ / (1 + ‖x‖∞) at the returned point
             (None skips the check).
         rcond: smallest allowed σ_min/σ_max of ∂F/∂x for the dense method
@@ -133,7 +133,9 @@ class _Implicit(torch.autograd.Function):
                 return vjp_x(v)[0]
 
             solver = minres if opts["symmetric"] else gmres
-            w, info = solver(matvec, g, tol=opts["tol"], max_iter=opts["max_iter"])
+            tol = opts["tol"] if opts["tol"] is not None else (
+                1e-10 if g.dtype == torch.float64 else 1e-5)
+            w, info = solver(matvec, g, tol=tol, max_iter=opts["max_iter"])
             if not bool(info.converged.all()):
                 warnings.warn(
                     f"implicit: the iterative solve of (∂F/∂x)ᵀ w = g stopped after "
