@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .guard import guard_second_order
 from .linalg import chol_solve, cholesky
 from .status import Status
 
@@ -306,8 +307,10 @@ class EntropySolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gx):
-        ctx.saved_tensors  # noqa: B018 -- raises if the graph was already freed
-        return (*EntropyAdjoint.apply(gx, ctx.solved), None, None, None, None, None)
+        outputs = ctx.saved_tensors  # raises if the graph was already freed
+        grads = guard_second_order("entropy (dual Newton) path",
+                                   EntropyAdjoint.apply(gx, ctx.solved), outputs)
+        return (*grads, None, None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, theta, b, tau, eq, box, warm_nu, need_grad):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .backends import conic
+from .backends.guard import guard_second_order
 
 
 class ConicSolve(torch.autograd.Function):
@@ -34,12 +35,20 @@ class ConicSolve(torch.autograd.Function):
             outs.append(torch.from_numpy(rec.apply(v)).to(theta.device))
         ctx.result = result
         ctx.form = form
+        ctx.save_for_backward(*outs)
         ctx.device = theta.device
         return tuple(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        outputs = ctx.saved_tensors  # raises if the graph was already freed
+        with torch.no_grad():
+            dtheta, *rest = ConicSolve._backward(ctx, grads)
+        (dtheta,) = guard_second_order("conic path (diffcp)", (dtheta,), outputs)
+        return (dtheta, *rest)
+
+    @staticmethod
+    def _backward(ctx, grads):
         result, form = ctx.result, ctx.form
         B = result.x.shape[0]
         dx = np.zeros((B, form.program.n))
@@ -55,3 +64,18 @@ class ConicSolve(torch.autograd.Function):
         # A NaN upstream gradient stays in its own sample: the adjoint is per sample.
         dtheta = result.vjp(dx, dy)
         return torch.from_numpy(dtheta).to(ctx.device), None, None, None, None, None
+
+
+def refuse_functorch(params) -> None:
+    """The conic path runs diffcp in numpy: torch.func transforms cannot see through it."""
+    wrapped = [p for p in params if torch._C._functorch.is_functorch_wrapped_tensor(p)]
+    if not wrapped:
+        return
+    which = ("torch.func.vmap" if any(torch._C._functorch.is_batchedtensor(p) for p in wrapped)
+             else "torch.func.grad/jacrev/jacfwd/jvp")
+    raise NotImplementedError(
+        f"{which} is not supported on the conic path: diffcp solves in numpy, outside "
+        "torch's transforms. Use the layer's own batch dimension instead of vmap, "
+        "torch.autograd.functional.jacobian instead of jacrev, or a problem the QP or "
+        "entropy paths take (they support vmap and jacrev)."
+    )

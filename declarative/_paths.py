@@ -171,7 +171,6 @@ class EntropyPath(_Path):
         logits = self.theta(theta)
         B = theta.shape[0]
         if self.kind == "softmax":
-            x = entropy_backend.softmax(logits, self.tau)
             # A row needs one finite logit and no +inf; masks (−inf) are fine. Under
             # torch.func the values are not inspectable: the closed form has no
             # failure mode besides such inputs.
@@ -181,6 +180,10 @@ class EntropyPath(_Path):
                 lg = logits.detach()
                 bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1)
                 status = tuple(Status.INVALID_INPUT if bool(b) else Status.OPTIMAL for b in bad)
+                # Invalid rows get finite stand-in logits so that softmax's backward
+                # stays finite there (the row itself is masked or raises later).
+                logits = torch.where(bad.unsqueeze(-1), torch.zeros_like(logits), logits)
+            x = entropy_backend.softmax(logits, self.tau)
             result = Result(status, np.zeros(B, dtype=np.int64), np.zeros((B, 3)))
         else:
             box = Box()

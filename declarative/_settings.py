@@ -5,11 +5,12 @@ from __future__ import annotations
 from .backends.qp import QPSettings
 
 # QPSettings fields a caller may set through solver_args, with their types.
+_NUM = (int, float)
 QP_KEYS = {
-    "eps": (int, float), "max_iter": int, "time_limit": (int, float), "step_fraction": float,
-    "infeas_tol": float, "not_improved_lim": int, "kkt": str, "regularization": float,
-    "regularization_tries": int, "schur_max_condition": (int, float),
-    "fixed_iterations": bool, "backward": str, "iterative_tol": float,
+    "eps": _NUM, "max_iter": int, "time_limit": _NUM, "step_fraction": _NUM,
+    "infeas_tol": _NUM, "not_improved_lim": int, "kkt": str, "regularization": _NUM,
+    "regularization_tries": int, "schur_max_condition": _NUM,
+    "fixed_iterations": bool, "backward": str, "iterative_tol": _NUM,
     "iterative_max_iter": int,
 }
 # Conic-solver spellings understood on the torch paths (drop-in code passes them).

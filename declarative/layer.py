@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._conic import ConicSolve
+from ._conic import ConicSolve, refuse_functorch
 from ._paths import as_tensors, make_path, spec_from_form
 from ._runtime import (
     SolveInfo,
@@ -132,14 +132,17 @@ class CvxpyLayer(torch.nn.Module):
         params, batch = check_params(params, layout, self._labels, self._maskable)
         warm = resolve_warm_start(warm_start, self._warm_cache, self.backend, batch.size)
         if self._path is not None:
-            settings = (qp_settings(self.solver_args, solver_args) if self.backend == "qp"
-                        else None)
+            # Checked on every torch path (a misspelt key must never pass silently);
+            # only the QP engine has settings to take from it.
+            settings = (qp_settings(self.solver_args, solver_args)
+                        if self.backend == "qp" or solver_args else None)
             theta = build_theta(params, batch, layout.log_space, batch.dtype)
             flat, result = self._path.solve(theta, settings, warm)
             info = SolveInfo(tuple(result.status), host(result.iterations),
                              host(result.residuals), self.backend,
                              result.warm_start())
         else:
+            refuse_functorch(params)
             settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
             form = self._compiled.form("conic")
             conic.check_cones(form.program.cone_dict, settings.solve_method)

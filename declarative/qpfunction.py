@@ -52,7 +52,7 @@ class QPSolvers(Enum):
 def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int | None = None,
                maxIter: int | None = None, solver=QPSolvers.PDIPM_BATCHED,
                check_Q_spd: bool = True, *, on_failure: str = "raise", strict: bool = False,
-               backward: str = "implicit", settings: QPSettings | None = None):
+               backward: str | None = None, settings: QPSettings | None = None):
     """Build the QP function; call it as ``fn(Q, p, G, h, A, b)``.
 
     The returned function also takes ``return_info=True`` (returns (z, result)) and
@@ -60,14 +60,15 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
 
     Extra keyword arguments beyond qpth's: ``on_failure`` ("raise" or "mask"),
     ``strict`` (max_iter and inaccurate samples count as failures), ``backward``
-    ("implicit", "unroll" or "iterative") and a full `QPSettings`.
+    ("implicit", "unroll" or "iterative"; default: the settings' own, "implicit")
+    and a full `QPSettings`.
     """
     if not isinstance(solver, QPSolvers) and solver not in (1, 2):
         raise ValueError(f"solver must be a QPSolvers value, got {solver!r}.")
     if on_failure not in ("raise", "mask"):
         raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}.")
     base = settings or QPSettings()
-    changes = {"backward": backward}
+    changes = {} if backward is None else {"backward": backward}
     if eps is not None:
         changes["eps"] = float(eps)
     if maxIter is not None:
@@ -103,8 +104,12 @@ def check_qp_inputs(Q, p, G, h, A, b, check_psd: bool = False):
     values = [Q, p, G, h, A, b]
     for i, (name, v) in enumerate(zip(NAMES, values)):
         _checks.check_tensor(f"{name} (argument {i})", v)
-    dtype, device = _checks.promote(values, NAMES)
-    values = [v.to(dtype) for v in values]
+    # Empty placeholders (qpth's torch.Tensor() for absent A, b) may sit on the CPU
+    # while the data is on a GPU: they take no part in the device check.
+    present = [(v, n) for v, n in zip(values, NAMES) if v.numel()]
+    dtype, device = _checks.promote([v for v, _ in present] or values,
+                                    [n for _, n in present] or NAMES)
+    values = [v.to(dtype=dtype, device=device) for v in values]
     Q, p, G, h, A, b = values
     if Q.dim() not in (2, 3) or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q must have shape (nz, nz) or (nBatch, nz, nz), got {tuple(Q.shape)}.")
@@ -139,7 +144,7 @@ def check_qp_inputs(Q, p, G, h, A, b, check_psd: bool = False):
     for name, t, d in zip(NAMES, (Q, p, G, h, A, b), (3, 2, 3, 2, 3, 2)):
         _checks.check_finite(name, t, t.dim() == d, allow_posinf=(name == "h"))
     if check_psd:
-        Qs = 0.5 * (Q + Q.mT)
+        Qs = 0.5 * (Q.detach() + Q.detach().mT)
         # Cholesky settles the common positive definite case cheaply; only a
         # failure pays for the eigenvalues that tell semidefinite from indefinite.
         _, info = torch.linalg.cholesky_ex(Qs)

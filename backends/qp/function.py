@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from ..guard import guard_second_order
 from ..krylov import minres
 from ..status import Box
 from . import ipm
@@ -66,6 +67,8 @@ class QPSolve(torch.autograd.Function):
         # matrix-free one needs only W there.
         need_factor = need_grad and settings.backward == "implicit"
         result = ipm.solve(data, settings, need_factor=need_factor, kkt=kkt, warm=warm)
+        if warm is not None:
+            _retry_cold(result, data, settings, need_factor)
         box.result = result
         box.solved = _Solved(result, data, settings, input_dtype)
         # Fresh tensors: an empty ν can alias the input b, which autograd refuses to save.
@@ -82,12 +85,13 @@ class QPSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gz, gl, gn):
-        ctx.saved_tensors  # noqa: B018 -- raises if the graph was already freed
+        outputs = ctx.saved_tensors  # raises if the graph was already freed
         solved = ctx.solved
         like = [torch.zeros_like(t) for t in (solved.result.z, solved.result.lam,
                                               solved.result.nu)]
         gz, gl, gn = (l if g is None else g for g, l in zip((gz, gl, gn), like))
         grads = QPAdjoint.apply(gz, gl, gn, solved, ctx.needs_input_grad[:6], ctx.shared)
+        grads = guard_second_order("QP layer", grads, outputs)
         return (*grads, None, None, None, None, None)
 
     @staticmethod
@@ -106,6 +110,23 @@ class QPSolve(torch.autograd.Function):
         z, lam, nu = QPSolve.apply(*folded, V * batch, settings, box, None, need_grad)
         out = tuple(o.reshape((V, batch) + tuple(o.shape[1:])) for o in (z, lam, nu))
         return out, (0, 0, 0)
+
+
+def _retry_cold(result, data: QPData, settings: QPSettings, need_factor: bool) -> None:
+    """Samples a warm start left without an optimal point are solved again from scratch.
+
+    A warm start only changes where the interior point begins; from a poor start
+    (another batch's solution, a different active set) it can stall. The answer
+    must never depend on it, so such samples get the cold start's result.
+    """
+    settled = (ipm.OPTIMAL, ipm.INFEASIBLE, ipm.UNBOUNDED)
+    bad = ~torch.isin(result.codes, torch.tensor(settled, device=result.codes.device))
+    if not bool(bad.any()):
+        return
+    idx = bad.nonzero().flatten()
+    sub = data.subset(idx)
+    redo = ipm.solve(sub, settings, need_factor=need_factor, kkt=result.kkt.subset(idx))
+    result.merge(idx, redo)
 
 
 class QPAdjoint(torch.autograd.Function):

@@ -65,6 +65,16 @@ class IPMResult:
     def status(self) -> list[Status]:
         return [CODE_TO_STATUS[int(c)] for c in self.codes.tolist()]
 
+    def merge(self, idx: torch.Tensor, other: IPMResult) -> None:
+        """Take samples ``idx`` from ``other`` (a solve of just those samples)."""
+        for name in ("z", "lam", "nu", "s", "codes", "iterations", "residuals", "w", "singular"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None and theirs is not None:
+                setattr(self, name, mine.index_copy(0, idx, theirs.to(mine.dtype)))
+        if self.factor is not None and other.factor is not None:
+            self.factor = {k: v.index_copy(0, idx, other.factor[k]) for k, v in
+                           self.factor.items()}
+
     def warm_start(self) -> dict:
         """This solution as a starting point for the next solve (detached)."""
         return {"z": self.z.detach(), "lam": self.lam.detach(), "s": self.s.detach(),

@@ -64,6 +64,8 @@ class QPSettings:
             raise ValueError(f"step_fraction must lie in (0, 1), got {self.step_fraction}.")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {self.max_iter}.")
+        if not self.infeas_tol > 0:
+            raise ValueError(f"infeas_tol must be positive, got {self.infeas_tol}.")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}.")
         if self.time_limit is not None and not self.time_limit > 0:
