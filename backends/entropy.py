@@ -351,8 +351,16 @@ class EntropyAdjoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, gx, solved):
+        """jacrev: one adjoint per cotangent; vmap of grad (the solve holds V·B samples,
+        folded by the forward's rule): fold the cotangents and solve once."""
+        V = info.batch_size
         g = gx.movedim(in_dims[0], 0)
-        rows = [EntropyAdjoint.forward(g[v], solved) for v in range(info.batch_size)]
+        if solved.result.x.shape[0] == V * g.shape[1] != g.shape[1]:
+            B = g.shape[1]
+            dtheta, db = EntropyAdjoint.forward(g.reshape((V * B,) + tuple(g.shape[2:])), solved)
+            return (dtheta.reshape((V, B) + tuple(dtheta.shape[1:])),
+                    db.reshape((V, B) + tuple(db.shape[1:]))), (0, 0)
+        rows = [EntropyAdjoint.apply(g[v], solved) for v in range(V)]
         return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])), (0, 0)
 
 

@@ -147,13 +147,32 @@ class QPAdjoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, gz, gl, gn, solved, needs, shared):
-        """A batch of cotangents (jacrev): one adjoint solve per cotangent."""
+        """A batch of V cotangents. Two cases, told apart by the solve's batch size:
+
+        - jacrev (the solve was not mapped): one adjoint solve per cotangent;
+        - vmap of grad (the forward's vmap rule folded V into the solve, so it holds
+          V·B samples): fold the cotangents the same way, solve once, and sum each
+          logically shared input's gradient over B but not over V.
+        """
         V = info.batch_size
-        cot = [None if d is None else t.movedim(d, 0) for t, d in zip((gz, gl, gn), in_dims[:3])]
+        cot = [t if d is None else t.movedim(d, 0) for t, d in zip((gz, gl, gn), in_dims[:3])]
+        folded_batch = solved.result.z.shape[0]
+        B = next((c.shape[1] for c, d in zip(cot, in_dims[:3]) if d is not None), None)
+        if B is not None and folded_batch == V * B != B:
+            flat = [c.reshape((V * B,) + tuple(c.shape[2:])) if d is not None else
+                    c.unsqueeze(0).expand((V,) + tuple(c.shape)).reshape(
+                        (V * B,) + tuple(c.shape[1:]))
+                    for c, d in zip(cot, in_dims[:3])]
+            grads = _adjoint(*flat, solved, needs, (False,) * 6)
+            out = tuple(None if g is None else
+                        (lambda r, i: r.sum(1) if shared[i] else r)(
+                            g.reshape((V, B) + tuple(g.shape[1:])), i)
+                        for i, g in enumerate(grads))
+            return out, tuple(None if o is None else 0 for o in out)
         rows = []
         for v in range(V):
-            args = [t if c is None else c[v] for t, c in zip((gz, gl, gn), cot)]
-            rows.append(_adjoint(*args, solved, needs, shared))
+            args = [t if d is None else c[v] for t, c, d in zip((gz, gl, gn), cot, in_dims[:3])]
+            rows.append(QPAdjoint.apply(*args, solved, needs, shared))
         out = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
                     for k in range(6))
         return out, tuple(None if o is None else 0 for o in out)
