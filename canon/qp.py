@@ -18,6 +18,7 @@ parameter is constant: the backend shares it across the batch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -51,7 +52,10 @@ def is_quadratic_program(problem: cp.Problem) -> bool:
 
 def problem_data(problem: cp.Problem):
     """CVXPY's canonicalization keeping the quadratic objective."""
-    with scopes.quad_form_dpp_scope():
+    # CVXPY's QP canonicalization reads its own sparse constants through
+    # `.value` and warns about it; the user can do nothing about that.
+    with scopes.quad_form_dpp_scope(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Reading from a sparse CVXPY expression")
         return problem.get_problem_data(cp.CLARABEL)
 
 
