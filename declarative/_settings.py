@@ -8,6 +8,7 @@ from .backends.qp import QPSettings
 _NUM = (int, float)
 QP_KEYS = {
     "eps": _NUM, "max_iter": int, "time_limit": _NUM, "step_fraction": _NUM,
+    "step_fraction_max": _NUM,
     "infeas_tol": _NUM, "not_improved_lim": int, "kkt": str, "regularization": _NUM,
     "regularization_tries": int, "schur_max_condition": _NUM,
     "fixed_iterations": bool, "backward": str, "iterative_tol": _NUM,

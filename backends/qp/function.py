@@ -53,7 +53,7 @@ class QPSolve(torch.autograd.Function):
     @staticmethod
     def forward(Q, q, G, h, A, b, batch: int, settings: QPSettings, box,
                 warm: dict | None, need_grad: bool):
-        Q = 0.5 * (Q + Q.mT)  # ½zᵀQz only sees the symmetric part
+        Q = (Q + Q.mT).mul_(0.5)  # ½zᵀQz only sees the symmetric part
         data = QPData(Q, q, G, h, A, b, batch)
         kkt = choose(data, settings)
         input_dtype = Q.dtype

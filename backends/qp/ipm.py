@@ -176,7 +176,19 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
     B, p, m = data.batch, data.p, data.m
     dtype, device = data.dtype, data.device
     eps = settings.tolerance(dtype)
-    frac = settings.step_fraction
+
+    def step_fraction(sigma):
+        """How far toward the boundary to step: 1 − σ within [step_fraction,
+        step_fraction_max]. A small σ means the affine direction nearly reached
+        the target, so the step can go closer to the boundary (measured on
+        random QPs, n = p = 100: 11.0 → 9.7 mean iterations). A fixed-iteration
+        run (the unroll measurement) keeps the plain fraction: past convergence
+        longer steps only reach the floors on s, λ sooner, and the unrolled
+        derivative degrades there (5e-6 at K = 30, seen in test_implicit)."""
+        if settings.fixed_iterations:
+            return settings.step_fraction
+        low = settings.step_fraction
+        return (1 - sigma.detach()).clamp(min=low, max=max(low, settings.step_fraction_max))
 
     q_all, h_all, b_all = kkt.vec("q"), kkt.vec("h"), kkt.vec("b")
     # h = +inf marks "no constraint": such rows keep λ = 0, never move, and
@@ -324,7 +336,7 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
             final_w.index_copy_(0, active[sel], w_done.detach())
             if need_factor:
                 # The backward's factorization, at the (sharpened) final iterate.
-                done_kkt = act.subset(sel)
+                done_kkt = act.subset(sel, iteration_only=True)
                 F_done = done_kkt.factor(w_done)
                 # A (numerically) singular limit KKT matrix means a tie: the solution
                 # is not unique (a degenerate LP) and has no derivative; the backward
@@ -351,7 +363,7 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
             xa, la, sa, na = xa[keep], la[keep], sa[keep], na[keep]
             r_d, r_p, r_e, w = r_d[keep], r_p[keep], r_e[keep], w[keep]
             fa = fa[keep] if has_free else None
-            act = kkt.subset(active)
+            act = kkt.subset(active, iteration_only=True)
         F = act.factor(w)
 
         # ---- predictor -----------------------------------------------------
@@ -360,7 +372,9 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         r_l = sa - r_p
         if has_free:
             r_l = torch.where(fa, torch.zeros_like(r_l), r_l)
-        _, dl_a, _ = act.solve(F, -r_d, r_l, -r_e, primal=False)
+        neg_rd = -r_d
+        pre = act.rhs_products(neg_rd)  # shared by the predictor and the corrector
+        _, dl_a, _ = act.solve(F, neg_rd, r_l, -r_e, primal=False, pre=pre)
         ds_a = -sa - w * dl_a
         if has_free:
             dl_a = torch.where(fa, torch.zeros_like(dl_a), dl_a)
@@ -374,13 +388,13 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         r_l = r_c / la - r_p
         if has_free:
             r_l = torch.where(fa, torch.zeros_like(r_l), r_l)
-        dx, dl, dn = act.newton_solve(F, -r_d, r_l, -r_e)
+        dx, dl, dn = act.newton_solve(F, neg_rd, r_l, -r_e, pre=pre)
         ds = -r_p - r_l - w * dl
         if has_free:
             dl = torch.where(fa, torch.zeros_like(dl), dl)
             ds = torch.where(fa, torch.zeros_like(ds), ds)
         alpha = torch.minimum(_max_step(sa, ds), _max_step(la, dl)).unsqueeze(-1)
-        alpha = torch.clamp(frac * alpha, max=1.0) if p else torch.ones_like(alpha)
+        alpha = torch.clamp(step_fraction(sigma) * alpha, max=1.0) if p else torch.ones_like(alpha)
 
         x = x.index_copy(0, active, xa + alpha * dx)
         if p:

@@ -85,12 +85,20 @@ class KKTSystem:
         other._scratch = {}
         return other
 
-    def subset(self, idx: torch.Tensor) -> KKTSystem:
+    # Matrices only the maps out of the working space use (`to_original`, ...):
+    # the interior point's active subsets skip gathering them.
+    output_matrices: tuple[str, ...] = ()
+
+    def subset(self, idx: torch.Tensor, iteration_only: bool = False) -> KKTSystem:
+        """The samples ``idx``; ``iteration_only``: enough to factor and solve the
+        Newton system, not to map results back (saves gathering B×n×n matrices)."""
         sub = copy.copy(self)
         sub.batch = int(idx.numel())
         for name in self.matrices:
             t = getattr(self, name)
-            if t is not None and t.dim() == 3:
+            if iteration_only and name in self.output_matrices:
+                setattr(sub, name, None)
+            elif t is not None and t.dim() == 3:
                 setattr(sub, name, t.index_select(0, idx))
         for name in self.vectors:
             t = getattr(self, name)
@@ -114,9 +122,14 @@ class KKTSystem:
             bottom = dn
         return top, self.G(dz) - w * dl, bottom
 
-    def newton_solve(self, F: dict, r_z, r_l, r_n):
+    def rhs_products(self, r_z):
+        """Products with r_z that `solve` may reuse for a second right-hand side with
+        the same r_z (the predictor and corrector share it); None: nothing to reuse."""
+        return None
+
+    def newton_solve(self, F: dict, r_z, r_l, r_n, pre=None):
         """The interior point's (corrector) direction; see `ReducedKKT.newton_solve`."""
-        return self.solve(F, r_z, r_l, r_n)
+        return self.solve(F, r_z, r_l, r_n, pre=pre)
 
     def solve_refined(self, F: dict, r_z, r_l, r_n, max_steps: int = 40,
                       fallback: bool = True):
@@ -197,6 +210,7 @@ class KKTSystem:
 class SchurKKT(KKTSystem):
     name = "schur"
     matrices = ("L", "Gm", "Am", "K", "T", "L_AA")
+    output_matrices = ("L",)
 
     def __init__(self, data: QPData, settings: QPSettings, L: torch.Tensor):
         super().__init__(data, settings)
@@ -235,10 +249,14 @@ class SchurKKT(KKTSystem):
         L, shifted = cholesky(M, self.settings, out=self.scratch("L", shape, w))
         return {"L": L, "w": w, "shifted": shifted}
 
-    def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True):
-        u_l = self.G(r_z) - r_l
+    def rhs_products(self, r_z):
+        return self.G(r_z), (self.A(r_z) if self.m else None)
+
+    def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True, pre=None):
+        Gr, Ar = pre if pre is not None else self.rhs_products(r_z)
+        u_l = Gr - r_l
         if self.m:
-            u_n = self.A(r_z) - r_n
+            u_n = Ar - r_n
             rhs = u_l - mv(self.T, u_n)
         else:
             rhs = u_l
@@ -306,7 +324,7 @@ class ReducedKKT(KKTSystem):
             F["L_S"], _ = cholesky(Y.mT @ Y, self.settings)
         return F
 
-    def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True):
+    def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True, pre=None):
         d = F["d"]
         rhs = r_z + self.GT(d * r_l)
         if self.m:
@@ -320,7 +338,7 @@ class ReducedKKT(KKTSystem):
         dl = d * (self.G(dz) - r_l)
         return dz, dl, dn
 
-    def newton_solve(self, F: dict, r_z, r_l, r_n):
+    def newton_solve(self, F: dict, r_z, r_l, r_n, pre=None):
         """One refinement step on top of the solve.
 
         Close to the solution H = Q + GᵀW⁻¹G is ill-conditioned and an
@@ -338,6 +356,26 @@ class ReducedKKT(KKTSystem):
     dir_to_original = to_original
 
 
+def check_semidefinite(Q: torch.Tensor, factored: bool = False) -> None:
+    """Raise ValueError naming Q when it is indefinite; ``factored``: its Cholesky
+    already succeeded (definite), so there is nothing to check."""
+    if factored:
+        return
+    _, info = torch.linalg.cholesky_ex(Q)
+    if not bool((info != 0).any()):
+        return
+    # Only a failed factorization pays for the eigenvalues that tell
+    # semidefinite (accepted: an LP, a singular Q) from indefinite.
+    eig = torch.linalg.eigvalsh(Q.detach().double())
+    tol = 1e-10 * eig.abs().amax(-1).clamp_min(1.0)
+    bad = eig.amin(-1) < -tol
+    if bool(bad.any()):
+        where = f" at batch index {int(bad.nonzero()[0, 0])}" if Q.dim() == 3 else ""
+        raise ValueError(f"Q must be positive semidefinite{where}: its smallest "
+                         f"eigenvalue is {float(eig.amin()):.3g}. Pass "
+                         "check_Q_spd=False to skip this check.")
+
+
 def choose(data: QPData, settings: QPSettings) -> KKTSystem:
     """The cheaper exact elimination for these shapes (flop count per iteration)."""
     n, p, m = data.n, data.p, data.m
@@ -345,6 +383,8 @@ def choose(data: QPData, settings: QPSettings) -> KKTSystem:
     if method in ("auto", "schur"):
         L, info = torch.linalg.cholesky_ex(data.Q)
         definite = bool((info == 0).all())
+        if settings.check_psd:
+            check_semidefinite(data.Q, factored=definite)
         if definite:
             diag = L.detach().diagonal(dim1=-2, dim2=-1)
             cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
@@ -357,4 +397,6 @@ def choose(data: QPData, settings: QPSettings) -> KKTSystem:
             reduced = n * n * p + n ** 3 / 3 + (n * n * m + m ** 3 / 3 if m else 0)
             if method == "schur" or schur <= reduced:
                 return SchurKKT(data, settings, L)
+    elif settings.check_psd:
+        check_semidefinite(data.Q)
     return ReducedKKT(data, settings)

@@ -24,8 +24,11 @@ class QPSettings:
     # `eps` only ever tightens the dtype's default (CvxpyLayer sets this: code
     # written for SCS passes eps=1e-6 meaning "at least this accurate").
     eps_tightens: bool = False
-    # Fraction of the step to the boundary of the positive orthant (keeps s, λ > 0).
+    # Fraction of the step to the boundary of the positive orthant (keeps s, λ > 0):
+    # 1 − σ (σ: Mehrotra's centering) clamped to [step_fraction, step_fraction_max]
+    # (a step_fraction_max below step_fraction fixes the fraction at step_fraction).
     step_fraction: float = 0.99
+    step_fraction_max: float = 0.9999
     # Relative threshold of the infeasibility certificates (Farkas / recession direction).
     infeas_tol: float = 1e-8
     # Stop a sample after this many iterations without residual improvement
@@ -50,6 +53,10 @@ class QPSettings:
     # iteration stays finite after it has converged.
     fixed_iterations: bool = False
     backward: str = "implicit"
+    # Raise ValueError naming Q when some sample's Q is indefinite (qpth's
+    # check_Q_spd). The solver's own Cholesky of Q settles the definite case, so
+    # only a failed factorization pays for the eigenvalues.
+    check_psd: bool = False
     # Matrix-free backward ("iterative"): MINRES tolerance (None: 1e-10 in float64,
     # 1e-5 in float32) and iteration cap.
     iterative_tol: float | None = None
@@ -62,6 +69,9 @@ class QPSettings:
             raise ValueError(f"kkt must be one of {KKT_METHODS}, got {self.kkt!r}.")
         if not (0.0 < self.step_fraction < 1.0):
             raise ValueError(f"step_fraction must lie in (0, 1), got {self.step_fraction}.")
+        if not (0.0 < self.step_fraction_max < 1.0):
+            raise ValueError(f"step_fraction_max must lie in (0, 1), got "
+                             f"{self.step_fraction_max}.")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {self.max_iter}.")
         if not self.infeas_tol > 0:
