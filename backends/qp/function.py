@@ -196,23 +196,30 @@ def _adjoint(gz, gl, gn, solved: _Solved, needs, shared):
         a_z, a_l, a_n = _min_norm_adjoint(solved.blocks, result, (gz, gl, gn), (a_z, a_l, a_n))
     a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
 
+    def outer_sum(i, pairs, scale):
+        """scale · Σ_k u_k v_kᵀ per sample, as one batched product (u: (B, r),
+        v: (B, c)); a shared input gets the sum over the batch as one matrix
+        product instead of B outer products summed."""
+        U = torch.stack([u for u, _ in pairs], -1)  # (B, r, k)
+        V = torch.stack([v for _, v in pairs], -1)  # (B, c, k)
+        if shared[i]:
+            return (U.transpose(0, 1).flatten(1) @ V.transpose(0, 1).flatten(1).T).mul_(scale)
+        return torch.bmm(U, V.mT).mul_(scale)
+
     def reduce(g, i):
         return g.sum(0) if shared[i] else g
 
     grads = [None] * 6
     if needs[0]:
-        outer = a_z.unsqueeze(-1) * z.unsqueeze(-2)
-        grads[0] = reduce(-0.5 * (outer + outer.mT), 0)
+        grads[0] = outer_sum(0, [(a_z, z), (z, a_z)], -0.5)  # symmetric
     if needs[1]:
         grads[1] = reduce(-a_z, 1)
     if needs[2]:
-        grads[2] = reduce(-(lam.unsqueeze(-1) * a_z.unsqueeze(-2)
-                            + a_l.unsqueeze(-1) * z.unsqueeze(-2)), 2)
+        grads[2] = outer_sum(2, [(lam, a_z), (a_l, z)], -1.0)
     if needs[3]:
         grads[3] = reduce(a_l, 3)
     if needs[4]:
-        grads[4] = reduce(-(nu.unsqueeze(-1) * a_z.unsqueeze(-2)
-                            + a_n.unsqueeze(-1) * z.unsqueeze(-2)), 4)
+        grads[4] = outer_sum(4, [(nu, a_z), (a_n, z)], -1.0)
     if needs[5]:
         grads[5] = reduce(a_n, 5)
     return tuple(None if g is None else g.to(solved.input_dtype) for g in grads)
