@@ -209,7 +209,7 @@ class KKTSystem:
 
 class SchurKKT(KKTSystem):
     name = "schur"
-    matrices = ("L", "Gm", "Am", "K", "T", "L_AA")
+    matrices = ("L", "Gm", "Am", "K", "Z", "L_AA")
     output_matrices = ("L",)
 
     def __init__(self, data: QPData, settings: QPSettings, L: torch.Tensor):
@@ -223,14 +223,18 @@ class SchurKKT(KKTSystem):
         else:
             self.q = forward_solve(L, data.expand_vector("q"))
         K_GG = self.Gm @ self.Gm.mT
-        self.T = self.L_AA = None
+        self.Z = self.L_AA = None
         if self.m:
+            # With K_AA = C_A C_Aᵀ = L_AA L_AAᵀ and Z = K_GA L_AA⁻ᵀ (= C_G Yᵀ for the
+            # orthonormalized rows Y = L_AA⁻¹ C_A): K̃ = K_GG − Z Zᵀ, one triangular
+            # solve and one product (K_GA K_AA⁻¹ K_AG formed directly costs two
+            # solves and a product more).
             K_GA = self.Gm @ self.Am.mT
             K_AA = self.Am @ self.Am.mT
             self.L_AA, _ = cholesky(K_AA, settings)
-            # T = K_GA K_AA⁻¹ ; K̃ = K_GG − T K_AG
-            self.T = torch.cholesky_solve(K_GA.mT, self.L_AA).mT
-            self.K = K_GG - self.T @ K_GA.mT
+            self.Z = torch.linalg.solve_triangular(self.L_AA, K_GA.mT, upper=False).mT
+            self.K = torch.baddbmm(K_GG, self.Z, self.Z.mT, alpha=-1) if K_GG.dim() == 3 \
+                else torch.addmm(K_GG, self.Z, self.Z.T, alpha=-1)
         else:
             self.K = K_GG
 
@@ -254,14 +258,15 @@ class SchurKKT(KKTSystem):
 
     def solve(self, F: dict, r_z, r_l, r_n, primal: bool = True, pre=None):
         Gr, Ar = pre if pre is not None else self.rhs_products(r_z)
+        # dν from the equality block: L_AAᵀ dν = L_AA⁻¹u_ν − Zᵀ dλ (see __init__).
         u_l = Gr - r_l
         if self.m:
-            u_n = Ar - r_n
-            rhs = u_l - mv(self.T, u_n)
+            y_n = forward_solve(self.L_AA, Ar - r_n)
+            rhs = u_l - mv(self.Z, y_n)
         else:
             rhs = u_l
         dl = chol_solve(F["L"], rhs)
-        dn = chol_solve(self.L_AA, u_n) - rmv(self.T, dl) if self.m else r_n
+        dn = backward_solve(self.L_AA, y_n - rmv(self.Z, dl)) if self.m else r_n
         if not primal:
             return None, dl, dn
         dz = r_z - self.GT(dl)
