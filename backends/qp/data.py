@@ -26,6 +26,13 @@ def mv(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.unsqueeze(-2), M.mT).squeeze(-2)
 
 
+def mv_rows(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M xᵢ for k vectors per sample: M (r, n) or (B, r, n), X (B, k, n) -> (B, k, r)."""
+    if M.dim() == 2:
+        return X @ M.T
+    return torch.bmm(X, M.mT)
+
+
 def rmv(M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mᵀ y for each sample: M (k, n) or (B, k, n), y (B, k) -> (B, n)."""
     if M.dim() == 2:

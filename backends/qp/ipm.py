@@ -249,9 +249,13 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         Hx = act.hess(xa)
         GTl = act.GT(la)
         ATn = act.AT(na) if m else torch.zeros_like(xa)
-        Gx = act.G(xa)
-        Ax = act.A(xa) if m else ba
         r_d = Hx + qa + GTl + ATn
+        neg_rd = -r_d
+        # G x, A x and the Newton right-hand side's G r, A r (r = −r_d, shared by
+        # the predictor and the corrector) in one pass over G and A.
+        (Gx, Ax), pre = act.constraint_products(xa, neg_rd)
+        if not m:
+            Ax = ba
         r_p = Gx + sa - ha
         if has_free:
             r_p = torch.where(fa, torch.zeros_like(r_p), r_p)
@@ -362,6 +366,9 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
                 break
             xa, la, sa, na = xa[keep], la[keep], sa[keep], na[keep]
             r_d, r_p, r_e, w = r_d[keep], r_p[keep], r_e[keep], w[keep]
+            neg_rd = neg_rd[keep]
+            if pre is not None:
+                pre = tuple(None if t is None else t[keep] for t in pre)
             fa = fa[keep] if has_free else None
             act = kkt.subset(active, iteration_only=True)
         F = act.factor(w)
@@ -372,8 +379,6 @@ def solve(data: QPData, settings: QPSettings, need_factor: bool,
         r_l = sa - r_p
         if has_free:
             r_l = torch.where(fa, torch.zeros_like(r_l), r_l)
-        neg_rd = -r_d
-        pre = act.rhs_products(neg_rd)  # shared by the predictor and the corrector
         _, dl_a, _ = act.solve(F, neg_rd, r_l, -r_e, primal=False, pre=pre)
         ds_a = -sa - w * dl_a
         if has_free:
