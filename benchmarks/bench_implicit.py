@@ -26,6 +26,15 @@ medians of repeats, after one warm-up call. Run:
 
     python benchmarks/bench_implicit.py                 # table + figure
     python benchmarks/bench_implicit.py --quick         # smaller sweep
+    python benchmarks/bench_implicit.py --compare-only  # just the n = 500 comparison
+
+A second table compares the dense and the iterative backward on n = 500
+problems, solved to convergence: the QP engine's backward="implicit" (it reuses
+the forward's final factorization) against backward="iterative" (MINRES on KKT
+products, no factorization kept), and declarative.implicit's method="dense"
+(the n×n Jacobian assembled from n products, then factored) against
+method="iterative" (MINRES): backward time, memory kept for the backward, and
+the relative gap between the two gradients (worst input).
 
 The figure goes to docs/implicit_vs_unroll.png (README shows it).
 """
@@ -132,10 +141,81 @@ def _gd_case(K: int, n: int, B: int, mode: str, repeats: int):
     return run
 
 
+def _compare_case(solver: str, n: int, B: int, repeats: int) -> dict:
+    """Dense versus iterative backward on the same n-dimensional problems: the
+    median backward time and memory of each, and the gradients' relative gap."""
+    import torch
+    from declarative.backends.qp import QPSettings, solve_qp
+
+    from declarative import implicit
+
+    torch.manual_seed(1)
+    dt = torch.float64
+    w = torch.randn(B, n, dtype=dt)
+    if solver == "qp":  # n variables, n inequalities, solved to convergence
+        L = torch.randn(B, n, n, dtype=dt) / n ** 0.5
+        Q = L @ L.mT + torch.eye(n, dtype=dt)
+        q = torch.randn(B, n, dtype=dt)
+        G = torch.randn(B, n, n, dtype=dt) / n ** 0.5
+        h = (G @ torch.randn(B, n, 1, dtype=dt)).squeeze(-1) + torch.rand(B, n, dtype=dt)
+        A, b = torch.zeros(B, 0, n, dtype=dt), torch.zeros(B, 0, dtype=dt)
+
+        def run(mode):
+            ins = [t.clone().requires_grad_() for t in (Q, q, G, h)]
+            saved, ((z, _, _), result) = _saved_bytes(lambda: solve_qp(
+                *ins, A, b, batch=B, settings=QPSettings(backward=mode)))
+            if result.factor is not None:
+                saved += sum(t.untyped_storage().nbytes() for t in result.factor.values())
+            t0 = time.perf_counter()
+            grads = torch.autograd.grad((w * z).sum(), ins)
+            return time.perf_counter() - t0, grads, saved
+
+        modes = {"dense": "implicit", "iterative": "iterative"}
+    else:  # the fixed point of gradient descent, through declarative.implicit
+        R = torch.randn(n, n, dtype=dt) / n ** 0.5
+        M = R @ R.T + torch.eye(n, dtype=dt)
+        eta = 1.0 / float(torch.linalg.eigvalsh(M).max())
+        theta0 = torch.randn(B, n, dtype=dt)
+
+        def descend(theta, Mp):
+            x = torch.zeros_like(theta)
+            for _ in range(300):
+                x = x - eta * (x @ Mp - theta)
+            return x
+
+        solvers = {m: implicit(descend, lambda x, theta, Mp: x @ Mp - theta, method=m,
+                               symmetric=True, tol=1e-12, residual_tol=None)
+                   for m in ("dense", "iterative")}
+
+        def run(mode):
+            theta, Mp = theta0.clone().requires_grad_(), M.clone().requires_grad_()
+            saved, x = _saved_bytes(lambda: solvers[mode](theta, Mp))
+            t0 = time.perf_counter()
+            grads = torch.autograd.grad((w * x).sum(), [theta, Mp])
+            return time.perf_counter() - t0, grads, saved
+
+        modes = {"dense": "dense", "iterative": "iterative"}
+    out = {}
+    for name, mode in modes.items():
+        run(mode)  # warm-up
+        times, grads, saved = [], None, 0
+        for _ in range(repeats):
+            t, grads, saved = run(mode)
+            times.append(t)
+        out[name] = {"bwd_ms": 1e3 * statistics.median(times), "mb": saved / 2**20,
+                     "grads": grads}
+    gap = max(float((a - b_).norm() / b_.norm().clamp_min(1e-300))
+              for a, b_ in zip(out["iterative"]["grads"], out["dense"]["grads"]))
+    return {k: {"bwd_ms": v["bwd_ms"], "mb": v["mb"]} for k, v in out.items()} | {"gap": gap}
+
+
 def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 2)))
+    if spec["solver"].endswith("-compare"):
+        return _compare_case(spec["solver"].split("-")[0], spec["n"], spec["B"],
+                             spec["repeats"])
     make = {"qp": _qp_case, "gd": _gd_case}[spec["solver"]]
     run = make(spec["K"], spec["n"], spec["B"], spec["mode"], spec["repeats"])
     run()  # warm-up: imports, caches, first-call costs
@@ -230,20 +310,54 @@ def figure(rows, path: str) -> None:
     print(f"figure written to {os.path.relpath(path)}")
 
 
+COMPARE_HEADER = (
+    "| problem | n | B | dense backward ms | iterative backward ms | dense / iterative "
+    "| memory dense / iterative (MB) | gradient gap (relative) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def compare(quick: bool, repeats: int) -> list[str]:
+    """Iterative against dense backward at n = 500 (issue 5's accuracy claim)."""
+    lines = []
+    for solver, label, B in (("qp", "QP engine: MINRES vs the kept factorization", 8),
+                             ("gd", "implicit(): MINRES vs the assembled Jacobian", 32)):
+        n = 200 if quick else 500
+        spec = dict(solver=f"{solver}-compare", n=n, B=B, repeats=repeats)
+        res = measure(spec)
+        if "error" in res:
+            lines.append(f"| {label} | {n} | {B} | failed: {res['error'][:60]} | | | | |")
+        else:
+            d, it = res["dense"], res["iterative"]
+            lines.append(f"| {label} | {n} | {B} | {d['bwd_ms']:.1f} | {it['bwd_ms']:.1f} | "
+                         f"{d['bwd_ms'] / it['bwd_ms']:.2f} | {d['mb']:.1f} / {it['mb']:.1f} | "
+                         f"{res['gap']:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smaller sweep")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-figure", action="store_true")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only the dense-versus-iterative table at n = 500")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.compare_only:
+        print(COMPARE_HEADER)
+        compare(args.quick, args.repeats)
         return
     print(HEADER)
     rows = sweep(args.quick, args.repeats)
     if not args.no_figure:
         figure(rows, FIGURE)
+    print()
+    print(COMPARE_HEADER)
+    compare(args.quick, args.repeats)
 
 
 if __name__ == "__main__":
