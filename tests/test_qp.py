@@ -170,6 +170,34 @@ def test_solution_and_duals_match_clarabel(kkt, m, shared):
     assert active > 0 and inactive > 0  # the comparison involves both kinds of rows
 
 
+@pytest.mark.parametrize("shared_blocks", ["Q", "G", "A", "QG", "QA", "GA"])
+@pytest.mark.parametrize("kkt", KKTS)
+def test_any_mix_of_shared_and_batched_matrices(kkt, shared_blocks):
+    """Each of Q, G, A may be shared or batched independently (a CVXPY problem whose
+    parameter enters only A gives a shared Q and G with a batched A): the solution
+    and the gradients equal those of the same data expanded to the batch."""
+    B = 3
+    base = _random_qp(4, n=4, p=6, m=2, B=B, shared=True)
+    mixed = [t if (name in shared_blocks or t.dim() != 2 or name not in "QGA")
+             else t.unsqueeze(0).expand(B, -1, -1).clone()
+             for name, t in zip(NAMES, base)]
+    full = [t.unsqueeze(0).expand(B, -1, -1).clone() if (t.dim() == 2 and name in "QGA")
+            else t for name, t in zip(NAMES, base)]
+    inputs = [t.clone().requires_grad_(True) for t in mixed]
+    ref_inputs = [t.clone().requires_grad_(True) for t in full]
+    outs, res = _solve(inputs, QPSettings(kkt=kkt))
+    ref_outs, _ = _solve(ref_inputs, QPSettings(kkt=kkt))
+    assert res.status == [Status.OPTIMAL] * B
+    for o, r in zip(outs, ref_outs):
+        assert _close(o, r, 1e-9)
+    weights = _weights(outs, 2)
+    got = _grads(outs, inputs, weights)
+    ref = _grads(ref_outs, ref_inputs, weights)
+    for name, g, r, t in zip(NAMES, got, ref, mixed):
+        expected = r.sum(0) if r.dim() > t.dim() else r  # a shared input gets the sum
+        assert _close(g, expected, 1e-8), name
+
+
 def test_slacks_and_residuals_are_reported():
     data = _random_qp(2)
     (z, lam, nu), res = _solve(data)

@@ -237,8 +237,9 @@ class SchurKKT(KKTSystem):
             K_AA = self.Am @ self.Am.mT
             self.L_AA, _ = cholesky(K_AA, settings)
             self.Z = torch.linalg.solve_triangular(self.L_AA, K_GA.mT, upper=False).mT
-            self.K = torch.baddbmm(K_GG, self.Z, self.Z.mT, alpha=-1) if K_GG.dim() == 3 \
-                else torch.addmm(K_GG, self.Z, self.Z.T, alpha=-1)
+            # Q and G may be shared while A is batched (or the reverse): broadcast.
+            self.K = torch.addmm(K_GG, self.Z, self.Z.T, alpha=-1) if self.Z.dim() == 2 \
+                else K_GG - self.Z @ self.Z.mT
         else:
             self.K = K_GG
 
