@@ -44,8 +44,13 @@ LINE_SEARCH_STEPS = 60
 # Near the optimum the dual's decrease (half the Newton decrement) falls below
 # its round-off: the full Newton step is taken (quadratic convergence region).
 FULL_STEP_DECREMENT = 1e-9
-# Sinkhorn-style sweeps that initialize ν when A is a 0/1 matrix (sums of entries).
+# Sinkhorn-style sweeps that initialize ν when A is a 0/1 matrix (sums of entries):
+# at least INIT_SWEEPS, then on while the residual shrinks by SINKHORN_CONTRACTION
+# every SINKHORN_CHECK sweeps, to the tolerance or SINKHORN_MAX_SWEEPS.
 INIT_SWEEPS = 20
+SINKHORN_CHECK = 5
+SINKHORN_CONTRACTION = 0.5
+SINKHORN_MAX_SWEEPS = 500
 # The dual decreasing by this much relative to its start certifies infeasibility.
 UNBOUNDED_DUAL = 1e12
 
@@ -89,6 +94,9 @@ class DenseEqualities:
 
     def binary(self) -> bool:
         return bool(((self.A == 0) | (self.A == 1)).all()) and bool((self.A.sum(0) > 0).all())
+
+    def sweeper(self, log_b):
+        return lambda e, nu: self.sweep(e, nu, log_b)
 
     def sweep(self, e, nu, log_b):
         """One damped Jacobi sweep of exact row updates for 0/1 rows (Sinkhorn's step)."""
@@ -145,21 +153,57 @@ class TransportEqualities:
         return True
 
     def sweep(self, e, nu, log_b):
-        """Sinkhorn: make the row sums, then the column sums, exact (log domain)."""
-        B = e.shape[0]
-        full = torch.zeros(B, self.r + self.c, dtype=e.dtype, device=e.device)
-        full[:, self.independent] = nu
-        lb = torch.zeros_like(full)
+        """One Sinkhorn sweep; see `sweeper`."""
+        return self.sweeper(log_b)(e, nu)
+
+    def sweeper(self, log_b):
+        """Sinkhorn sweeps for these targets: make the row sums, then the column
+        sums, exact (log domain).
+
+        One marginal is redundant (equal totals) and its multiplier is held at 0.
+        Holding it out of the sweep slows Sinkhorn to a crawl (residual 1e-4
+        after 20 sweeps on 50×50 where the full sweep reaches 1e-10 in 18), so
+        each sweep updates every potential, the held-out target taken from the
+        totals, then moves the gauge (f + t, g − t leaves X unchanged) to put
+        the held-out potential back at 0. The targets are set up once here.
+        """
+        B, r, c = log_b.shape[0], self.r, self.c
+        dtype, device = log_b.dtype, log_b.device
+        lb = torch.zeros(B, r + c, dtype=dtype, device=device)
         lb[:, self.independent] = log_b
-        keep = torch.zeros(self.r + self.c, dtype=torch.bool, device=e.device)
+        keep = torch.zeros(r + c, dtype=torch.bool, device=device)
         keep[self.independent] = True
-        E = self._X(e)
-        rows = torch.logsumexp(E, dim=2) - lb[:, : self.r]
-        full[:, : self.r] += torch.where(keep[: self.r], rows, torch.zeros_like(rows))
-        E = E - torch.where(keep[: self.r], rows, torch.zeros_like(rows)).unsqueeze(2)
-        cols = torch.logsumexp(E, dim=1) - lb[:, self.r:]
-        full[:, self.r:] += torch.where(keep[self.r:], cols, torch.zeros_like(cols))
-        return full[:, self.independent]
+        dropped = (~keep).nonzero().flatten().tolist()
+        gauge = None
+        if len(dropped) == 1:
+            d = dropped[0]
+            mass = lb.exp() * keep
+            rows_total, cols_total = mass[:, :r].sum(-1), mass[:, r:].sum(-1)
+            target = (rows_total - cols_total) if d >= r else (cols_total - rows_total)
+            if bool((target > 0).all()):
+                lb[:, d] = target.log()
+                keep = torch.ones_like(keep)
+                gauge = d
+        lb_rows, lb_cols = lb[:, :r], lb[:, r:]
+        keep_rows, keep_cols = keep[:r], keep[r:]
+        independent = self.independent
+
+        def sweep(e, nu):
+            full = torch.zeros(B, r + c, dtype=e.dtype, device=e.device)
+            full[:, independent] = nu
+            E = self._X(e)
+            rows = torch.where(keep_rows, torch.logsumexp(E, dim=2) - lb_rows, 0.0)
+            cols = torch.where(keep_cols,
+                               torch.logsumexp(E - rows.unsqueeze(2), dim=1) - lb_cols, 0.0)
+            full = full + torch.cat([rows, cols], dim=1)
+            if gauge is not None:
+                t = full[:, gauge:gauge + 1]
+                sign = torch.cat([torch.full((r,), 1.0 if gauge >= r else -1.0),
+                                  torch.full((c,), -1.0 if gauge >= r else 1.0)]).to(full)
+                full = full + sign * t
+            return full[:, independent]
+
+        return sweep
 
     def column_weight(self):
         ones = torch.ones(1, len(self.independent), dtype=torch.float64)
@@ -187,20 +231,37 @@ def _dual(a, nu, b, eq):
     return x.sum(-1) + (b * nu).sum(-1), x
 
 
-def _initial_multiplier(a, b, eq, m):
+def _initial_multiplier(a, b, eq, m, tol=0.0, scale=None):
     """A starting ν with a finite, well-scaled dual.
 
-    For 0/1 constraint matrices (softmax-like sums, transport marginals) a few
-    Sinkhorn sweeps in the log domain put every constraint near its target;
-    otherwise ν is chosen so every exponent a − Aᵀν is ≤ 0 when A ≥ 0, or 0.
+    For 0/1 constraint matrices (softmax-like sums, transport marginals) log-domain
+    Sinkhorn sweeps put every constraint near its target. They continue past
+    INIT_SWEEPS while they contract fast (by SINKHORN_CONTRACTION per
+    SINKHORN_CHECK sweeps), up to the tolerance: at moderate temperatures that is
+    the whole solve (50×50 transport, τ = 0.1: ~25 sweeps, 1.4 ms, against 15 ms
+    for 20 sweeps and 3–4 damped Newton steps), and Newton finishes where the
+    sweeps slow down (small τ). Otherwise ν is chosen so every exponent a − Aᵀν
+    is ≤ 0 when A ≥ 0, or 0.
     """
     B = a.shape[0]
     positive = bool((b > 0).all())
     if eq.binary() and positive:
         nu = torch.zeros(B, m, dtype=a.dtype, device=a.device)
         log_b = torch.log(b)
-        for _ in range(INIT_SWEEPS):
-            nu = eq.sweep(a - eq.rmatvec(nu), nu, log_b)
+        previous = None
+        sweep_once = eq.sweeper(log_b)
+        for sweep in range(1, SINKHORN_MAX_SWEEPS + 1):
+            nu = sweep_once(a - eq.rmatvec(nu), nu)
+            if sweep < INIT_SWEEPS or sweep % SINKHORN_CHECK or scale is None:
+                continue
+            x = torch.exp(a - eq.rmatvec(nu))
+            residual = ((eq.matvec(x) - b).abs().amax(-1) / scale).nan_to_num(torch.inf)
+            if bool((residual <= tol).all()):
+                break
+            worst = float(residual.max())
+            if previous is not None and not worst <= SINKHORN_CONTRACTION * previous:
+                break  # slow contraction: dual Newton takes over
+            previous = worst
         return torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu))
     finite = torch.where(torch.isfinite(a), a, torch.full_like(a, -torch.inf))
     if eq.nonnegative():
@@ -222,13 +283,13 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool,
     a = theta / tau - 1.0
     b_ind = b[:, eq.independent]
     B, m = b_ind.shape
-    nu = _initial_multiplier(a, b_ind, eq, m)
+    scale = 1.0 + b.abs().amax(-1)
+    nu = _initial_multiplier(a, b_ind, eq, m, tol, scale)
     if warm_nu is not None:
         warm_nu = warm_nu.to(dtype=nu.dtype, device=nu.device)
         nu = torch.where(torch.isfinite(warm_nu).all(-1, keepdim=True), warm_nu, nu)
     g, x = _dual(a, nu, b_ind, eq)
     g0 = g.clone()
-    scale = 1.0 + b.abs().amax(-1)
     active = torch.ones(B, dtype=torch.bool, device=device)
     iterations = torch.zeros(B, dtype=torch.long, device=device)
     steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=dtype, device=device)  # (T,)
