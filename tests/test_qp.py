@@ -787,6 +787,9 @@ def test_check_q_spd_refuses_indefinite_q_naming_q():
     bad[1] = torch.diag(_t([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"Q must be positive semidefinite at batch index 1"):
         QPFunction(verbose=-1, check_Q_spd=True)(bad, q, G, h, A, b)
+    # a single Q shared by the batch: no batch index to name
+    with pytest.raises(ValueError, match=r"Q must be positive semidefinite: its smallest"):
+        QPFunction(verbose=-1, check_Q_spd=True)(bad[1], q, G, h, A, b)
     # PSD but singular is accepted (qpth refuses it), and so is Q = 0 (an LP)
     Qz, qz, Gz, hz = (_t(v[0]) for v in _lp_at_vertex(8))
     z = QPFunction(verbose=-1, check_Q_spd=True)(Qz, qz, Gz, hz, E, E)

@@ -375,21 +375,25 @@ class ReducedKKT(KKTSystem):
     dir_to_original = to_original
 
 
-def check_semidefinite(Q: torch.Tensor, factored: bool = False) -> None:
-    """Raise ValueError naming Q when it is indefinite; ``factored``: its Cholesky
-    already succeeded (definite), so there is nothing to check."""
-    if factored:
+def check_semidefinite(Q: torch.Tensor, info: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming Q when it is indefinite.
+
+    ``info``: the status of a Cholesky of Q already computed (`choose` has one);
+    only the samples whose factorization failed pay for the eigenvalues that tell
+    semidefinite (accepted: an LP, a singular Q) from indefinite.
+    """
+    if info is None:
+        info = torch.linalg.cholesky_ex(Q)[1]
+    failed = (info.reshape(-1) != 0).nonzero().flatten()
+    if failed.numel() == 0:
         return
-    _, info = torch.linalg.cholesky_ex(Q)
-    if not bool((info != 0).any()):
-        return
-    # Only a failed factorization pays for the eigenvalues that tell
-    # semidefinite (accepted: an LP, a singular Q) from indefinite.
-    eig = torch.linalg.eigvalsh(Q.detach().double())
+    Qf = Q.detach().double()
+    Qf = Qf.index_select(0, failed) if Q.dim() == 3 else Qf
+    eig = torch.linalg.eigvalsh(Qf)
     tol = 1e-10 * eig.abs().amax(-1).clamp_min(1.0)
-    bad = eig.amin(-1) < -tol
+    bad = (eig.amin(-1) < -tol).flatten()
     if bool(bad.any()):
-        where = f" at batch index {int(bad.nonzero()[0, 0])}" if Q.dim() == 3 else ""
+        where = f" at batch index {int(failed[bad][0])}" if Q.dim() == 3 else ""
         raise ValueError(f"Q must be positive semidefinite{where}: its smallest "
                          f"eigenvalue is {float(eig.amin()):.3g}. Pass "
                          "check_Q_spd=False to skip this check.")
@@ -403,7 +407,7 @@ def choose(data: QPData, settings: QPSettings) -> KKTSystem:
         L, info = torch.linalg.cholesky_ex(data.Q)
         definite = bool((info == 0).all())
         if settings.check_psd:
-            check_semidefinite(data.Q, factored=definite)
+            check_semidefinite(data.Q, info)
         if definite:
             diag = L.detach().diagonal(dim1=-2, dim2=-1)
             cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
