@@ -96,14 +96,15 @@ class DenseEqualities:
         return bool(((self.A == 0) | (self.A == 1)).all()) and bool((self.A.sum(0) > 0).all())
 
     def sweeper(self, log_b):
-        return lambda e, nu: self.sweep(e, nu, log_b)
-
-    def sweep(self, e, nu, log_b):
-        """One damped Jacobi sweep of exact row updates for 0/1 rows (Sinkhorn's step)."""
-        mask = torch.where(self.A > 0, 0.0, -torch.inf).to(e)
-        row_lse = torch.logsumexp(e.unsqueeze(1) + mask, dim=-1)  # (B, m)
+        """Damped Jacobi sweeps of exact row updates for 0/1 rows (Sinkhorn's step)."""
+        mask = torch.where(self.A > 0, 0.0, -torch.inf).to(log_b)
         cover = self.A.sum(0).amax()  # rows touching one entry at most: damp by it
-        return nu + (row_lse - log_b) / cover
+
+        def sweep(e, nu):
+            row_lse = torch.logsumexp(e.unsqueeze(1) + mask, dim=-1)  # (B, m)
+            return nu + (row_lse - log_b) / cover
+
+        return sweep
 
 
 class TransportEqualities:
@@ -152,10 +153,6 @@ class TransportEqualities:
     def binary(self) -> bool:
         return True
 
-    def sweep(self, e, nu, log_b):
-        """One Sinkhorn sweep; see `sweeper`."""
-        return self.sweeper(log_b)(e, nu)
-
     def sweeper(self, log_b):
         """Sinkhorn sweeps for these targets: make the row sums, then the column
         sums, exact (log domain).
@@ -174,7 +171,7 @@ class TransportEqualities:
         keep = torch.zeros(r + c, dtype=torch.bool, device=device)
         keep[self.independent] = True
         dropped = (~keep).nonzero().flatten().tolist()
-        gauge = None
+        gauge = None  # (held-out index, the signs of its shift: +rows −columns or reverse)
         if len(dropped) == 1:
             d = dropped[0]
             mass = lb.exp() * keep
@@ -183,7 +180,9 @@ class TransportEqualities:
             if bool((target > 0).all()):
                 lb[:, d] = target.log()
                 keep = torch.ones_like(keep)
-                gauge = d
+                sign = torch.ones(r + c, dtype=dtype, device=device)
+                sign[r:] = -1.0
+                gauge = (d, sign if d >= r else -sign)
         lb_rows, lb_cols = lb[:, :r], lb[:, r:]
         keep_rows, keep_cols = keep[:r], keep[r:]
         independent = self.independent
@@ -197,10 +196,8 @@ class TransportEqualities:
                                torch.logsumexp(E - rows.unsqueeze(2), dim=1) - lb_cols, 0.0)
             full = full + torch.cat([rows, cols], dim=1)
             if gauge is not None:
-                t = full[:, gauge:gauge + 1]
-                sign = torch.cat([torch.full((r,), 1.0 if gauge >= r else -1.0),
-                                  torch.full((c,), -1.0 if gauge >= r else 1.0)]).to(full)
-                full = full + sign * t
+                d, sign = gauge
+                full = full + sign * full[:, d:d + 1]
             return full[:, independent]
 
         return sweep
