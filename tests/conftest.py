@@ -35,6 +35,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch.set_num_threads(1) for a module of tiny problems (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): intra-op threads only add overhead
+    there, and on a loaded two-core machine their spin-waits tripled test_qp's
+    time (74 s against 22 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _watchdog(request):
     """Arm the watchdog for tests that carry the ``watchdog`` marker (no-op otherwise)."""

@@ -52,6 +52,30 @@ def central_differences(fn, inputs, weights, eps=1e-6):
     return grads
 
 
+def random_qp(seed, n=4, p=6, m=2, B=3, shared=False, dtype=torch.float64):
+    """B random feasible, strictly convex QPs as (Q, q, G, h, A, b) tensors.
+
+    Each sample has a Slater point z0 (h = G z0 + s0 with s0 ≥ 0.1, b = A z0).
+    Strictly positive slacks keep the optimum generic (LICQ and strict
+    complementarity hold), so the duals are unique and the solution map is
+    differentiable; q is scaled up so that some constraints are active.
+    ``shared``: Q, G and A are one unbatched matrix for the whole batch.
+    """
+    rng = np.random.default_rng(seed)
+    k = 1 if shared else B
+    L = rng.standard_normal((k, n, n))
+    Q = L @ L.transpose(0, 2, 1) / n + 0.5 * np.eye(n)
+    G = rng.standard_normal((k, p, n))
+    A = rng.standard_normal((k, m, n))
+    z0 = rng.standard_normal((B, n))
+    h = np.einsum("bpn,bn->bp", np.broadcast_to(G, (B, p, n)), z0) + 0.1 + rng.random((B, p))
+    b = np.einsum("bmn,bn->bm", np.broadcast_to(A, (B, m, n)), z0)
+    q = 3.0 * rng.standard_normal((B, n))
+    if shared:
+        Q, G, A = Q[0], G[0], A[0]
+    return [torch.tensor(x, dtype=dtype) for x in (Q, q, G, h, A, b)]
+
+
 def rel_err(a, b) -> float:
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from declarative.backends.qp import QPSettings, solve_qp
-from helpers import central_differences, directional_difference, rel_err
+from helpers import central_differences, directional_difference, random_qp, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,19 +36,11 @@ from hypothesis import strategies as st
 from declarative import ImplicitFunctionError, implicit
 
 DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 KKTS = ("schur", "reduced")
 # (method, symmetric): dense LU, GMRES, MINRES.
 METHODS = [("dense", False), ("iterative", False), ("iterative", True)]
 METHOD_IDS = ["dense", "gmres", "minres"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add overhead on a two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------
@@ -510,24 +502,6 @@ def test_unknown_method_and_non_tensor_solution_are_refused():
 # ----------------------------------------------------------------------------
 
 
-def _random_qp(seed, n=4, p=6, m=2, B=3, shared=False):
-    """B random strictly convex QPs, each with a Slater point z0 (h = G z0 + s0,
-    s0 ≥ 0.1, b = A z0): LICQ and strict complementarity hold generically."""
-    rng = np.random.default_rng(seed)
-    k = 1 if shared else B
-    L = rng.standard_normal((k, n, n))
-    Q = L @ L.transpose(0, 2, 1) / n + 0.5 * np.eye(n)
-    G = rng.standard_normal((k, p, n))
-    A = rng.standard_normal((k, m, n))
-    z0 = rng.standard_normal((B, n))
-    h = np.einsum("bpn,bn->bp", np.broadcast_to(G, (B, p, n)), z0) + 0.1 + rng.random((B, p))
-    b = np.einsum("bmn,bn->bm", np.broadcast_to(A, (B, m, n)), z0)
-    q = 3.0 * rng.standard_normal((B, n))
-    if shared:
-        Q, G, A = Q[0], G[0], A[0]
-    return [torch.tensor(t, dtype=DT) for t in (Q, q, G, h, A, b)]
-
-
 def _qp_weights(data, seed):
     B, n, p, m = data[1].shape[0], data[1].shape[1], data[3].shape[-1], data[5].shape[-1]
     g = _gen(seed)
@@ -554,7 +528,7 @@ QP_FD_DIRECTIONS = 6
 @pytest.mark.parametrize("kkt", KKTS)
 @pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
 def test_qp_backward_modes_agree_and_match_central_differences(kkt, shared):
-    data = _random_qp(0, shared=shared)
+    data = random_qp(0, shared=shared)
     weights = _qp_weights(data, 0)
     with warnings.catch_warnings():
         # Only the torch float()-on-a-graph warning of the unrolled reduced path (a bug
@@ -583,7 +557,7 @@ def test_qp_backward_modes_agree_and_match_central_differences(kkt, shared):
 @pytest.mark.parametrize("kkt", KKTS)
 @pytest.mark.parametrize("K", [30, 60])
 def test_qp_fixed_iterations_unroll_is_finite_and_matches_implicit(kkt, K):
-    data = _random_qp(1)
+    data = random_qp(1)
     weights = _qp_weights(data, 1)
     reference, _ = _qp_grads(data, weights, kkt=kkt)
     with warnings.catch_warnings():
@@ -599,7 +573,7 @@ def test_qp_fixed_iterations_unroll_is_finite_and_matches_implicit(kkt, K):
 
 @pytest.mark.parametrize("kkt", KKTS)
 def test_qp_iterative_backward_warns_when_stopped_early(kkt):
-    data = _random_qp(2)
+    data = random_qp(2)
     weights = _qp_weights(data, 2)
     with pytest.warns(UserWarning, match="MINRES stopped after"):
         capped, _ = _qp_grads(data, weights, kkt=kkt, backward="iterative",
@@ -666,7 +640,7 @@ def test_qp_fixed_iterations_unroll_stays_finite_with_spread_multipliers(kkt, K)
 
 
 def test_qp_unroll_reduced_emits_no_warning():
-    data = _random_qp(3)
+    data = random_qp(3)
     warn_always = torch.is_warn_always_enabled()
     torch.set_warn_always(True)  # torch's warning is once per process otherwise
     try:
@@ -678,7 +652,7 @@ def test_qp_unroll_reduced_emits_no_warning():
 
 
 def test_qp_iterative_float32_matches_implicit():
-    data = [t.float() for t in _random_qp(0)]
+    data = [t.float() for t in random_qp(0)]
     weights = [w.float() for w in _qp_weights(data, 0)]
     reference, _ = _qp_grads(data, weights, kkt="schur")
     with warnings.catch_warnings():
@@ -688,7 +662,7 @@ def test_qp_iterative_float32_matches_implicit():
 
 
 def test_qp_iterative_float32_default_settings_do_not_warn():
-    data = [t.float() for t in _random_qp(0)]
+    data = [t.float() for t in random_qp(0)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _qp_grads(data, [w.float() for w in _qp_weights(data, 0)], kkt="schur",
@@ -710,7 +684,7 @@ def _assert_linear_growth(sizes):
 
 @pytest.mark.parametrize("kkt", KKTS)
 def test_qp_saved_memory_grows_with_k_for_unroll_only(kkt):
-    data = _random_qp(0, n=6, p=8, m=2, B=4)
+    data = random_qp(0, n=6, p=8, m=2, B=4)
     sizes = {}
     for mode in ("implicit", "iterative", "unroll"):
         row = []

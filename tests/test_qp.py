@@ -25,6 +25,7 @@ from helpers import (
     central_differences,
     conic_layer,
     qp_reference,
+    random_qp,
     reference_solve,
     rel_err,
 )
@@ -37,20 +38,11 @@ from declarative.qpfunction import QPFunction, QPSolvers
 from declarative.torch import CvxpyLayer
 
 DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 KKTS = ("schur", "reduced")
 NAMES = ("Q", "q", "G", "h", "A", "b")
 E = torch.Tensor()  # qpth's spelling of an absent (A, b) or (G, h)
 SHARED = pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: intra-op threads only add overhead, and on a loaded
-    two-core machine their spin-waits tripled this file's time (74 s against 22 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------
@@ -60,30 +52,6 @@ def _one_thread():
 
 def _t(a, grad=False, dtype=DT):
     return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=grad)
-
-
-def _random_qp(seed, n=4, p=6, m=2, B=3, shared=False, dtype=DT):
-    """B random feasible, strictly convex QPs as (Q, q, G, h, A, b) tensors.
-
-    Each sample has a Slater point z0 (h = G z0 + s0 with s0 ≥ 0.1, b = A z0).
-    Strictly positive slacks keep the optimum generic (LICQ and strict
-    complementarity hold), so the duals are unique and the solution map is
-    differentiable; q is scaled up so that some constraints are active.
-    ``shared``: Q, G and A are one unbatched matrix for the whole batch.
-    """
-    rng = np.random.default_rng(seed)
-    k = 1 if shared else B
-    L = rng.standard_normal((k, n, n))
-    Q = L @ L.transpose(0, 2, 1) / n + 0.5 * np.eye(n)
-    G = rng.standard_normal((k, p, n))
-    A = rng.standard_normal((k, m, n))
-    z0 = rng.standard_normal((B, n))
-    h = np.einsum("bpn,bn->bp", np.broadcast_to(G, (B, p, n)), z0) + 0.1 + rng.random((B, p))
-    b = np.einsum("bmn,bn->bm", np.broadcast_to(A, (B, m, n)), z0)
-    q = 3.0 * rng.standard_normal((B, n))
-    if shared:
-        Q, G, A = Q[0], G[0], A[0]
-    return [_t(x, dtype=dtype) for x in (Q, q, G, h, A, b)]
 
 
 def _sample(data, i):
@@ -155,7 +123,7 @@ def _fd(data, weights, kkt="auto", build=None):
 @pytest.mark.parametrize("m", [0, 2], ids=["ineq", "ineq+eq"])
 @pytest.mark.parametrize("kkt", KKTS)
 def test_solution_and_duals_match_clarabel(kkt, m, shared):
-    data = _random_qp(1, n=5, p=8, m=m, B=3, shared=shared)
+    data = random_qp(1, n=5, p=8, m=m, B=3, shared=shared)
     (z, lam, nu), res = _solve(data, QPSettings(kkt=kkt))
     assert res.kkt.name == kkt
     assert res.status == [Status.OPTIMAL] * 3
@@ -177,7 +145,7 @@ def test_any_mix_of_shared_and_batched_matrices(kkt, shared_blocks):
     parameter enters only A gives a shared Q and G with a batched A): the solution
     and the gradients equal those of the same data expanded to the batch."""
     B = 3
-    base = _random_qp(4, n=4, p=6, m=2, B=B, shared=True)
+    base = random_qp(4, n=4, p=6, m=2, B=B, shared=True)
     mixed = [t if (name in shared_blocks or t.dim() != 2 or name not in "QGA")
              else t.unsqueeze(0).expand(B, -1, -1).clone()
              for name, t in zip(NAMES, base)]
@@ -199,7 +167,7 @@ def test_any_mix_of_shared_and_batched_matrices(kkt, shared_blocks):
 
 
 def test_slacks_and_residuals_are_reported():
-    data = _random_qp(2)
+    data = random_qp(2)
     (z, lam, nu), res = _solve(data)
     Q, q, G, h, A, b = data
     assert torch.allclose(res.s, h - torch.einsum("bpn,bn->bp", G, z), atol=1e-12)
@@ -215,7 +183,7 @@ def test_slacks_and_residuals_are_reported():
 @SHARED
 @pytest.mark.parametrize("kkt", KKTS)
 def test_gradients_of_all_six_inputs_match_central_differences(kkt, shared):
-    data = _random_qp(3, n=3, p=5, m=1, B=2, shared=shared)
+    data = random_qp(3, n=3, p=5, m=1, B=2, shared=shared)
     inputs = [t.clone().requires_grad_(True) for t in data]
     outs, res = _solve(inputs, QPSettings(kkt=kkt))
     assert res.kkt.name == kkt
@@ -230,7 +198,7 @@ def test_gradients_of_all_six_inputs_match_central_differences(kkt, shared):
 @SHARED
 @pytest.mark.parametrize("kkt", KKTS)
 def test_gradcheck_all_six_inputs_and_three_outputs(kkt, shared):
-    data = _random_qp(4, n=3, p=4, m=1, B=2, shared=shared)
+    data = random_qp(4, n=3, p=4, m=1, B=2, shared=shared)
     inputs = tuple(t.clone().requires_grad_(True) for t in data)
     settings = QPSettings(kkt=kkt)
 
@@ -253,8 +221,8 @@ def _cvxpy_qp(n, p, m):
 
 
 def _cvxpy_qp_data(seed, n, p, m, B, shared):
-    """(F, q, G, h, A, b) with Q = FᵀF positive definite; see `_random_qp`."""
-    Q, q, G, h, A, b = _random_qp(seed, n, p, m, B, shared)
+    """(F, q, G, h, A, b) with Q = FᵀF positive definite; see `random_qp`."""
+    Q, q, G, h, A, b = random_qp(seed, n, p, m, B, shared)
     F = torch.linalg.cholesky(Q).mT.contiguous()  # FᵀF = Q
     return [F, q, G, h, A, b]
 
@@ -330,7 +298,7 @@ def test_duplicated_rows_in_G(kkt):
     """An active row given twice: z is unique (λ splits between the copies, their sum is
     unique). The derivative is taken through the duplication, so both copies move
     together, which is the direction in which the solution is differentiable."""
-    data = _random_qp(6, n=4, p=6, m=1, B=1, shared=True)
+    data = random_qp(6, n=4, p=6, m=1, B=1, shared=True)
     z_r, l_r, n_r = qp_reference(*_sample(data, 0))
     k = int(np.argmax(l_r))
     assert l_r[k] > 1e-2  # duplicate a strongly active row
@@ -361,7 +329,7 @@ def test_duplicated_rows_in_G(kkt):
 @pytest.mark.parametrize("kkt", KKTS)
 def test_duplicated_rows_in_A(kkt):
     """An equality given twice (consistent b): rank-deficient A; z unique, ν's sum unique."""
-    data = _random_qp(7, n=4, p=5, m=2, B=1, shared=True)
+    data = random_qp(7, n=4, p=5, m=2, B=1, shared=True)
     z_r, l_r, n_r = qp_reference(*_sample(data, 0))
 
     def build(Q, q, G, h, A, b):
@@ -470,7 +438,7 @@ def test_singular_psd_q_matches_clarabel_and_central_differences():
 
 @pytest.mark.parametrize("kkt", KKTS)
 def test_nonsymmetric_q_is_its_symmetric_part_with_a_symmetric_gradient(kkt):
-    Q, q, G, h, A, b = _random_qp(10, B=2)
+    Q, q, G, h, A, b = random_qp(10, B=2)
     K = _t(np.random.default_rng(10).standard_normal((2, 4, 4)))
     Q_ns = (Q + K - K.mT).requires_grad_(True)  # symmetric part Q
     Q_s = Q.clone().requires_grad_(True)
@@ -572,7 +540,7 @@ def test_unbounded_lp_reports_unbounded():
 
 @pytest.mark.parametrize("kkt", KKTS)
 def test_equality_only_matches_the_kkt_closed_form(kkt):
-    data = _random_qp(12, n=4, p=1, m=2, B=2)
+    data = random_qp(12, n=4, p=1, m=2, B=2)
     Q, q, _, _, A, b = (t.clone().requires_grad_(True) for t in data)
     z = QPFunction(verbose=-1, settings=QPSettings(kkt=kkt))(Q, q, E, E, A, b)
     zero = torch.zeros(2, 2, 2, dtype=DT)
@@ -586,7 +554,7 @@ def test_equality_only_matches_the_kkt_closed_form(kkt):
 
 @pytest.mark.parametrize("kkt", KKTS)
 def test_unconstrained_is_minus_q_inverse_q(kkt):
-    data = _random_qp(13, B=2)
+    data = random_qp(13, B=2)
     Q, q = (t.clone().requires_grad_(True) for t in data[:2])
     z = QPFunction(verbose=-1, settings=QPSettings(kkt=kkt))(Q, q, E, E, E, E)
     z_ref = -torch.linalg.solve(0.5 * (Q + Q.mT), q)
@@ -599,7 +567,7 @@ def test_unconstrained_is_minus_q_inverse_q(kkt):
 @SHARED
 @pytest.mark.parametrize("kkt", KKTS)
 def test_infinite_h_rows_equal_dropping_them(kkt, shared):
-    data = _random_qp(14, n=4, p=6, m=2, B=3, shared=shared)
+    data = random_qp(14, n=4, p=6, m=2, B=3, shared=shared)
     Q, q, G, h, A, b = data
     keep = [[1, 2, 4, 5], [], [0, 2, 3, 4, 5]]  # sample 1: every row free
     h_inf = h.clone()
@@ -650,7 +618,7 @@ def test_infinite_h_rows_equal_dropping_them(kkt, shared):
 
 
 def _float32_vs_float64(seed, kkt, n=4, p=6, m=2, B=8):
-    data = _random_qp(seed, n=n, p=p, m=m, B=B)
+    data = random_qp(seed, n=n, p=p, m=m, B=B)
     in64 = [t.clone().requires_grad_(True) for t in data]
     in32 = [t.float().requires_grad_(True) for t in data]
     settings = QPSettings(kkt=kkt)
@@ -686,7 +654,7 @@ def test_float32_default_settings_when_auto_picks_reduced():
 
 
 def test_mixed_dtypes_promote_to_float64():
-    Q, q, G, h, A, b = _random_qp(15, B=2)
+    Q, q, G, h, A, b = random_qp(15, B=2)
     z = QPFunction(verbose=-1)(Q.float(), q, G.float(), h, A, b.float())
     assert z.dtype == torch.float64
 
@@ -696,7 +664,7 @@ def test_broadcast_gradients_are_sums_and_qpth_returns_the_mean():
     broadcast); qpth returns the mean, so ours = nBatch × qpth's (documented deviation)."""
     qpth = pytest.importorskip("qpth.qp")
     B = 4
-    Q, q, G, h, A, b = _random_qp(16, n=4, p=6, m=1, B=B, shared=True)
+    Q, q, G, h, A, b = random_qp(16, n=4, p=6, m=1, B=B, shared=True)
     h, b = h[0], b[0]  # one Slater point: every sample feasible
     ours_in = [t.clone().requires_grad_(True) for t in (Q, q, G, h, A, b)]
     z = QPFunction(verbose=-1)(*ours_in)
@@ -731,7 +699,7 @@ def test_broadcast_gradients_are_sums_and_qpth_returns_the_mean():
 
 
 def _qpth_case(kind):
-    Q, q, G, h, A, b = _random_qp(17, n=4, p=6, m=2, B=3)
+    Q, q, G, h, A, b = random_qp(17, n=4, p=6, m=2, B=3)
     if kind == "unbatched":
         return Q[0], q[0], G[0], h[0], E, E
     if kind == "batched p":  # constraints shared: feasible for every q
@@ -759,7 +727,7 @@ def test_qpfunction_matches_qpth_and_returns_nbatch_by_nz(kind):
 
 
 def test_qpfunction_accepts_qpth_positional_arguments_and_solver_enum():
-    Q, q, G, h, _, _ = _random_qp(18, B=2)
+    Q, q, G, h, _, _ = random_qp(18, B=2)
     z_named = QPFunction(eps=1e-9, verbose=-1, notImprovedLim=5, maxIter=30)(Q, q, G, h, E, E)
     for solver in (QPSolvers.PDIPM_BATCHED, QPSolvers.CVXPY):
         # qpth's order: eps, verbose, notImprovedLim, maxIter, solver, check_Q_spd
@@ -770,7 +738,7 @@ def test_qpfunction_accepts_qpth_positional_arguments_and_solver_enum():
 
 
 def test_qpfunction_return_info_and_max_iter_warning():
-    Q, q, G, h, A, b = _random_qp(19, B=2)
+    Q, q, G, h, A, b = random_qp(19, B=2)
     z, res = QPFunction(verbose=-1)(Q, q, G, h, A, b, return_info=True)
     assert res.status == [Status.OPTIMAL] * 2
     with pytest.warns(UserWarning, match="max_iter"):
@@ -782,7 +750,7 @@ def test_qpfunction_return_info_and_max_iter_warning():
 
 
 def test_check_q_spd_refuses_indefinite_q_naming_q():
-    Q, q, G, h, A, b = _random_qp(20, B=2)
+    Q, q, G, h, A, b = random_qp(20, B=2)
     bad = Q.clone()
     bad[1] = torch.diag(_t([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"Q must be positive semidefinite at batch index 1"):
@@ -797,7 +765,7 @@ def test_check_q_spd_refuses_indefinite_q_naming_q():
 
 
 def _valid():
-    Q, q, G, h, A, b = _random_qp(21, n=3, p=3, m=1, B=2)
+    Q, q, G, h, A, b = random_qp(21, n=3, p=3, m=1, B=2)
     return [Q, q, G, h, A, b]
 
 
@@ -1006,7 +974,7 @@ def test_parametric_quad_form_with_inequalities_matches_central_differences():
 ], ids=["float64-schur", "float64-reduced", "float32-schur"])
 @SHARED
 def test_cuda_matches_cpu(dtype, kkt, tol, shared):
-    data = _random_qp(26, n=4, p=6, m=2, B=8, shared=shared, dtype=dtype)
+    data = random_qp(26, n=4, p=6, m=2, B=8, shared=shared, dtype=dtype)
     cpu_in = [t.clone().requires_grad_(True) for t in data]
     gpu_in = [t.cuda().requires_grad_(True) for t in data]
     settings = QPSettings(kkt=kkt)
@@ -1027,7 +995,7 @@ def test_cuda_matches_cpu(dtype, kkt, tol, shared):
 
 @pytest.mark.cuda
 def test_cuda_qpfunction_and_layer_keep_the_device():
-    Q, q, G, h, A, b = (t.cuda() for t in _random_qp(27, B=2))
+    Q, q, G, h, A, b = (t.cuda() for t in random_qp(27, B=2))
     z = QPFunction(verbose=-1)(Q, q, G, h, A, b)
     assert z.device.type == "cuda" and z.shape == (2, 4)
     data = [t.cuda() for t in _cvxpy_qp_data(28, 4, 6, 2, 2, False)]

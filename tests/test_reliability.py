@@ -43,6 +43,7 @@ import declarative
 from declarative import CvxpyLayer, ParameterTypeError, QPFunction, SolverError, Status
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.watchdog(60),
     # diffcp's own warning on SCS's capped runs (our max_iter warning is asserted instead).
     pytest.mark.filterwarnings("ignore:Solved/Inaccurate"),
@@ -52,15 +53,6 @@ DT = torch.float64
 E = torch.Tensor()  # qpth's spelling of an absent (A, b) or (G, h)
 QP_NAMES = ("Q", "p", "G", "h", "A", "b")
 SCS_ARGS = {"eps": 1e-10, "max_iters": 100_000}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add overhead on a loaded two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _t(a, grad=False, dtype=DT):
