@@ -85,7 +85,6 @@ import io
 import json
 import os
 import pstats
-import subprocess
 import sys
 import time
 import warnings
@@ -99,12 +98,15 @@ from harness import (
     Case,
     Result,
     argument_parser,
+    csv_list,
     emit,
     environment,
     markdown_table,
     optional_import,
+    probe,
     run,
     select,
+    with_threads,
 )
 
 from declarative.torch import CvxpyLayer
@@ -349,21 +351,6 @@ def ot_row(r: int, c: int, batch: int, peer, cvx_settings, scs_eps: float, seed=
 # qpth: threads and the LU trap
 # ---------------------------------------------------------------------------
 
-def with_threads(fn: Callable, threads: int | None) -> Callable:
-    if threads is None:
-        return fn
-
-    def wrapped():
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(old)
-
-    return wrapped
-
-
 _PROBES: dict[int, tuple[bool, str]] = {}
 
 
@@ -378,15 +365,9 @@ def qpth_thread_choice(n: int, choice: str) -> tuple[int | None, str]:
         return None, (f"sparsemax-{n}: qpth's {size}×{size} batched LU runs with 1 thread, like "
                       "the whole run (2 threads fail there: NOTES.md's trap).")
     if n not in _PROBES:
-        cmd = [sys.executable, os.path.abspath(__file__), "--probe-qpth",
-               json.dumps({"n": n, "threads": torch.get_num_threads()})]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True,
-                                 timeout=QPTH_PROBE_TIMEOUT)
-            lines = (out.stdout + out.stderr).strip().splitlines()
-            _PROBES[n] = (out.returncode == 0, lines[-1][:200] if lines else "")
-        except subprocess.TimeoutExpired:
-            _PROBES[n] = (False, f"hung (no answer in {QPTH_PROBE_TIMEOUT} s)")
+        _PROBES[n] = probe([sys.executable, os.path.abspath(__file__), "--probe-qpth",
+                            json.dumps({"n": n, "threads": torch.get_num_threads()})],
+                           QPTH_PROBE_TIMEOUT)
     ok, reason = _PROBES[n]
     if ok:
         return None, (f"sparsemax-{n}: qpth's {size}×{size} batched LU passed a 2-thread probe; "
@@ -570,10 +551,6 @@ def profile(rows: list[Row], top: int = 20) -> str:
 # Main
 # ---------------------------------------------------------------------------
 
-def _csv(text: str, cast=str) -> list:
-    return [cast(t.strip()) for t in text.split(",") if t.strip()]
-
-
 def main(argv=None) -> None:
     p = argument_parser(__doc__.splitlines()[0], repeats=15, warmup=1)
     p.add_argument("--problems", default="softmax,sparsemax,ot",
@@ -617,12 +594,12 @@ def main(argv=None) -> None:
 
     peer, peer_note = optional_import("cvxpylayers.torch")
     qpth_qp, qpth_note = (None, None) if args.no_qpth else optional_import("qpth.qp")
-    bad = [s for s in _csv(args.cvx_settings) if s not in CVX_SETTINGS]
+    bad = [s for s in csv_list(args.cvx_settings) if s not in CVX_SETTINGS]
     if bad:
         raise SystemExit(f"unknown --cvx-settings {bad}; choose from {list(CVX_SETTINGS)}")
-    cvx = [CVX_SETTINGS[s] for s in _csv(args.cvx_settings)]
-    problems = _csv(args.problems)
-    sizes = _csv(args.sizes, int)
+    cvx = [CVX_SETTINGS[s] for s in csv_list(args.cvx_settings)]
+    problems = csv_list(args.problems)
+    sizes = csv_list(args.sizes, int)
     large_n = 1000
     qpth_threads = "off" if args.no_qpth else args.qpth_threads
 

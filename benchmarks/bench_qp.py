@@ -94,11 +94,9 @@ import json
 import math
 import os
 import pstats
-import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -108,13 +106,16 @@ from harness import (
     Case,
     Result,
     argument_parser,
+    csv_list,
     emit,
     environment,
     markdown_table,
     optional_import,
+    probe,
     ratio,
     run,
     select,
+    with_threads,
 )
 
 from declarative import QPFunction
@@ -224,22 +225,6 @@ def qpth_fn(qpth_qp):
     return qpth_qp.QPFunction(verbose=-1, maxIter=QPTH_MAXITER)
 
 
-def with_threads(fn: Callable, threads: int | None) -> Callable:
-    """Run ``fn`` under torch.set_num_threads(threads) (None: leave alone)."""
-    if threads is None:
-        return fn
-
-    def wrapped():
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(old)
-
-    return wrapped
-
-
 def make_call(fn, inst: Instance, pass_: str, check: torch.Tensor | None = None):
     """A timed column: fwd or fwd+bwd of ``fn`` on the instance's inputs.
 
@@ -327,16 +312,9 @@ def qpth_needs_probe(neq: int) -> bool:
 @cache
 def probe_qpth(neq: int, mode: str, batch: int, threads: int) -> tuple[bool, str]:
     """Run 3 qpth fwd+bwd calls with ``threads`` in a subprocess; (ok, reason)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe-qpth",
-           json.dumps({"neq": neq, "mode": mode, "batch": batch, "threads": threads})]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=QPTH_PROBE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return False, f"hung (no answer in {QPTH_PROBE_TIMEOUT} s)"
-    if out.returncode != 0:
-        tail = (out.stdout + out.stderr).strip().splitlines()[-1:] or [f"rc {out.returncode}"]
-        return False, tail[0][:200]
-    return True, out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "ok"
+    return probe([sys.executable, os.path.abspath(__file__), "--probe-qpth",
+                  json.dumps({"neq": neq, "mode": mode, "batch": batch, "threads": threads})],
+                 QPTH_PROBE_TIMEOUT)
 
 
 def _probe_main(spec: str) -> None:
@@ -740,13 +718,6 @@ def profile(cases: list[Case], repeats: int, top: int = 20) -> str:
 # Main
 # ---------------------------------------------------------------------------
 
-def _csv(text: str, cast=str, allowed=None) -> list:
-    items = [cast(t.strip()) for t in text.split(",") if t.strip()]
-    if allowed is not None and any(i not in allowed for i in items):
-        raise SystemExit(f"unknown value in {text!r}; choose from {sorted(allowed)}")
-    return items
-
-
 def parser() -> argparse.ArgumentParser:
     p = argument_parser(__doc__.splitlines()[0], repeats=5, warmup=1)
     p.add_argument("--batch", type=int, default=128, help="batch size B (default 128)")
@@ -789,9 +760,9 @@ def main(argv=None) -> None:
         args.batch, args.cvx_batch = 32, min(args.cvx_batch, 4)
         args.repeats, args.cvx_repeats = 3, 2
         args.ref_samples, args.fd_coords = 2, 2
-    args.neq = _csv(args.neq, int)
-    args.modes = _csv(args.modes, str, {"all", "shared"})
-    args.passes = _csv(args.passes, str, {"fwd", "fwd+bwd"})
+    args.neq = csv_list(args.neq, int)
+    args.modes = csv_list(args.modes, str, {"all", "shared"})
+    args.passes = csv_list(args.passes, str, {"fwd", "fwd+bwd"})
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available")
     if args.threads:

@@ -34,6 +34,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -264,6 +265,49 @@ def argument_parser(description: str, repeats: int = 5, warmup: int = 1) -> argp
     p.add_argument("--no-gc", action="store_true",
                    help="do not run gc.collect() before each timed call")
     return p
+
+
+def csv_list(text: str, cast=str, allowed=None) -> list:
+    """A comma-separated option as a list (``allowed``: refuse other values)."""
+    items = [cast(t.strip()) for t in text.split(",") if t.strip()]
+    if allowed is not None and any(i not in allowed for i in items):
+        raise SystemExit(f"unknown value in {text!r}; choose from {sorted(allowed)}")
+    return items
+
+
+# ---------------------------------------------------------------------------
+# Threads and probes (the batched-LU trap of NOTES.md)
+# ---------------------------------------------------------------------------
+
+def with_threads(fn: Callable, threads: int | None) -> Callable:
+    """Run ``fn`` under torch.set_num_threads(threads) (None: leave alone)."""
+    if threads is None:
+        return fn
+
+    def wrapped():
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(old)
+
+    return wrapped
+
+
+def probe(argv: list[str], timeout: float) -> tuple[bool, str]:
+    """Run ``argv`` (a check that may hang or crash) in a subprocess: (ok, its last
+    line of output, or why it failed)."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"hung (no answer in {timeout:g} s)"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    if out.returncode != 0:
+        return False, (lines[-1] if lines else f"rc {out.returncode}")[:200]
+    return True, (lines[-1] if lines else "ok")[:200]
 
 
 def select(cases: Iterable[Case], pattern: str | None) -> list[Case]:
