@@ -14,11 +14,14 @@ import pytest
 import torch
 from helpers import (
     CLARABEL_ARGS,
+    SCS_EXP,
     SCS_TIGHT,
+    as_tensor,
     central_differences,
     conic_layer,
     reference_solve,
     rel_err,
+    weighted_grads,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -26,22 +29,9 @@ from hypothesis import strategies as st
 from declarative import Status
 
 DT = torch.float64
-# Exponential cones: SCS stalls short of 1e-12 (max_iters) but reaches 1e-10 cleanly.
-SCS_EXP = {"eps": 1e-10, "max_iters": 100_000}
 
 
-def _rng(seed):
-    return np.random.default_rng(seed)
 
-
-def _t(a, grad=False, dtype=DT):
-    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=grad)
-
-
-def _grads(outputs, inputs, weights):
-    """Gradient of Σ_k <weights_k, outputs_k> with respect to each input."""
-    loss = sum((w * o).sum() for w, o in zip(weights, outputs))
-    return torch.autograd.grad(loss, inputs)
 
 
 # ----------------------------------------------------------------------------
@@ -51,22 +41,22 @@ def _grads(outputs, inputs, weights):
 
 def test_least_squares_matches_closed_form_and_its_gradient():
     m, n = 6, 3
-    rng = _rng(1)
+    rng = np.random.default_rng(1)
     A = cp.Parameter((m, n))
     b = cp.Parameter(m)
     x = cp.Variable(n)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)))
     layer = conic_layer(prob, [A, b], [x], solver_args=SCS_TIGHT)
 
-    At = _t(rng.standard_normal((m, n)), grad=True)
-    bt = _t(rng.standard_normal(m), grad=True)
+    At = as_tensor(rng.standard_normal((m, n)), grad=True)
+    bt = as_tensor(rng.standard_normal(m), grad=True)
     (x_star,) = layer(At, bt)
     x_ref = torch.linalg.lstsq(At, bt).solution
     assert rel_err(x_star.detach(), x_ref.detach()) < 1e-8
 
     w = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(0))
-    got = _grads([x_star], [At, bt], [w])
-    ref = _grads([x_ref], [At, bt], [w])
+    got = weighted_grads([x_star], [At, bt], [w])
+    ref = weighted_grads([x_ref], [At, bt], [w])
     for g, r in zip(got, ref):
         assert rel_err(g, r) < 1e-6
 
@@ -74,7 +64,7 @@ def test_least_squares_matches_closed_form_and_its_gradient():
 def test_ridge_matches_closed_form_and_its_gradient():
     """x = (AᵀA + λI)⁻¹ Aᵀb, with the gradient in A, b and λ."""
     m, n = 6, 3
-    rng = _rng(1)
+    rng = np.random.default_rng(1)
     A = cp.Parameter((m, n))
     b = cp.Parameter(m)
     lam = cp.Parameter(nonneg=True)
@@ -82,16 +72,16 @@ def test_ridge_matches_closed_form_and_its_gradient():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + lam * cp.sum_squares(x)))
     layer = conic_layer(prob, [A, b, lam], [x], solver_args=SCS_TIGHT)
 
-    At = _t(rng.standard_normal((m, n)), grad=True)
-    bt = _t(rng.standard_normal(m), grad=True)
-    lt = _t(0.7, grad=True)
+    At = as_tensor(rng.standard_normal((m, n)), grad=True)
+    bt = as_tensor(rng.standard_normal(m), grad=True)
+    lt = as_tensor(0.7, grad=True)
     (x_star,) = layer(At, bt, lt)
     x_ref = torch.linalg.solve(At.T @ At + lt * torch.eye(n, dtype=DT), At.T @ bt)
     assert rel_err(x_star.detach(), x_ref.detach()) < 1e-8
 
     w = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(0))
-    got = _grads([x_star], [At, bt, lt], [w])
-    ref = _grads([x_ref], [At, bt, lt], [w])
+    got = weighted_grads([x_star], [At, bt, lt], [w])
+    ref = weighted_grads([x_ref], [At, bt, lt], [w])
     for g, r in zip(got, ref):
         assert rel_err(g, r) < 1e-6
 
@@ -105,7 +95,7 @@ def test_box_projection_matches_clamp():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= lo, x <= hi])
     layer = conic_layer(prob, [y, lo, hi], [x], solver_args=SCS_TIGHT)
 
-    rng = _rng(2)
+    rng = np.random.default_rng(2)
     lo_v = -0.5 - rng.random((B, n))
     hi_v = 0.5 + rng.random((B, n))
     y_v = 2.0 * rng.standard_normal((B, n))
@@ -116,14 +106,14 @@ def test_box_projection_matches_clamp():
     inside = (y_v > lo_v) & (y_v < hi_v)
     assert inside.any() and (~inside).any()
 
-    yt, lot, hit = (_t(v, grad=True) for v in (y_v, lo_v, hi_v))
+    yt, lot, hit = (as_tensor(v, grad=True) for v in (y_v, lo_v, hi_v))
     (x_star,) = layer(yt, lot, hit)
     x_ref = torch.clamp(yt, lot, hit)
     assert (x_star - x_ref).abs().max() < 1e-7
 
     w = torch.randn(B, n, dtype=DT, generator=torch.Generator().manual_seed(1))
-    got = _grads([x_star], [yt, lot, hit], [w])
-    ref = _grads([x_ref], [yt, lot, hit], [w])
+    got = weighted_grads([x_star], [yt, lot, hit], [w])
+    ref = weighted_grads([x_ref], [yt, lot, hit], [w])
     for g, r in zip(got, ref):
         assert (g - r).abs().max() < 1e-6
 
@@ -148,18 +138,18 @@ def test_box_projection_property(coords):
     hi_v = np.array([c[2] for c in coords])
     assume(np.minimum(np.abs(y_v - lo_v), np.abs(y_v - hi_v)).min() > 1e-3)
     layer = _box_layer(len(coords))
-    yt, lot, hit = (_t(v, grad=True) for v in (y_v, lo_v, hi_v))
+    yt, lot, hit = (as_tensor(v, grad=True) for v in (y_v, lo_v, hi_v))
     (x_star,) = layer(yt, lot, hit)
     x_ref = torch.clamp(yt, lot, hit)
     assert (x_star - x_ref).abs().max() < 1e-7
     w = torch.linspace(-1, 2, len(coords), dtype=DT)
-    for g, r in zip(_grads([x_star], [yt, lot, hit], [w]), _grads([x_ref], [yt, lot, hit], [w])):
+    for g, r in zip(weighted_grads([x_star], [yt, lot, hit], [w]), weighted_grads([x_ref], [yt, lot, hit], [w])):
         assert (g - r).abs().max() < 1e-5
 
 
 def _lp_at_vertex(seed, m=5, n=2):
     """A, b, c with a unique, non-degenerate optimal vertex on rows 0..n-1 of Ax <= b."""
-    rng = _rng(seed)
+    rng = np.random.default_rng(seed)
     A = rng.standard_normal((m, n))
     x0 = rng.standard_normal(n)
     b = A @ x0
@@ -181,7 +171,7 @@ def test_lp_vertex_sensitivity():
     prob = cp.Problem(cp.Minimize(c @ x), [con])
     layer = conic_layer(prob, [A, b, c], [x, con.dual_variables[0]], solver_args=SCS_TIGHT)
 
-    At, bt, ct = (_t(v, grad=True) for v in (A_v, b_v, c_v))
+    At, bt, ct = (as_tensor(v, grad=True) for v in (A_v, b_v, c_v))
     x_star, lam_star = layer(At, bt, ct)
     x_ref = torch.linalg.solve(At[:n], bt[:n])
     lam_ref = torch.cat([-torch.linalg.solve(At[:n].T, ct), torch.zeros(m - n, dtype=DT)])
@@ -217,7 +207,7 @@ def test_softmax_via_entropy_matches_torch_softmax_and_its_jacobian():
     n = 4
     prob, theta, z = _softmax_problem(n)
     layer = conic_layer(prob, [theta], [z], solver_args=SCS_EXP)
-    th = _t(_rng(4).standard_normal(n), grad=True)
+    th = as_tensor(np.random.default_rng(4).standard_normal(n), grad=True)
     (z_star,) = layer(th)
     s = torch.softmax(th.detach(), 0)
     assert (z_star.detach() - s).abs().max() < 1e-6
@@ -231,13 +221,13 @@ def test_softmax_batched_matches_torch_softmax():
     n, B = 3, 4
     prob, theta, z = _softmax_problem(n)
     layer = conic_layer(prob, [theta], [z], solver_args=SCS_EXP)
-    th = _t(_rng(5).standard_normal((B, n)), grad=True)
+    th = as_tensor(np.random.default_rng(5).standard_normal((B, n)), grad=True)
     (z_star,) = layer(th)
     s = torch.softmax(th, -1)
     assert (z_star - s).abs().max() < 1e-6
     w = torch.randn(B, n, dtype=DT, generator=torch.Generator().manual_seed(3))
-    (g,) = _grads([z_star], [th], [w])
-    (g_ref,) = _grads([s], [th], [w])
+    (g,) = weighted_grads([z_star], [th], [w])
+    (g_ref,) = weighted_grads([s], [th], [w])
     assert (g - g_ref).abs().max() < 1e-5
 
 
@@ -258,7 +248,7 @@ def test_sparsemax_matches_sort_based_closed_form_and_jacobian():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(z - theta)), [cp.sum(z) == 1, z >= 0])
     layer = conic_layer(prob, [theta], [z], solver_args=SCS_TIGHT)
 
-    th = _t([1.2, 0.9, 0.1, -0.4, 0.7], grad=True)
+    th = as_tensor([1.2, 0.9, 0.1, -0.4, 0.7], grad=True)
     z_ref, tau = _sparsemax(th.detach())
     assert (th.detach() - tau).abs().min() > 0.05  # no entry at the support's edge
     support = (z_ref > 0).to(DT)
@@ -280,7 +270,7 @@ GRADCHECK = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
 
 def test_gradcheck_logistic_regression_exponential_cone():
     m, n = 6, 2
-    rng = _rng(6)
+    rng = np.random.default_rng(6)
     X = cp.Parameter((m, n))
     y = np.where(rng.random(m) > 0.5, 1.0, -1.0)
     y[:2] = [1.0, -1.0]
@@ -288,21 +278,21 @@ def test_gradcheck_logistic_regression_exponential_cone():
     loss = cp.sum(cp.logistic(-cp.multiply(y, X @ w))) / m
     prob = cp.Problem(cp.Minimize(loss + 0.1 * cp.sum_squares(w)))
     layer = conic_layer(prob, [X], [w], solver_args=SCS_TIGHT)
-    Xt = _t(rng.standard_normal((m, n)), grad=True)
+    Xt = as_tensor(rng.standard_normal((m, n)), grad=True)
     assert torch.autograd.gradcheck(lambda X_: layer(X_)[0], (Xt,), **GRADCHECK)
 
 
 def test_gradcheck_socp():
     n = 3
-    rng = _rng(7)
+    rng = np.random.default_rng(7)
     F = cp.Parameter((4, n))
     g = cp.Parameter(4)
     p = cp.Parameter(n)
     x = cp.Variable(n)
     prob = cp.Problem(cp.Minimize(p @ x + cp.norm(F @ x - g, 2)), [cp.norm(x, 2) <= 1])
     layer = conic_layer(prob, [F, g, p], [x], solver_args=SCS_TIGHT)
-    inputs = (_t(rng.standard_normal((4, n)), grad=True), _t(rng.standard_normal(4), grad=True),
-              _t(rng.standard_normal(n), grad=True))
+    inputs = (as_tensor(rng.standard_normal((4, n)), grad=True), as_tensor(rng.standard_normal(4), grad=True),
+              as_tensor(rng.standard_normal(n), grad=True))
     assert torch.autograd.gradcheck(lambda *a: layer(*a)[0], inputs, **GRADCHECK)
 
 
@@ -397,7 +387,7 @@ def test_power_cone_is_refused_at_construction():
 
 def test_dual_variable_gradients_match_central_differences():
     n = 3
-    rng = _rng(8)
+    rng = np.random.default_rng(8)
     G = rng.standard_normal((4, n))
     p = cp.Parameter(n)
     h = cp.Parameter(4)
@@ -410,7 +400,7 @@ def test_dual_variable_gradients_match_central_differences():
 
     p_v = 2.0 * rng.standard_normal(n)
     h_v = G @ np.full(n, 1 / 3) + 0.3 * rng.random(4)  # feasible: x = 1/3 fits
-    pt, ht = _t(p_v, grad=True), _t(h_v, grad=True)
+    pt, ht = as_tensor(p_v, grad=True), as_tensor(h_v, grad=True)
     x_s, lam, nu = layer(pt, ht)
 
     # The layer's duals are CVXPY's own.
@@ -425,7 +415,7 @@ def test_dual_variable_gradients_match_central_differences():
     gen = torch.Generator().manual_seed(4)
     w_lam, w_nu = torch.randn(4, dtype=DT, generator=gen), torch.randn((), dtype=DT,
                                                                           generator=gen)
-    got = _grads([lam, nu], [pt, ht], [w_lam, w_nu])
+    got = weighted_grads([lam, nu], [pt, ht], [w_lam, w_nu])
 
     def duals(p_, h_):
         return layer(p_, h_)[1:]
@@ -454,20 +444,20 @@ def _qp_layer(**kw):
 def test_batch_matches_one_at_a_time():
     layer, (m, n) = _qp_layer(solver_args=SCS_TIGHT)
     B = 3
-    rng = _rng(9)
-    Qb = _t(rng.standard_normal((B, m, n)), grad=True)
-    qb = _t(2 * rng.standard_normal((B, m)), grad=True)
+    rng = np.random.default_rng(9)
+    Qb = as_tensor(rng.standard_normal((B, m, n)), grad=True)
+    qb = as_tensor(2 * rng.standard_normal((B, m)), grad=True)
     gen = torch.Generator().manual_seed(5)
     wx, wl = torch.randn(B, n, dtype=DT, generator=gen), torch.randn(B, n, dtype=DT,
                                                                        generator=gen)
     xb, lb = layer(Qb, qb)
-    gQ, gq = _grads([xb, lb], [Qb, qb], [wx, wl])
+    gQ, gq = weighted_grads([xb, lb], [Qb, qb], [wx, wl])
     assert xb.shape == (B, n) and lb.shape == (B, n)
     for i in range(B):
         Qi = Qb[i].detach().clone().requires_grad_(True)
         qi = qb[i].detach().clone().requires_grad_(True)
         xi, li = layer(Qi, qi)
-        gQi, gqi = _grads([xi, li], [Qi, qi], [wx[i], wl[i]])
+        gQi, gqi = weighted_grads([xi, li], [Qi, qi], [wx[i], wl[i]])
         assert (xb[i] - xi).abs().max() < 1e-9
         assert (lb[i] - li).abs().max() < 1e-9
         assert (gQ[i] - gQi).abs().max() < 1e-8
@@ -477,9 +467,9 @@ def test_batch_matches_one_at_a_time():
 def test_broadcast_parameter_gradient_is_sum_over_batch():
     layer, (m, n) = _qp_layer(solver_args=SCS_TIGHT)
     B = 3
-    rng = _rng(10)
-    Q = _t(rng.standard_normal((m, n)), grad=True)  # unbatched: shared by every sample
-    qb = _t(2 * rng.standard_normal((B, m)), grad=True)
+    rng = np.random.default_rng(10)
+    Q = as_tensor(rng.standard_normal((m, n)), grad=True)  # unbatched: shared by every sample
+    qb = as_tensor(2 * rng.standard_normal((B, m)), grad=True)
     w = torch.randn(B, n, dtype=DT, generator=torch.Generator().manual_seed(6))
     (xb, _) = layer(Q, qb)
     (gQ,) = torch.autograd.grad((w * xb).sum(), [Q])
@@ -495,14 +485,14 @@ def test_broadcast_parameter_gradient_is_sum_over_batch():
 
 def test_batch_of_one_keeps_dimension_and_unbatched_stays_unbatched():
     layer, (m, n) = _qp_layer()
-    rng = _rng(11)
+    rng = np.random.default_rng(11)
     Q, q = rng.standard_normal((m, n)), rng.standard_normal(m)
-    x1, l1 = layer(_t(Q[None]), _t(q[None]))
+    x1, l1 = layer(as_tensor(Q[None]), as_tensor(q[None]))
     assert x1.shape == (1, n) and l1.shape == (1, n)
-    x0, l0 = layer(_t(Q), _t(q))
+    x0, l0 = layer(as_tensor(Q), as_tensor(q))
     assert x0.shape == (n,) and l0.shape == (n,)
     # Only one input batched: the batch dimension still comes back.
-    xm, _ = layer(_t(Q), _t(q[None]))
+    xm, _ = layer(as_tensor(Q), as_tensor(q[None]))
     assert xm.shape == (1, n)
     assert torch.allclose(x1[0], x0, atol=1e-6) and torch.allclose(xm[0], x0, atol=1e-6)
 
@@ -512,9 +502,9 @@ def test_scalar_parameter_and_scalar_variable_shapes():
     t = cp.Variable()
     prob = cp.Problem(cp.Minimize(cp.square(t - a)), [t >= 0])
     layer = conic_layer(prob, [a], [t], solver_args=SCS_TIGHT)
-    (ts,) = layer(_t(1.5))
+    (ts,) = layer(as_tensor(1.5))
     assert ts.shape == () and abs(float(ts) - 1.5) < 1e-7
-    at = _t([1.5, -2.0, 0.25], grad=True)
+    at = as_tensor([1.5, -2.0, 0.25], grad=True)
     (tb,) = layer(at)
     assert tb.shape == (3,)
     assert torch.allclose(tb, torch.clamp(at, min=0).detach(), atol=1e-7)
@@ -530,9 +520,9 @@ def test_scalar_parameter_and_scalar_variable_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtype_is_preserved(dtype):
     layer, (m, n) = _qp_layer()
-    rng = _rng(12)
-    Q = _t(rng.standard_normal((m, n)), grad=True, dtype=dtype)
-    q = _t(rng.standard_normal(m), grad=True, dtype=dtype)
+    rng = np.random.default_rng(12)
+    Q = as_tensor(rng.standard_normal((m, n)), grad=True, dtype=dtype)
+    q = as_tensor(rng.standard_normal(m), grad=True, dtype=dtype)
     x, lam = layer(Q, q)
     assert x.dtype == dtype and lam.dtype == dtype
     gQ, gq = torch.autograd.grad(x.sum() + lam.sum(), [Q, q])
@@ -541,9 +531,9 @@ def test_dtype_is_preserved(dtype):
 
 def test_mixed_precision_promotes_to_float64():
     layer, (m, n) = _qp_layer(solver_args=SCS_TIGHT)
-    rng = _rng(13)
-    Q = _t(rng.standard_normal((m, n)), grad=True, dtype=torch.float32)
-    q = _t(rng.standard_normal(m), grad=True, dtype=torch.float64)
+    rng = np.random.default_rng(13)
+    Q = as_tensor(rng.standard_normal((m, n)), grad=True, dtype=torch.float32)
+    q = as_tensor(rng.standard_normal(m), grad=True, dtype=torch.float64)
     x, lam = layer(Q, q)
     assert x.dtype == torch.float64 and lam.dtype == torch.float64
     gQ, gq = torch.autograd.grad(x.sum(), [Q, q])
@@ -555,9 +545,9 @@ def test_mixed_precision_promotes_to_float64():
 
 def test_no_grad_outputs_do_not_require_grad():
     layer, (m, n) = _qp_layer(solver_args=SCS_TIGHT)
-    rng = _rng(14)
-    Q = _t(rng.standard_normal((m, n)), grad=True)
-    q = _t(rng.standard_normal(m), grad=True)
+    rng = np.random.default_rng(14)
+    Q = as_tensor(rng.standard_normal((m, n)), grad=True)
+    q = as_tensor(rng.standard_normal(m), grad=True)
     with torch.no_grad():
         x, lam = layer(Q, q)
     assert not x.requires_grad and not lam.requires_grad
@@ -573,8 +563,8 @@ def test_layer_never_writes_parameter_values_and_is_repeatable():
     x = cp.Variable(n)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x - a) + b @ x), [x >= -1, x <= 1])
     layer = conic_layer(prob, [a, b], [x], solver_args=SCS_TIGHT)
-    at = _t([0.3, -0.2, 2.0], grad=True)
-    bt = _t([0.1, 0.2, -0.3], grad=True)
+    at = as_tensor([0.3, -0.2, 2.0], grad=True)
+    bt = as_tensor([0.1, 0.2, -0.3], grad=True)
     x1 = layer(at, bt)[0]
     g1 = torch.autograd.grad(x1.sum(), [at, bt])
     x2 = layer(at, bt)[0]
@@ -596,8 +586,8 @@ def test_two_layers_sharing_parameters_do_not_interfere():
     prob2 = cp.Problem(cp.Minimize(cp.sum_squares(x - b)), [x >= a])
     l1 = conic_layer(prob1, [a, b], [x], solver_args=SCS_TIGHT)
     l2 = conic_layer(prob2, [b, a], [x], solver_args=SCS_TIGHT)  # other order, too
-    rng = _rng(15)
-    av, bv = _t(rng.standard_normal(n)), _t(rng.standard_normal(n))
+    rng = np.random.default_rng(15)
+    av, bv = as_tensor(rng.standard_normal(n)), as_tensor(rng.standard_normal(n))
     ref1 = av - bv / 2
     ref2 = torch.maximum(bv, av)
     for _ in range(2):
@@ -615,8 +605,8 @@ def test_layer_shared_across_threads_gives_the_sequential_answers():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [x >= 0, cp.sum(x) <= 1])
     args = dict(SCS_TIGHT)
     layer = conic_layer(prob, [p], [x], solver_args=args)
-    rng = _rng(18)
-    batches = [_t(rng.standard_normal((3, n)), grad=True) for _ in range(8)]
+    rng = np.random.default_rng(18)
+    batches = [as_tensor(rng.standard_normal((3, n)), grad=True) for _ in range(8)]
 
     def run(t):
         (xs,) = layer(t)
@@ -664,7 +654,7 @@ def test_geometric_program_matches_cvxpy_and_finite_differences():
     prob, params, variables = _gp_problem()
     layer = conic_layer(prob, params, variables, gp=True, solver_args=SCS_EXP)
     vals = np.array([2.0, 3.0, 0.8])  # c < 1: x <= c*y is active, the optimum asymmetric
-    ts = [_t(v, grad=True) for v in vals]
+    ts = [as_tensor(v, grad=True) for v in vals]
     out = layer(*ts)
     got = torch.stack(out)
     ref = _gp_reference(prob, params, variables, vals)
@@ -691,7 +681,7 @@ def test_geometric_program_parameter_as_exponent():
                       [a * (x * y + x * z + y * z) <= b, x >= y ** c])
     layer = conic_layer(prob, [a, b, c], [x, y, z], gp=True, solver_args=SCS_EXP)
     vals = np.array([2.0, 1.0, 0.5])
-    ts = [_t(v, grad=True) for v in vals]
+    ts = [as_tensor(v, grad=True) for v in vals]
     got = torch.stack(layer(*ts))
     ref = _gp_reference(prob, [a, b, c], [x, y, z], vals)
     assert np.abs(got.detach().numpy() - ref).max() < 1e-6
@@ -710,7 +700,7 @@ def test_geometric_program_parameter_as_coefficient_and_exponent():
     assert prob.is_dgp(dpp=True)
     layer = conic_layer(prob, [a, b, c], [x, y, z], gp=True, solver_args=SCS_EXP)
     vals = np.array([2.0, 1.0, 0.5])
-    got = torch.stack(layer(*[_t(v) for v in vals]))
+    got = torch.stack(layer(*[as_tensor(v) for v in vals]))
     ref = _gp_reference(prob, [a, b, c], [x, y, z], vals)
     assert np.abs(got.numpy() - ref).max() < 1e-6
 
@@ -723,8 +713,8 @@ def test_geometric_program_parameter_as_coefficient_and_exponent():
 @pytest.mark.filterwarnings("ignore:Solved/Inaccurate")  # diffcp's own, beside ours
 def test_call_solver_args_override_the_layer_defaults():
     layer, (m, n) = _qp_layer(solver_args=SCS_TIGHT)
-    rng = _rng(17)
-    Q, q = _t(rng.standard_normal((m, n))), _t(3 * rng.standard_normal(m))
+    rng = np.random.default_rng(17)
+    Q, q = as_tensor(rng.standard_normal((m, n))), as_tensor(3 * rng.standard_normal(m))
     (x_full, _), info = layer(Q, q, return_info=True)
     assert info.status == (Status.OPTIMAL,) and info.iterations[0] > 3
     with pytest.warns(UserWarning, match="max_iter"):
@@ -758,8 +748,8 @@ ECOS_TIGHT = {"abstol": 1e-10, "reltol": 1e-10, "feastol": 1e-10}
 ], ids=["ECOS", "CLARABEL", "solve_method=Clarabel", "solve_method=ECOS"])
 def test_solvers_agree_with_scs(kw):
     prob, params, x = _mixed_cone_problem()
-    rng = _rng(16)
-    vals = [_t(rng.standard_normal((4, 3)), grad=True), _t(rng.standard_normal(4), grad=True)]
+    rng = np.random.default_rng(16)
+    vals = [as_tensor(rng.standard_normal((4, 3)), grad=True), as_tensor(rng.standard_normal(4), grad=True)]
     scs = conic_layer(prob, params, [x], solver="SCS", solver_args=SCS_TIGHT)
     other = conic_layer(prob, params, [x], **kw)
     (x_scs,), info_scs = scs(*vals, return_info=True)
@@ -769,7 +759,7 @@ def test_solvers_agree_with_scs(kw):
     assert np.abs(x_scs.detach().numpy() - ref).max() < 1e-6
     assert (x_scs - x_o).abs().max() < 1e-6
     w = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
-    g_scs = _grads([x_scs], vals, [w])
-    g_o = _grads([x_o], vals, [w])
+    g_scs = weighted_grads([x_scs], vals, [w])
+    g_o = weighted_grads([x_o], vals, [w])
     for u, v in zip(g_scs, g_o):
         assert (u - v).abs().max() < 1e-5

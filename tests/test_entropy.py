@@ -26,11 +26,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    SCS_EXP,
     SCS_TIGHT,
+    as_tensor,
     central_differences,
     conic_layer,
     directional_difference,
     reference_solve,
+    weighted_grads,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -40,25 +43,12 @@ from declarative import SolverError, Status
 from declarative.torch import CvxpyLayer
 
 DT = torch.float64
-# Exponential cones: SCS stalls short of 1e-12 (max_iters) but reaches 1e-10 cleanly.
-SCS_EXP = {"eps": 1e-10, "max_iters": 100_000}
 CONIC_X_TOL = 1e-8  # |path − conic| on solutions, with SCS at the eps above
 CONIC_G_TOL = 1e-6  # ... and on gradients (diffcp's derivative at that solution)
 GRADCHECK = dict(eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def _rng(seed):
-    return np.random.default_rng(seed)
 
-
-def _t(a, grad=False, dtype=DT):
-    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=grad)
-
-
-def _grads(outputs, inputs, weights):
-    """Gradient of Σ_k <weights_k, outputs_k> with respect to each input."""
-    loss = sum((w * o).sum() for w, o in zip(weights, outputs))
-    return torch.autograd.grad(loss, inputs)
 
 
 def _weights(shape, seed):
@@ -277,7 +267,7 @@ def _seed_ift_jacobian(theta):
 
 def test_seed_kkt_system_gives_softmax_jacobian():
     n = 5
-    theta = _t(_rng(0).standard_normal(n))
+    theta = as_tensor(np.random.default_rng(0).standard_normal(n))
     D, Jx, (z, u, v) = _seed_ift_jacobian(theta)
     x = torch.cat([z, u.reshape(1), v])
 
@@ -307,7 +297,7 @@ def test_seed_kkt_system_gives_softmax_jacobian():
 
 def test_layer_jacobian_equals_the_seed_ift_jacobian():
     n = 5
-    theta = _t(_rng(0).standard_normal(n))
+    theta = as_tensor(np.random.default_rng(0).standard_normal(n))
     prob, th, z = _softmax_problem(n)
     layer = CvxpyLayer(prob, [th], [z])
     assert layer.backend == "entropy"
@@ -322,7 +312,7 @@ def test_seed_system_is_singular_at_u_zero_but_the_layer_is_not():
     """Writing feasibility as u(zᵀ1 − 1) makes (4) singular where u = 1 − logsumexp(θ) = 0
     (the seed's "u > 0" does not hold in general); softmax itself is smooth there."""
     n = 5
-    theta = _t(_rng(0).standard_normal(n))
+    theta = as_tensor(np.random.default_rng(0).standard_normal(n))
     theta = theta - torch.logsumexp(theta, 0) + 1.0  # a shift: same softmax, u = 0
     Jx, _, (z, u, _) = _seed_kkt_jacobians(theta)
     assert abs(float(u)) < 1e-14
@@ -337,7 +327,7 @@ def test_layer_jacobian_with_temperature_is_block_diagonal_over_the_batch():
     n, B, tau = 4, 3, 0.5
     prob, th, z = _softmax_problem(n, tau=tau)
     layer = CvxpyLayer(prob, [th], [z])
-    theta = _t(_rng(1).standard_normal((B, n)))
+    theta = as_tensor(np.random.default_rng(1).standard_normal((B, n)))
     J = torch.autograd.functional.jacobian(lambda t: layer(t)[0], theta)  # (B, n, B, n)
     for i in range(B):
         for j in range(B):
@@ -359,8 +349,8 @@ def test_dual_newton_on_the_softmax_structure_matches_the_seed_formula():
     layer = CvxpyLayer(prob, [theta, s], [z])
     assert layer.backend == "entropy" and layer.compiled.form("entropy").program.kind == "general"
 
-    th = _t(_rng(2).standard_normal(n))
-    sv = _t(1.7)
+    th = as_tensor(np.random.default_rng(2).standard_normal(n))
+    sv = as_tensor(1.7)
     (z_star,), _ = _solve(layer, th, sv)
     p = torch.softmax(th / tau, 0)
     assert (z_star - sv * p).abs().max() < 1e-13
@@ -384,14 +374,14 @@ def test_softmax_spellings_route_to_the_closed_form(spelling):
     program = layer.compiled.form("entropy").program
     assert program.kind == "softmax" and program.tau == pytest.approx(tau, rel=1e-15)
 
-    theta = _t(_rng(3).standard_normal((4, n)), grad=True)
+    theta = as_tensor(np.random.default_rng(3).standard_normal((4, n)), grad=True)
     (z_star,), info = _solve(layer, theta)
     assert info.backend == "entropy"
     ref = torch.softmax(theta / tau, -1)
     assert (z_star - ref).abs().max() < 1e-12
     w = _weights((4, n), 0)
-    (g,) = _grads([z_star], [theta], [w])
-    (g_ref,) = _grads([ref], [theta], [w])
+    (g,) = weighted_grads([z_star], [theta], [w])
+    (g_ref,) = weighted_grads([ref], [theta], [w])
     assert (g - g_ref).abs().max() < 1e-12
 
 
@@ -399,7 +389,7 @@ def test_softmax_extreme_and_equal_logits_match_torch_softmax():
     n = 5
     prob, th, z = _softmax_problem(n)
     layer = CvxpyLayer(prob, [th], [z])
-    theta = _t([[1e4, -1e4, 0.0, 1e4, 3.0],  # two tied winners at 1e4
+    theta = as_tensor([[1e4, -1e4, 0.0, 1e4, 3.0],  # two tied winners at 1e4
                 [-1e4, -1e4, -1e4, -1e4 + 2.0, -1e4],  # all far below zero
                 [2.5, 2.5, 2.5, 2.5, 2.5],  # equal logits: the uniform distribution
                 [1e4, 1e4 - 1.0, -3.0, 0.0, 1e4 - 0.5],  # large, with O(1) differences
@@ -409,10 +399,10 @@ def test_softmax_extreme_and_equal_logits_match_torch_softmax():
     assert torch.isfinite(z_star).all()
     assert (z_star - ref).abs().max() < 1e-12
     assert (z_star[2] - 1.0 / n).abs().max() < 1e-15
-    assert (z_star[0] - _t([0.5, 0, 0, 0.5, 0])).abs().max() < 1e-15
+    assert (z_star[0] - as_tensor([0.5, 0, 0, 0.5, 0])).abs().max() < 1e-15
     w = _weights(theta.shape, 1)
-    (g,) = _grads([z_star], [theta], [w])
-    (g_ref,) = _grads([ref], [theta], [w])
+    (g,) = weighted_grads([z_star], [theta], [w])
+    (g_ref,) = weighted_grads([ref], [theta], [w])
     assert torch.isfinite(g).all()
     assert (g - g_ref).abs().max() < 1e-12
 
@@ -422,9 +412,9 @@ def test_softmax_temperature_1e_3():
     n, tau = 6, 1e-3
     prob, th, z = _softmax_problem(n, tau=tau)
     layer = CvxpyLayer(prob, [th], [z])
-    rng = _rng(4)
+    rng = np.random.default_rng(4)
     # Logits 1e-3 apart keep the answer away from one-hot, so the Jacobian is not ~0.
-    theta = _t(np.stack([rng.standard_normal(n),
+    theta = as_tensor(np.stack([rng.standard_normal(n),
                          0.3 + tau * rng.standard_normal(n)]), grad=True)
     (z_star,), _ = _solve(layer, theta)
     ref = torch.softmax(theta / tau, -1)
@@ -441,14 +431,14 @@ def test_softmax_masked_entries_minus_inf():
     prob, th, z = _softmax_problem(n)
     layer = CvxpyLayer(prob, [th], [z])
     ninf = -float("inf")
-    theta = _t([[1.0, ninf, 0.5, 2.0, ninf],
+    theta = as_tensor([[1.0, ninf, 0.5, 2.0, ninf],
                 [ninf, ninf, ninf, 0.0, ninf]], grad=True)  # one entry left: one-hot
     (z_star,), _ = _solve(layer, theta)
     ref = torch.softmax(theta, -1)
     assert (z_star - ref).abs().max() < 1e-12
     w = _weights(theta.shape, 2)
-    (g,) = _grads([z_star], [theta], [w])
-    (g_ref,) = _grads([ref], [theta], [w])
+    (g,) = weighted_grads([z_star], [theta], [w])
+    (g_ref,) = weighted_grads([ref], [theta], [w])
     assert (g - g_ref).abs().max() < 1e-12
 
 
@@ -458,7 +448,7 @@ def test_softmax_with_a_nonneg_variable():
     z = cp.Variable(n, nonneg=True)
     prob = cp.Problem(cp.Maximize(theta @ z + cp.sum(cp.entr(z))), [cp.sum(z) == 1])
     layer = CvxpyLayer(prob, [theta], [z])
-    th = _t(_rng(5).standard_normal(n))
+    th = as_tensor(np.random.default_rng(5).standard_normal(n))
     (z_star,), _ = _solve(layer, th)
     assert (z_star - torch.softmax(th, 0)).abs().max() < 1e-12
 
@@ -473,11 +463,11 @@ def test_sparsemax_matches_the_sort_based_closed_form():
     prob, y, z = _sparsemax_problem(n)
     layer = CvxpyLayer(prob, [y], [z])
     assert layer.backend == "simplex"
-    y_v = _rng(6).standard_normal((B, n)) * np.geomspace(0.01, 10.0, B)[:, None]
+    y_v = np.random.default_rng(6).standard_normal((B, n)) * np.geomspace(0.01, 10.0, B)[:, None]
     refs = [_sparsemax_ref(row) for row in y_v]
     sizes = {int(s.sum()) for _, _, s in refs}
     assert min(sizes) == 1 and max(sizes) == n and len(sizes) >= 4  # one-hot to dense
-    (z_star,), _ = _solve(layer, _t(y_v))
+    (z_star,), _ = _solve(layer, as_tensor(y_v))
     for i, (z_ref, _, _) in enumerate(refs):
         assert np.abs(z_star[i].numpy() - z_ref).max() < 1e-12
 
@@ -490,7 +480,7 @@ def test_sparsemax_jacobian_is_support_restricted_centering():
     z_ref, t, support = _sparsemax_ref(y_v)
     assert np.abs(y_v - t).min() > 0.04  # no entry near the support's edge
     assert 1 < support.sum() < n
-    yt = _t(y_v)
+    yt = as_tensor(y_v)
     J = torch.autograd.functional.jacobian(lambda a: layer(a)[0], yt)
     assert (J - _sparsemax_jacobian(support)).abs().max() < 1e-12
     # ... and autograd through the torch closed form says the same.
@@ -514,7 +504,7 @@ def test_sparsemax_ties_and_one_hot(row):
     layer = CvxpyLayer(prob, [y], [z])
     y_v = np.array(row)
     z_ref, t, support = _sparsemax_ref(y_v)
-    yt = _t(y_v)
+    yt = as_tensor(y_v)
     (z_star,), _ = _solve(layer, yt)
     assert np.abs(z_star.numpy() - z_ref).max() < 1e-15
 
@@ -527,32 +517,32 @@ def test_sparsemax_ties_and_one_hot(row):
     # d over the support. The map is piecewise linear: a forward difference is exact
     # until another entry reaches the threshold (margins here ≥ 0.25).
     tied = np.isclose(y_v, t, rtol=0, atol=1e-15)
-    rng = _rng(7)
+    rng = np.random.default_rng(7)
     for _ in range(3):
         d = rng.standard_normal(n)
         d[tied] = d[support].mean() - np.abs(d[tied]) - 0.1
         h = 1e-3
-        fd = (layer(_t(y_v + h * d))[0] - z_star) / h
-        assert (fd - J @ _t(d)).abs().max() < 1e-10
+        fd = (layer(as_tensor(y_v + h * d))[0] - z_star) / h
+        assert (fd - J @ as_tensor(d)).abs().max() < 1e-10
 
 
 def test_sparsemax_radius_two_and_a_radius_parameter():
     n = 6
-    y_v = _rng(8).standard_normal(n)
+    y_v = np.random.default_rng(8).standard_normal(n)
     z_ref, t, support = _sparsemax_ref(y_v, r=2.0)
     assert np.abs(y_v - t).min() > 0.02 and 1 < support.sum() < n
 
     prob, y, z = _sparsemax_problem(n, radius=2.0)  # sum(z) == 2
     layer = CvxpyLayer(prob, [y], [z])
     assert layer.backend == "simplex"
-    (z_star,), _ = _solve(layer, _t(y_v))
+    (z_star,), _ = _solve(layer, as_tensor(y_v))
     assert np.abs(z_star.numpy() - z_ref).max() < 1e-12
 
     r = cp.Parameter()
     prob_r = cp.Problem(cp.Minimize(cp.sum_squares(z - y)), [cp.sum(z) == r, z >= 0])
     layer_r = CvxpyLayer(prob_r, [y, r], [z])
     assert layer_r.backend == "simplex"
-    yt, rt = _t(y_v), _t(2.0)
+    yt, rt = as_tensor(y_v), as_tensor(2.0)
     (z_r,), _ = _solve(layer_r, yt, rt)
     assert np.abs(z_r.numpy() - z_ref).max() < 1e-12
     Jy, Jr = torch.autograd.functional.jacobian(lambda a, b_: layer_r(a, b_)[0], (yt, rt))
@@ -574,11 +564,11 @@ def test_sparsemax_scaled_objective_with_a_linear_term():
                       [cp.sum(z) == 2, z >= 0])
     layer = CvxpyLayer(prob, [theta, c], [z])
     assert layer.backend == "simplex"
-    rng = _rng(9)
+    rng = np.random.default_rng(9)
     th_v, c_v = rng.standard_normal(n), rng.standard_normal(n)
     z_ref, t, support = _sparsemax_ref(th_v - c_v / 6, r=2.0)
     assert np.abs(th_v - c_v / 6 - t).min() > 0.02 and 1 < support.sum() < n
-    tht, ct = _t(th_v), _t(c_v)
+    tht, ct = as_tensor(th_v), as_tensor(c_v)
     (z_star,), _ = _solve(layer, tht, ct)
     assert np.abs(z_star.numpy() - z_ref).max() < 1e-12
     Jt, Jc = torch.autograd.functional.jacobian(lambda a, b_: layer(a, b_)[0], (tht, ct))
@@ -594,17 +584,17 @@ def test_sparsemax_agrees_with_the_qp_engine_and_the_conic_path():
     qp = CvxpyLayer(prob, [y], [z], backend="qp")
     conic = conic_layer(prob, [y], [z], solver_args=SCS_TIGHT)
     assert (layer.backend, qp.backend, conic.backend) == ("simplex", "qp", "conic")
-    y_v = _rng(10).standard_normal((B, n))
+    y_v = np.random.default_rng(10).standard_normal((B, n))
     for row in y_v:
         _, t, _ = _sparsemax_ref(row, r=1.5)
         assert np.abs(row - t).min() > 1e-2  # away from kinks: Jacobians are unique
-    yt = _t(y_v, grad=True)
+    yt = as_tensor(y_v, grad=True)
     w = _weights((B, n), 4)
     (z_s,), _ = _solve(layer, yt)
-    (g_s,) = _grads([z_s], [yt], [w])
+    (g_s,) = weighted_grads([z_s], [yt], [w])
     for other, x_tol, g_tol in ((qp, 1e-8, 1e-6), (conic, CONIC_X_TOL, CONIC_G_TOL)):
         (z_o,), _ = _solve(other, yt)
-        (g_o,) = _grads([z_o], [yt], [w])
+        (g_o,) = weighted_grads([z_o], [yt], [w])
         assert (z_s - z_o).abs().max() < x_tol
         assert (g_s - g_o).abs().max() < g_tol
 
@@ -620,11 +610,11 @@ def test_sparsemax_property(row, radius):
     z_ref, t, support = _sparsemax_ref(y_v, r=radius)
     assume(np.abs(y_v - t).min() > 1e-6)
     layer = _property_sparsemax_layer(len(row))
-    yt, rt = _t(y_v, grad=True), _t(radius, grad=True)
+    yt, rt = as_tensor(y_v, grad=True), as_tensor(radius, grad=True)
     (z_star,), _ = _solve(layer, yt, rt)
     assert np.abs(z_star.detach().numpy() - z_ref).max() < 1e-12
     w = torch.linspace(-1, 2, len(row), dtype=DT)
-    gy, gr = _grads([z_star], [yt, rt], [w])
+    gy, gr = weighted_grads([z_star], [yt, rt], [w])
     s = torch.as_tensor(support, dtype=DT)
     assert (gy - _sparsemax_jacobian(support) @ w).abs().max() < 1e-12
     assert abs(float(gr) - float(s @ w / s.sum())) < 1e-12
@@ -655,8 +645,8 @@ def test_transport_marginals_and_sinkhorn(tau):
     assert layer.backend == "entropy" and program.kind == "transport"
     assert len(program.independent) == r + c - 1  # the two totals are one equation
 
-    C, a, b = _ot_data(_rng(11), r, c, B)
-    (Z_star,), _ = _solve(layer, _t(C), _t(a), _t(b))
+    C, a, b = _ot_data(np.random.default_rng(11), r, c, B)
+    (Z_star,), _ = _solve(layer, as_tensor(C), as_tensor(a), as_tensor(b))
     Zn = Z_star.numpy()
     assert (Zn > 0).all()
     assert np.abs(Zn.sum(2) - a).max() < 1e-10
@@ -670,13 +660,13 @@ def test_transport_agrees_with_the_conic_path():
     prob, params, Z = _transport_problem(r, c, tau=0.5)
     layer = CvxpyLayer(prob, list(params), [Z])
     conic = conic_layer(prob, list(params), [Z], solver_args=SCS_EXP)
-    C, a, b = _ot_data(_rng(12), r, c, B)
-    Ct = _t(C, grad=True)
+    C, a, b = _ot_data(np.random.default_rng(12), r, c, B)
+    Ct = as_tensor(C, grad=True)
     w = _weights((B, r, c), 5)
     outs = []
     for lay in (layer, conic):
-        (Z_s,), _ = _solve(lay, Ct, _t(a), _t(b))
-        outs.append((Z_s, _grads([Z_s], [Ct], [w])[0]))
+        (Z_s,), _ = _solve(lay, Ct, as_tensor(a), as_tensor(b))
+        outs.append((Z_s, weighted_grads([Z_s], [Ct], [w])[0]))
     (Z_e, g_e), (Z_c, g_c) = outs
     assert (Z_e - Z_c).abs().max() < CONIC_X_TOL
     assert (g_e - g_c).abs().max() < CONIC_G_TOL
@@ -694,11 +684,11 @@ def test_transport_gradients_match_central_differences():
     r, c = 3, 4
     prob, params, Z = _transport_problem(r, c, tau=0.5)
     layer = CvxpyLayer(prob, list(params), [Z])
-    C, a, b = _ot_data(_rng(13), r, c)
-    Ct, at, bt = _t(C, grad=True), _t(a, grad=True), _t(b, grad=True)
+    C, a, b = _ot_data(np.random.default_rng(13), r, c)
+    Ct, at, bt = as_tensor(C, grad=True), as_tensor(a, grad=True), as_tensor(b, grad=True)
     w = _weights((r, c), 6)
     (Z_star,), _ = _solve(layer, Ct, at, bt)
-    gC, ga, gb = _grads([Z_star], [Ct, at, bt], [w])
+    gC, ga, gb = weighted_grads([Z_star], [Ct, at, bt], [w])
 
     def plan(*args):
         return layer(*args)
@@ -711,47 +701,47 @@ def test_transport_gradients_match_central_differences():
 
     # The gradient in (a, b) is defined up to the direction (1, −1) that breaks the
     # equal totals; along directions that keep them the derivative is unique.
-    rng = _rng(14)
+    rng = np.random.default_rng(14)
     for _ in range(3):
         da, db = _consistent_direction(rng, r, c)
         dC = rng.standard_normal((r, c))
-        fd = directional_difference(plan, inputs, [_t(dC), _t(da), _t(db)], [w], eps=1e-5)
-        got = (gC * _t(dC)).sum() + ga @ _t(da) + gb @ _t(db)
+        fd = directional_difference(plan, inputs, [as_tensor(dC), as_tensor(da), as_tensor(db)], [w], eps=1e-5)
+        got = (gC * as_tensor(dC)).sum() + ga @ as_tensor(da) + gb @ as_tensor(db)
         assert abs(float(got - fd)) < 1e-7
-        assert abs(float(ga @ _t(da) + gb @ _t(db))) > 1e-3
+        assert abs(float(ga @ as_tensor(da) + gb @ as_tensor(db))) > 1e-3
 
 
 def test_transport_batch_matches_one_at_a_time_and_broadcast_sums():
     r, c, B = 2, 3, 3
     prob, params, Z = _transport_problem(r, c)
     layer = CvxpyLayer(prob, list(params), [Z])
-    C, a, b = _ot_data(_rng(15), r, c, B)
-    Cs = _t(C[0], grad=True)  # one cost shared by the batch
-    at = _t(a)
+    C, a, b = _ot_data(np.random.default_rng(15), r, c, B)
+    Cs = as_tensor(C[0], grad=True)  # one cost shared by the batch
+    at = as_tensor(a)
     w = _weights((B, r, c), 7)
-    (Zb,), _ = _solve(layer, Cs, at, _t(b))
-    (gC,) = _grads([Zb], [Cs], [w])
+    (Zb,), _ = _solve(layer, Cs, at, as_tensor(b))
+    (gC,) = weighted_grads([Zb], [Cs], [w])
     total = torch.zeros_like(Cs)
     for i in range(B):
         Ci = Cs.detach().clone().requires_grad_(True)
-        (Zi,), _ = _solve(layer, Ci, at[i], _t(b[i]))
+        (Zi,), _ = _solve(layer, Ci, at[i], as_tensor(b[i]))
         assert (Zb[i] - Zi).abs().max() < 1e-14
-        total += _grads([Zi], [Ci], [w[i]])[0]
+        total += weighted_grads([Zi], [Ci], [w[i]])[0]
     assert (gC - total).abs().max() < 1e-13
     assert gC.abs().max() > 1e-3
 
 
 def test_transport_constraints_in_either_order_agree():
     r, c = 3, 4
-    C, a, b = _ot_data(_rng(16), r, c)
+    C, a, b = _ot_data(np.random.default_rng(16), r, c)
     outs = []
     for rows_first in (True, False):
         prob, params, Z = _transport_problem(r, c, rows_first=rows_first)
         layer = CvxpyLayer(prob, list(params), [Z])
         assert layer.backend == "entropy"
-        Ct = _t(C, grad=True)
-        (Z_s,), _ = _solve(layer, Ct, _t(a), _t(b))
-        outs.append((Z_s, _grads([Z_s], [Ct], [_weights((r, c), 8)])[0]))
+        Ct = as_tensor(C, grad=True)
+        (Z_s,), _ = _solve(layer, Ct, as_tensor(a), as_tensor(b))
+        outs.append((Z_s, weighted_grads([Z_s], [Ct], [_weights((r, c), 8)])[0]))
     assert (outs[0][0] - outs[1][0]).abs().max() < 1e-13
     assert (outs[0][1] - outs[1][1]).abs().max() < 1e-12
 
@@ -760,9 +750,9 @@ def test_transport_float32_keeps_its_dtype():
     r, c = 3, 4
     prob, params, Z = _transport_problem(r, c)
     layer = CvxpyLayer(prob, list(params), [Z])
-    C, a, b = _ot_data(_rng(17), r, c)
-    Ct = _t(C, grad=True, dtype=torch.float32)
-    (Z32,), _ = _solve(layer, Ct, _t(a, dtype=torch.float32), _t(b, dtype=torch.float32))
+    C, a, b = _ot_data(np.random.default_rng(17), r, c)
+    Ct = as_tensor(C, grad=True, dtype=torch.float32)
+    (Z32,), _ = _solve(layer, Ct, as_tensor(a, dtype=torch.float32), as_tensor(b, dtype=torch.float32))
     assert Z32.dtype == torch.float32
     assert np.abs(Z32.detach().numpy() - _sinkhorn(C, a, b, 1.0)).max() < 1e-5
     (g,) = torch.autograd.grad(Z32[0, 0], Ct)
@@ -774,10 +764,10 @@ def test_transport_every_sample_of_a_batch_converges():
     r, c, B = 3, 4, 50
     prob, params, Z = _transport_problem(r, c, tau=1.0)
     layer = CvxpyLayer(prob, list(params), [Z])
-    C, a, b = _ot_data(_rng(0), r, c, B)
+    C, a, b = _ot_data(np.random.default_rng(0), r, c, B)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        (Z_star,), info = _solve(layer, _t(C), _t(a), _t(b))
+        (Z_star,), info = _solve(layer, as_tensor(C), as_tensor(a), as_tensor(b))
     assert np.abs(Z_star.numpy().sum(2) - a).max() < 1e-10
 
 
@@ -792,8 +782,8 @@ def test_constrained_softmax_is_optimal_and_agrees_with_references():
     layer = CvxpyLayer(prob, [theta, b], [z])
     assert layer.backend == "entropy"
     assert layer.compiled.form("entropy").program.kind == "general"
-    th_v, b_v = _general_data(_rng(18), B)
-    tht, bt = _t(th_v, grad=True), _t(b_v, grad=True)
+    th_v, b_v = _general_data(np.random.default_rng(18), B)
+    tht, bt = as_tensor(th_v, grad=True), as_tensor(b_v, grad=True)
     (z_star,), _ = _solve(layer, tht, bt)
     zn = z_star.detach().numpy()
 
@@ -813,9 +803,9 @@ def test_constrained_softmax_is_optimal_and_agrees_with_references():
         assert np.abs(zn[i] - ref).max() < 1e-7
     conic = conic_layer(prob, [theta, b], [z], solver_args=SCS_EXP)
     w = _weights((B, A_GENERAL.shape[1]), 9)
-    g = _grads([z_star], [tht, bt], [w])
+    g = weighted_grads([z_star], [tht, bt], [w])
     (z_c,), _ = _solve(conic, tht, bt)
-    g_c = _grads([z_c], [tht, bt], [w])
+    g_c = weighted_grads([z_c], [tht, bt], [w])
     assert (z_star - z_c).abs().max() < CONIC_X_TOL
     for ge, gc in zip(g, g_c):
         assert (ge - gc).abs().max() < CONIC_G_TOL
@@ -825,11 +815,11 @@ def test_constrained_softmax_is_optimal_and_agrees_with_references():
 def test_constrained_softmax_gradients_match_central_differences():
     prob, theta, b, z = _general_problem(tau=0.5)
     layer = CvxpyLayer(prob, [theta, b], [z])
-    th_v, b_v = _general_data(_rng(19))
-    tht, bt = _t(th_v, grad=True), _t(b_v, grad=True)
+    th_v, b_v = _general_data(np.random.default_rng(19))
+    tht, bt = as_tensor(th_v, grad=True), as_tensor(b_v, grad=True)
     w = _weights(A_GENERAL.shape[1], 10)
     (z_star,), _ = _solve(layer, tht, bt)
-    got = _grads([z_star], [tht, bt], [w])
+    got = weighted_grads([z_star], [tht, bt], [w])
     # eps 1e-5: the forward is exact to ~1e-13, which a smaller step would amplify.
     fd = central_differences(layer, [tht.detach(), bt.detach()], [w], eps=1e-5)
     for g, f in zip(got, fd):
@@ -843,15 +833,15 @@ def test_dual_newton_solves_feasible_problems_with_large_logits(case):
         tau = 0.01
         prob, params, Z = _transport_problem(3, 4, tau=tau)
         layer = CvxpyLayer(prob, list(params), [Z])
-        C, a, b = _ot_data(_rng(0), 3, 4)
-        (Z_star,), _ = _solve(layer, _t(C), _t(a), _t(b))
+        C, a, b = _ot_data(np.random.default_rng(0), 3, 4)
+        (Z_star,), _ = _solve(layer, as_tensor(C), as_tensor(a), as_tensor(b))
         assert np.abs(Z_star.numpy() - _sinkhorn(C, a, b, tau)).max() < 1e-10
     else:
         prob, theta, b, z = _general_problem(tau=1.0)
         layer = CvxpyLayer(prob, [theta, b], [z])
-        th_v, b_v = _general_data(_rng(3))
+        th_v, b_v = _general_data(np.random.default_rng(3))
         th_v = 30.0 * th_v  # logits of a few tens, as in attention
-        (z_star,), _ = _solve(layer, _t(th_v), _t(b_v))
+        (z_star,), _ = _solve(layer, as_tensor(th_v), as_tensor(b_v))
         ref = _exp_cone_reference(prob, [theta, b], [th_v, b_v], z)
         assert np.abs(z_star.numpy() - ref).max() < 1e-7
 
@@ -866,29 +856,29 @@ def _gradcheck_case(path):
     if path == "softmax":
         prob, th, z = _softmax_problem(5, tau=0.7)
         layer = CvxpyLayer(prob, [th], [z])
-        return layer, (lambda t: layer(t)[0]), (_t(_rng(20).standard_normal((2, 5)), True),)
+        return layer, (lambda t: layer(t)[0]), (as_tensor(np.random.default_rng(20).standard_normal((2, 5)), True),)
     if path == "softmax_dual_newton":
         theta, s, z = cp.Parameter(4), cp.Parameter(), cp.Variable(4)
         prob = cp.Problem(cp.Maximize(theta @ z + cp.sum(cp.entr(z))), [cp.sum(z) == s])
         layer = CvxpyLayer(prob, [theta, s], [z])
-        return layer, (lambda t, s_: layer(t, s_)[0]), (_t(_rng(21).standard_normal(4), True),
-                                                        _t(1.3, True))
+        return layer, (lambda t, s_: layer(t, s_)[0]), (as_tensor(np.random.default_rng(21).standard_normal(4), True),
+                                                        as_tensor(1.3, True))
     if path == "sparsemax":
         prob, y, z = _sparsemax_problem(6, radius=1.5)
         layer = CvxpyLayer(prob, [y], [z])
         y_v = np.array([1.2, 0.9, 0.1, -0.4, 0.7, 0.85])
-        return layer, (lambda t: layer(t)[0]), (_t(y_v, True),)
+        return layer, (lambda t: layer(t)[0]), (as_tensor(y_v, True),)
     if path == "transport":
         prob, params, Z = _transport_problem(3, 4, tau=0.5)
         layer = CvxpyLayer(prob, list(params), [Z])
-        C, a, b = _ot_data(_rng(22), 3, 4, 2)
-        a_t, b_t = _t(a), _t(b)
-        return layer, (lambda C_: layer(C_, a_t, b_t)[0]), (_t(C, True),)
+        C, a, b = _ot_data(np.random.default_rng(22), 3, 4, 2)
+        a_t, b_t = as_tensor(a), as_tensor(b)
+        return layer, (lambda C_: layer(C_, a_t, b_t)[0]), (as_tensor(C, True),)
     if path == "general":
         prob, theta, b, z = _general_problem(tau=0.8)
         layer = CvxpyLayer(prob, [theta, b], [z])
-        th_v, b_v = _general_data(_rng(23), 2)
-        return layer, (lambda t, b_: layer(t, b_)[0]), (_t(th_v, True), _t(b_v, True))
+        th_v, b_v = _general_data(np.random.default_rng(23), 2)
+        return layer, (lambda t, b_: layer(t, b_)[0]), (as_tensor(th_v, True), as_tensor(b_v, True))
     raise ValueError(path)
 
 
@@ -928,7 +918,7 @@ def _routing_case(path, rng):
     ("general", "entropy", "general"),
 ])
 def test_auto_routes_to_the_structured_path_and_agrees_with_the_conic_path(path, backend, kind):
-    prob, params, var, values = _routing_case(path, _rng(24))
+    prob, params, var, values = _routing_case(path, np.random.default_rng(24))
     auto = CvxpyLayer(prob, params, [var])
     assert auto.backend == backend
     if kind is not None:
@@ -938,13 +928,13 @@ def test_auto_routes_to_the_structured_path_and_agrees_with_the_conic_path(path,
     named = CvxpyLayer(prob, params, [var], solver="SCS", **args)  # naming a solver: conic
     assert conic.backend == named.backend == "conic"
 
-    inputs = [_t(v, grad=True) for v in values]
+    inputs = [as_tensor(v, grad=True) for v in values]
     w = _weights(values[0].shape[:1] + var.shape, 11)
     results = []
     for lay in (auto, conic):
         (x,), info = _solve(lay, *inputs)
         assert info.backend == lay.backend
-        results.append((x, _grads([x], [inputs[0]], [w])[0]))
+        results.append((x, weighted_grads([x], [inputs[0]], [w])[0]))
     (x_a, g_a), (x_c, g_c) = results
     assert (x_a - x_c).abs().max() < CONIC_X_TOL
     assert (g_a - g_c).abs().max() < CONIC_G_TOL
@@ -954,7 +944,7 @@ def test_auto_routes_to_the_structured_path_and_agrees_with_the_conic_path(path,
 @pytest.mark.parametrize("path,forced", [("softmax", "simplex"), ("softmax", "qp"),
                                          ("sparsemax", "entropy"), ("transport", "qp")])
 def test_forcing_a_path_the_structure_does_not_allow_is_an_error(path, forced):
-    prob, params, var, _ = _routing_case(path, _rng(25))
+    prob, params, var, _ = _routing_case(path, np.random.default_rng(25))
     with pytest.raises(ValueError, match=f"backend='{forced}' is not valid"):
         CvxpyLayer(prob, params, [var], backend=forced)
 
@@ -968,12 +958,12 @@ def test_infeasible_marginals_raise_or_mask():
     r, c = 3, 4
     prob, params, Z = _transport_problem(r, c)
     layer = CvxpyLayer(prob, list(params), [Z])
-    C, a, b = _ot_data(_rng(26), r, c, 3)
+    C, a, b = _ot_data(np.random.default_rng(26), r, c, 3)
     a[1] *= 1.2  # totals differ
     a[2] = [0.7, 0.5, -0.2]  # totals equal, but a negative row sum
     assert abs(a[2].sum() - b[2].sum()) < 1e-12
-    Ct = _t(C, grad=True)
-    args = (Ct, _t(a), _t(b))
+    Ct = as_tensor(C, grad=True)
+    args = (Ct, as_tensor(a), as_tensor(b))
 
     with pytest.raises(SolverError) as err:
         layer(*args)
@@ -992,12 +982,12 @@ def test_infeasible_marginals_raise_or_mask():
 def test_constrained_softmax_with_unreachable_b_is_infeasible():
     prob, theta, b, z = _general_problem()
     layer = CvxpyLayer(prob, [theta, b], [z])
-    th_v, b_v = _general_data(_rng(27), 2)
+    th_v, b_v = _general_data(np.random.default_rng(27), 2)
     b_v[1] = [5.0, 5.0]  # A z over the simplex stays within [-1, 2] × [-1, 1]
     with pytest.raises(SolverError) as err:
-        layer(_t(th_v), _t(b_v))
+        layer(as_tensor(th_v), as_tensor(b_v))
     assert err.value.indices == [1]
-    (z_m,) = layer(_t(th_v), _t(b_v), on_failure="mask")
+    (z_m,) = layer(as_tensor(th_v), as_tensor(b_v), on_failure="mask")
     assert torch.isnan(z_m[1]).all() and torch.isfinite(z_m[0]).all()
 
 
@@ -1007,12 +997,12 @@ def test_sparsemax_nonpositive_radius(radius):
     prob = cp.Problem(cp.Minimize(cp.sum_squares(z - y)), [cp.sum(z) == r, z >= 0])
     layer = CvxpyLayer(prob, [y, r], [z])
     assert layer.backend == "simplex"
-    yt = _t(_rng(28).standard_normal(4))
+    yt = as_tensor(np.random.default_rng(28).standard_normal(4))
     if radius < 0:  # {z ≥ 0, Σz < 0} is empty
         with pytest.raises(SolverError):
-            layer(yt, _t(radius))
+            layer(yt, as_tensor(radius))
     else:  # {z ≥ 0, Σz = 0} = {0}
-        (z_star,), _ = _solve(layer, yt, _t(radius))
+        (z_star,), _ = _solve(layer, yt, as_tensor(radius))
         assert (z_star == 0).all()
 
 
@@ -1047,9 +1037,9 @@ def test_problems_that_do_not_match_fall_through(name):
                        solver_args=SCS_EXP if expected == "conic" else None)
     assert layer.backend == expected
     assert not {"entropy", "simplex"} & set(layer.compiled.kinds)
-    rng = _rng(29)
+    rng = np.random.default_rng(29)
     values = [rng.standard_normal(4) if p.shape else np.array(0.5) for p in params]
-    (z_star,), _ = _solve(layer, *[_t(v) for v in values])
+    (z_star,), _ = _solve(layer, *[as_tensor(v) for v in values])
     if expected == "conic":
         ref = _exp_cone_reference(prob, params, values, z)
     else:

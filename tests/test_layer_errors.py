@@ -12,16 +12,13 @@ import diffcp
 import numpy as np
 import pytest
 import torch
-from helpers import CLARABEL_ARGS, SCS_TIGHT, conic_layer
+from helpers import CLARABEL_ARGS, SCS_TIGHT, as_tensor, conic_layer
 
 import declarative
 from declarative import NonconvexError, NotDPPError, ParameterTypeError, ProblemError, Status
 
 DT = torch.float64
 
-
-def _t(a, grad=False, dtype=DT):
-    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=grad)
 
 
 @pytest.fixture
@@ -143,7 +140,7 @@ def test_wrong_number_of_tensors(simple):
     layer, *_ = simple
     with pytest.raises(ValueError,
                        match="A tensor must be provided for each CVXPY parameter") as err:
-        layer(_t(np.zeros(3)))
+        layer(as_tensor(np.zeros(3)))
     assert "received 1 tensors, expected 2" in str(err.value)
     assert "'alpha'" in str(err.value) and "'beta'" in str(err.value)
 
@@ -153,11 +150,11 @@ def test_wrong_number_of_tensors(simple):
 def test_non_tensor_argument_is_parameter_type_error(simple, bad):
     layer, *_ = simple
     with pytest.raises(ParameterTypeError, match="must be a torch.Tensor") as err:
-        layer(bad, _t(1.0))
+        layer(bad, as_tensor(1.0))
     assert isinstance(err.value, TypeError) and isinstance(err.value, AttributeError)
     assert "parameter 0 ('alpha')" in str(err.value)
     with pytest.raises(AttributeError, match=r"parameter 1 \('beta'\)"):  # cvxpylayers' type
-        layer(_t(np.zeros(3)), bad)
+        layer(as_tensor(np.zeros(3)), bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16,
@@ -165,33 +162,33 @@ def test_non_tensor_argument_is_parameter_type_error(simple, bad):
 def test_non_float_dtype_is_refused_naming_the_parameter(simple, dtype):
     layer, *_ = simple
     with pytest.raises(TypeError, match=r"parameter 1 \('beta'\)") as err:
-        layer(_t(np.zeros(3)), torch.ones((), dtype=dtype))
+        layer(as_tensor(np.zeros(3)), torch.ones((), dtype=dtype))
     assert str(dtype) in str(err.value)
 
 
 def test_invalid_parameter_shape(simple):
     layer, *_ = simple
     with pytest.raises(ValueError, match="Invalid parameter shape") as err:
-        layer(_t(np.zeros(4)), _t(1.0))
+        layer(as_tensor(np.zeros(4)), as_tensor(1.0))
     assert "parameter 0 ('alpha')" in str(err.value) and "(4,)" in str(err.value)
     with pytest.raises(ValueError, match=r"Invalid parameter shape for parameter 0 \('alpha'\)"):
-        layer(_t(np.zeros((2, 4))), _t(1.0))
+        layer(as_tensor(np.zeros((2, 4))), as_tensor(1.0))
 
 
 def test_invalid_parameter_dimensionality(simple):
     layer, *_ = simple
     with pytest.raises(ValueError, match="Invalid parameter dimensionality") as err:
-        layer(_t(np.zeros((2, 2, 3))), _t(1.0))
+        layer(as_tensor(np.zeros((2, 2, 3))), as_tensor(1.0))
     assert "parameter 0 ('alpha')" in str(err.value)
     with pytest.raises(ValueError, match=r"Invalid parameter dimensionality for parameter 1 "
                                          r"\('beta'\)"):
-        layer(_t(np.zeros(3)), _t(np.ones((2, 2))))
+        layer(as_tensor(np.zeros(3)), as_tensor(np.ones((2, 2))))
 
 
 def test_inconsistent_batch_sizes(simple):
     layer, *_ = simple
     with pytest.raises(ValueError, match="Inconsistent batch sizes") as err:
-        layer(_t(np.zeros((2, 3))), _t(np.ones(3)))
+        layer(as_tensor(np.zeros((2, 3))), as_tensor(np.ones(3)))
     msg = str(err.value)
     assert "parameter 0 ('alpha'): 2" in msg and "parameter 1 ('beta'): 3" in msg
 
@@ -199,7 +196,7 @@ def test_inconsistent_batch_sizes(simple):
 def test_empty_batch_is_refused(simple):
     layer, *_ = simple
     with pytest.raises(ValueError, match="batch size 0"):
-        layer(_t(np.zeros((0, 3))), _t(1.0))
+        layer(as_tensor(np.zeros((0, 3))), as_tensor(1.0))
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
@@ -208,21 +205,21 @@ def test_non_finite_parameter_names_parameter_and_batch_index(simple, kind):
     a = np.zeros((3, 3))
     a[2, 1] = float(kind)
     with pytest.raises(ValueError, match=r"parameter 0 \('alpha'\) contains") as err:
-        layer(_t(a), _t(1.0))
+        layer(as_tensor(a), as_tensor(1.0))
     assert "batch index 2" in str(err.value)
     assert ("NaN" if kind == "nan" else "inf") in str(err.value)
     with pytest.raises(ValueError, match=r"parameter 1 \('beta'\) contains NaN"):
-        layer(_t(np.zeros(3)), _t(float("nan")))
+        layer(as_tensor(np.zeros(3)), as_tensor(float("nan")))
 
 
 def test_sign_attribute_violation_is_refused(simple):
     layer, *_ = simple
     with pytest.raises(ValueError, match=r"parameter 1 \('beta'\) was declared nonneg=True"):
-        layer(_t(np.zeros(3)), _t(-0.5))
+        layer(as_tensor(np.zeros(3)), as_tensor(-0.5))
     with pytest.raises(ValueError, match=r"'beta'.*nonneg=True.*batch index 1"):
-        layer(_t(np.zeros(3)), _t([0.5, -0.5, 1.0]))
+        layer(as_tensor(np.zeros(3)), as_tensor([0.5, -0.5, 1.0]))
     # Zero is nonnegative.
-    layer(_t(np.zeros(3)), _t(0.0))
+    layer(as_tensor(np.zeros(3)), as_tensor(0.0))
 
 
 def test_psd_and_pos_attribute_violations_are_refused():
@@ -231,15 +228,15 @@ def test_psd_and_pos_attribute_violations_are_refused():
     p = cp.Parameter(pos=True, name="ppos")
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(Q @ x) + p * x[0]))
     layer = conic_layer(prob, [Q, p], [x])
-    indefinite = _t([[1.0, 2.0], [2.0, 1.0]])
+    indefinite = as_tensor([[1.0, 2.0], [2.0, 1.0]])
     with pytest.raises(ValueError, match=r"'Qpsd'.*PSD=True"):
-        layer(indefinite, _t(1.0))
+        layer(indefinite, as_tensor(1.0))
     with pytest.raises(ValueError, match=r"'Qpsd'.*symmetric"):
-        layer(_t([[1.0, 2.0], [0.0, 1.0]]), _t(1.0))
+        layer(as_tensor([[1.0, 2.0], [0.0, 1.0]]), as_tensor(1.0))
     with pytest.raises(ValueError, match=r"'Qpsd'.*PSD=True.*batch index 1"):
-        layer(torch.stack([torch.eye(2, dtype=DT), indefinite]), _t(1.0))
+        layer(torch.stack([torch.eye(2, dtype=DT), indefinite]), as_tensor(1.0))
     with pytest.raises(ValueError, match=r"'ppos'.*pos=True"):
-        layer(torch.eye(2, dtype=DT), _t(0.0))
+        layer(torch.eye(2, dtype=DT), as_tensor(0.0))
 
 
 # ----------------------------------------------------------------------------
@@ -254,7 +251,7 @@ def test_unknown_solver_args_key_lists_accepted_keys(simple):
     assert "Accepted keys" in str(err.value) and "'eps'" in str(err.value)
     # At call time too, and per solve method (an SCS key is not a Clarabel key).
     with pytest.raises(ValueError, match="unknown key 'epsilon'"):
-        layer(_t(np.zeros(3)), _t(1.0), solver_args={"epsilon": 1e-3})
+        layer(as_tensor(np.zeros(3)), as_tensor(1.0), solver_args={"epsilon": 1e-3})
     with pytest.raises(ValueError, match="unknown key 'eps' for solve_method 'Clarabel'") as err:
         conic_layer(prob, list(params), [x], solver="CLARABEL", solver_args={"eps": 1e-3})
     assert "'tol_gap_abs'" in str(err.value)
@@ -270,7 +267,7 @@ def test_wrongly_typed_solver_args_value_is_refused(simple, args):
     with pytest.raises(TypeError, match=rf"solver_args\['{key}'\] must be"):
         conic_layer(prob, list(params), [x], solver_args=args)
     with pytest.raises(TypeError, match=rf"solver_args\['{key}'\] must be"):
-        layer(_t(np.zeros(3)), _t(1.0), solver_args=args)
+        layer(as_tensor(np.zeros(3)), as_tensor(1.0), solver_args=args)
 
 
 def test_other_bad_options_are_refused(simple):
@@ -278,7 +275,7 @@ def test_other_bad_options_are_refused(simple):
     with pytest.raises(TypeError, match="solver_args must be a dict"):
         conic_layer(prob, list(params), [x], solver_args=[("eps", 1e-3)])
     with pytest.raises(TypeError, match="solver_args must be a dict"):
-        layer(_t(np.zeros(3)), _t(1.0), solver_args="eps")
+        layer(as_tensor(np.zeros(3)), as_tensor(1.0), solver_args="eps")
     with pytest.raises(ValueError, match="solver must be one of .* got 'GUROBI'"):
         conic_layer(prob, list(params), [x], solver="GUROBI")
     with pytest.raises(ValueError, match=r"solver_args\['mode'\] must be one of"):
@@ -288,14 +285,14 @@ def test_other_bad_options_are_refused(simple):
     with pytest.raises(ValueError, match="on_failure must be one of .* got 'ignore'"):
         conic_layer(prob, list(params), [x], on_failure="ignore")
     with pytest.raises(ValueError, match="on_failure must be one of .* got 'ignore'"):
-        layer(_t(np.zeros(3)), _t(1.0), on_failure="ignore")
+        layer(as_tensor(np.zeros(3)), as_tensor(1.0), on_failure="ignore")
 
 
 def test_numpy_scalar_solver_args_are_accepted(simple):
     layer, prob, params, x = simple
     for args in ({"max_iters": np.int64(1000)}, {"eps": np.float32(1e-6)}):
         conic_layer(prob, list(params), [x], solver_args=args)
-        layer(_t(np.zeros(3)), _t(1.0), solver_args=args)
+        layer(as_tensor(np.zeros(3)), as_tensor(1.0), solver_args=args)
 
 
 def test_unknown_solve_method_names_solve_method(simple):
@@ -342,7 +339,7 @@ SOLVERS = [
 def test_infeasible_raises_solver_error_with_indices_and_statuses(kw):
     prob, p, x = _infeasible_when_sum_p_exceeds_one()
     layer = conic_layer(prob, [p], [x], **kw)
-    batch = _t([[0.2, -0.3], [1.0, 1.0], [0.5, 0.1], [2.0, 0.0]])
+    batch = as_tensor([[0.2, -0.3], [1.0, 1.0], [0.5, 0.1], [2.0, 0.0]])
     with pytest.raises(declarative.SolverError) as err:
         layer(batch)
     e = err.value
@@ -353,7 +350,7 @@ def test_infeasible_raises_solver_error_with_indices_and_statuses(kw):
     assert "0:" not in str(e) and "2:" not in str(e)
     # Unbatched: index 0.
     with pytest.raises(declarative.SolverError) as err:
-        layer(_t([1.0, 1.0]))
+        layer(as_tensor([1.0, 1.0]))
     assert err.value.indices == [0] and err.value.statuses == [Status.INFEASIBLE]
 
 
@@ -364,7 +361,7 @@ def test_unbounded_raises_solver_error(kw):
     prob = cp.Problem(cp.Minimize(q * y), [y >= 0])  # unbounded below when q < 0
     layer = conic_layer(prob, [q], [y], **kw)
     with pytest.raises(declarative.SolverError) as err:
-        layer(_t([1.0, -1.0]))
+        layer(as_tensor([1.0, -1.0]))
     assert err.value.indices == [1] and err.value.statuses == [Status.UNBOUNDED]
     assert "1: unbounded" in str(err.value)
 
@@ -372,12 +369,12 @@ def test_unbounded_raises_solver_error(kw):
 def test_mask_returns_feasible_samples_and_nan_with_zero_gradient():
     prob, p, x = _infeasible_when_sum_p_exceeds_one()
     layer = conic_layer(prob, [p], [x], solver_args=SCS_TIGHT, on_failure="mask")
-    batch = _t([[0.2, -0.3], [1.0, 1.0], [0.5, 0.1]], grad=True)
+    batch = as_tensor([[0.2, -0.3], [1.0, 1.0], [0.5, 0.1]], grad=True)
     (xs,), info = layer(batch, return_info=True)
     assert info.status == (Status.OPTIMAL, Status.INFEASIBLE, Status.OPTIMAL)
     assert not info.ok
     assert torch.isnan(xs[1]).all()
-    w = _t([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])
+    w = as_tensor([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])
     (g,) = torch.autograd.grad(xs, batch, w)
     assert torch.equal(g[1], torch.zeros(2, dtype=DT))
     assert torch.isfinite(g).all()

@@ -22,12 +22,14 @@ from cvxpy.utilities import scopes
 from declarative.backends.qp import QPSettings, solve_qp
 from helpers import (
     SCS_TIGHT,
+    as_tensor,
     central_differences,
     conic_layer,
     qp_reference,
     random_qp,
     reference_solve,
     rel_err,
+    weighted_grads,
 )
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -49,9 +51,6 @@ SHARED = pytest.mark.parametrize("shared", [False, True], ids=["batched", "share
 # Data and small tools
 # ----------------------------------------------------------------------------
 
-
-def _t(a, grad=False, dtype=DT):
-    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=grad)
 
 
 def _sample(data, i):
@@ -77,11 +76,6 @@ def _weights(outputs, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(o.shape, dtype=DT, generator=gen).to(o.dtype) for o in outputs]
 
-
-def _grads(outputs, inputs, weights):
-    """Gradient of Σ_k <weights_k, outputs_k> with respect to each input."""
-    loss = sum((w * o).sum() for w, o in zip(weights, outputs))
-    return torch.autograd.grad(loss, inputs)
 
 
 def _close(got, ref, tol) -> bool:
@@ -159,8 +153,8 @@ def test_any_mix_of_shared_and_batched_matrices(kkt, shared_blocks):
     for o, r in zip(outs, ref_outs):
         assert _close(o, r, 1e-9)
     weights = _weights(outs, 2)
-    got = _grads(outs, inputs, weights)
-    ref = _grads(ref_outs, ref_inputs, weights)
+    got = weighted_grads(outs, inputs, weights)
+    ref = weighted_grads(ref_outs, ref_inputs, weights)
     for name, g, r, t in zip(NAMES, got, ref, mixed):
         expected = r.sum(0) if r.dim() > t.dim() else r  # a shared input gets the sum
         assert _close(g, expected, 1e-8), name
@@ -188,7 +182,7 @@ def test_gradients_of_all_six_inputs_match_central_differences(kkt, shared):
     outs, res = _solve(inputs, QPSettings(kkt=kkt))
     assert res.kkt.name == kkt
     weights = _weights(outs, 1)
-    got = _grads(outs, inputs, weights)
+    got = weighted_grads(outs, inputs, weights)
     ref = _fd(data, weights, kkt)
     for name, g, r in zip(NAMES, got, ref):
         assert r.norm() > 1e-2, name  # a real derivative, not a comparison of zeros
@@ -246,8 +240,8 @@ def test_gradients_match_the_conic_path(shared):
     for o, t in zip(ours, theirs):
         assert (o - t).abs().max() < 1e-7
     weights = _weights(ours, 2)
-    got = _grads(ours, ours_in, weights)
-    ref = _grads(theirs, conic_in, weights)
+    got = weighted_grads(ours, ours_in, weights)
+    ref = weighted_grads(theirs, conic_in, weights)
     for name, g, r in zip(("F",) + NAMES[1:], got, ref):
         assert r.norm() > 1e-2, name
         assert rel_err(g, r) < 1e-6, name
@@ -267,25 +261,25 @@ def test_weakly_active_constraint_has_finite_gradients(kkt):
     them; everything that is differentiable must be exact.
     """
     f = QPFunction(verbose=-1, settings=QPSettings(kkt=kkt))
-    inputs = [_t(np.eye(2), True), _t([-1.0, -3.0], True), _t(np.eye(2), True),
-              _t([1.0, 1.0], True)]
+    inputs = [as_tensor(np.eye(2), True), as_tensor([-1.0, -3.0], True), as_tensor(np.eye(2), True),
+              as_tensor([1.0, 1.0], True)]
     z = f(*inputs, E, E)
     # s₀ and λ₀ both vanish there; a stopping test on the total gap alone lets them stop
     # at √μ, a 1e-5 error in z₀ (Clarabel at 1e-10 tolerances: 1.1e-5).
-    assert torch.allclose(z.detach(), _t([[1.0, 1.0]]), atol=1e-8)
+    assert torch.allclose(z.detach(), as_tensor([[1.0, 1.0]]), atol=1e-8)
     dQ0, dq0, dG0, dh0 = torch.autograd.grad(z[0, 0], inputs, retain_graph=True)
     dQ1, dq1, dG1, dh1 = torch.autograd.grad(z[0, 1], inputs)
     for g in (dQ0, dq0, dG0, dh0, dQ1, dq1, dG1, dh1):
         assert torch.isfinite(g).all()
     # Row 1 is strongly active (λ₁ = 2): z₁ = h₁ exactly.
-    assert torch.allclose(dh1, _t([0.0, 1.0]), atol=1e-8)
+    assert torch.allclose(dh1, as_tensor([0.0, 1.0]), atol=1e-8)
     assert dq1.abs().max() < 1e-8 and dQ1.abs().max() < 1e-8 and dG1[0].abs().max() < 1e-8
     # Row 0 is weakly active: the gradient lies between the one-sided derivatives.
     assert -1 - 1e-8 <= float(dq0[0]) <= 1e-8 and abs(float(dq0[1])) < 1e-8
     assert -1e-8 <= float(dh0[0]) <= 1 + 1e-8 and abs(float(dh0[1])) < 1e-8
     # ... which re-solving confirms are −1 and 0.
     def z0_at(q0):
-        return float(f(inputs[0].detach(), _t([q0, -3.0]), inputs[2].detach(),
+        return float(f(inputs[0].detach(), as_tensor([q0, -3.0]), inputs[2].detach(),
                        inputs[3].detach(), E, E)[0, 0])
 
     step = 1e-4
@@ -315,7 +309,7 @@ def test_duplicated_rows_in_G(kkt):
     assert _close(lam_sum.numpy(), l_r, 1e-7)
     assert _close(nu[0].detach(), n_r, 1e-7)
     w = _weights([z], 3)
-    got = _grads([z], inputs, w)
+    got = weighted_grads([z], inputs, w)
 
     def fn(*a):
         return [_solve(build(*a), QPSettings(kkt=kkt, **FD_SETTINGS))[0][0]]
@@ -344,7 +338,7 @@ def test_duplicated_rows_in_A(kkt):
     nu_sum[0] += nu[0, 2].detach()
     assert _close(nu_sum.numpy(), n_r, 1e-7)
     w = _weights([z, lam], 4)
-    got = _grads([z, lam], inputs, w)
+    got = weighted_grads([z, lam], inputs, w)
 
     def fn(*a):
         return _solve(build(*a), QPSettings(kkt=kkt, **FD_SETTINGS))[0][:2]
@@ -370,7 +364,7 @@ def _lp_at_vertex(seed, n=3, p=6, B=2):
 def test_lp_q_zero_matches_the_vertex_closed_form():
     """z = G_B⁻¹h_B and λ_B = −G_B⁻ᵀ(q + Qz) (Q enters only through λ at Q = 0)."""
     n, p, B = 3, 6, 2
-    inputs = [_t(v, True) for v in _lp_at_vertex(8, n, p, B)]
+    inputs = [as_tensor(v, True) for v in _lp_at_vertex(8, n, p, B)]
     Q, q, G, h = inputs
     A, b = torch.zeros(B, 0, n, dtype=DT), torch.zeros(B, 0, dtype=DT)
     (z, lam, _), res = solve_qp(Q, q, G, h, A, b, batch=B)
@@ -385,15 +379,15 @@ def test_lp_q_zero_matches_the_vertex_closed_form():
         z_c, l_c, _ = qp_reference(*_sample([Q, q, G, h, A, b], i))
         assert _close(z[i].detach(), z_c, 1e-8)
     w = _weights([z, lam], 5)
-    got = _grads([z, lam], inputs, w)
-    ref = _grads([z_ref, lam_ref], inputs, w)
+    got = weighted_grads([z, lam], inputs, w)
+    ref = weighted_grads([z_ref, lam_ref], inputs, w)
     for name, g, r in zip(NAMES, got, ref):
         assert r.norm() > 1e-2, name
         assert rel_err(g, r) < 1e-6, name
 
 
 def test_lp_refuses_schur_elimination():
-    Q, q, G, h = (_t(v) for v in _lp_at_vertex(8))
+    Q, q, G, h = (as_tensor(v) for v in _lp_at_vertex(8))
     with pytest.raises(ValueError, match="reduced"):
         solve_qp(Q, q, G, h, torch.zeros(0, 3, dtype=DT), torch.zeros(0, dtype=DT), batch=2,
                  settings=QPSettings(kkt="schur"))
@@ -412,7 +406,7 @@ def _singular_qp(seed, n=4, rank=2, B=2):
     A = rng.standard_normal((B, 1, n))
     b = np.einsum("bmn,bn->bm", A, z0)
     q = 2.0 * rng.standard_normal((B, n))
-    return [_t(x) for x in (Q, q, G, h, A, b)]
+    return [as_tensor(x) for x in (Q, q, G, h, A, b)]
 
 
 def test_singular_psd_q_matches_clarabel_and_central_differences():
@@ -427,7 +421,7 @@ def test_singular_psd_q_matches_clarabel_and_central_differences():
         assert _close(lam[i].detach(), l_r, 1e-7)
         assert _close(nu[i].detach(), n_r, 1e-7)
     weights = _weights([z, lam, nu], 6)
-    got = _grads([z, lam, nu], inputs, weights)
+    got = weighted_grads([z, lam, nu], inputs, weights)
     ref = _fd(data, weights)
     for name, g, r in zip(NAMES, got, ref):
         assert r.norm() > 1e-3, name
@@ -439,7 +433,7 @@ def test_singular_psd_q_matches_clarabel_and_central_differences():
 @pytest.mark.parametrize("kkt", KKTS)
 def test_nonsymmetric_q_is_its_symmetric_part_with_a_symmetric_gradient(kkt):
     Q, q, G, h, A, b = random_qp(10, B=2)
-    K = _t(np.random.default_rng(10).standard_normal((2, 4, 4)))
+    K = as_tensor(np.random.default_rng(10).standard_normal((2, 4, 4)))
     Q_ns = (Q + K - K.mT).requires_grad_(True)  # symmetric part Q
     Q_s = Q.clone().requires_grad_(True)
     settings = QPSettings(kkt=kkt)
@@ -448,8 +442,8 @@ def test_nonsymmetric_q_is_its_symmetric_part_with_a_symmetric_gradient(kkt):
     for u, v in zip(out_ns, out_s):
         assert (u - v).abs().max() < 1e-12
     w = _weights(out_s, 7)
-    (g_ns,) = _grads(out_ns, [Q_ns], w)
-    (g_s,) = _grads(out_s, [Q_s], w)
+    (g_ns,) = weighted_grads(out_ns, [Q_ns], w)
+    (g_s,) = weighted_grads(out_s, [Q_s], w)
     assert (g_ns - g_ns.mT).abs().max() < 1e-12
     assert (g_ns - g_s).abs().max() < 1e-12
     # and it is the derivative of the non-symmetric input, entry by entry
@@ -466,12 +460,12 @@ def _box_batch():
     """Three 3-variable problems with shared Q, G, A; sample 1 is infeasible (z ≤ −1, Σz ≥ 1).
 
     Samples 0 and 2 each have one active row (z₀ ≤ 1, and Σz ≥ −3)."""
-    Q = _t(2 * np.eye(3) + 0.3, True)
-    G = _t(np.vstack([np.eye(3), -np.ones((1, 3))]), True)
-    A = _t([[1.0, -1.0, 0.0]], True)
-    b = _t([0.2], True)
-    h = _t([[1.0, 1, 1, 1], [-1, -1, -1, -1], [2, 0.5, 1, 3]], True)
-    q = _t([[-6.0, 1.0, 0.5], [0.0, 0.0, 0.0], [4.0, 3.0, 5.0]], True)
+    Q = as_tensor(2 * np.eye(3) + 0.3, True)
+    G = as_tensor(np.vstack([np.eye(3), -np.ones((1, 3))]), True)
+    A = as_tensor([[1.0, -1.0, 0.0]], True)
+    b = as_tensor([0.2], True)
+    h = as_tensor([[1.0, 1, 1, 1], [-1, -1, -1, -1], [2, 0.5, 1, 3]], True)
+    q = as_tensor([[-6.0, 1.0, 0.5], [0.0, 0.0, 0.0], [4.0, 3.0, 5.0]], True)
     return [Q, q, G, h, A, b]
 
 
@@ -489,7 +483,7 @@ def test_infeasible_sample_raises_with_indices_and_statuses(kkt):
 
 def test_inconsistent_equalities_are_infeasible():
     Q = torch.eye(2, dtype=DT)
-    A, b = _t([[1.0, 1.0], [1.0, 1.0]]), _t([0.0, 1.0])
+    A, b = as_tensor([[1.0, 1.0], [1.0, 1.0]]), as_tensor([0.0, 1.0])
     with pytest.raises(declarative.SolverError) as info:
         QPFunction(verbose=-1)(Q, torch.zeros(2, dtype=DT), E, E, A, b)
     assert info.value.statuses == [Status.INFEASIBLE]
@@ -521,10 +515,10 @@ def test_mask_keeps_feasible_samples_and_zeroes_infeasible_gradients(kkt):
 
 def test_unbounded_lp_reports_unbounded():
     """min −z₀ s.t. z₀ ≥ 0, |z₁| ≤ 1 (Q = 0); and a singular-Q QP unbounded along z₁."""
-    G = _t([[-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-    h = _t([0.0, 1.0, 1.0])
-    lp = (torch.zeros(2, 2, dtype=DT), _t([-1.0, 0.0]), G, h, E, E)
-    qp = (_t([[1.0, 0.0], [0.0, 0.0]]), _t([0.0, -1.0]), G[:1], h[:1], E, E)
+    G = as_tensor([[-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    h = as_tensor([0.0, 1.0, 1.0])
+    lp = (torch.zeros(2, 2, dtype=DT), as_tensor([-1.0, 0.0]), G, h, E, E)
+    qp = (as_tensor([[1.0, 0.0], [0.0, 0.0]]), as_tensor([0.0, -1.0]), G[:1], h[:1], E, E)
     for Q, q, G_, h_, A, b in (lp, qp):
         _, res = solve_qp(Q, q, G_, h_, *_no_constraints(2), batch=1)
         assert res.status == [Status.UNBOUNDED]
@@ -548,7 +542,7 @@ def test_equality_only_matches_the_kkt_closed_form(kkt):
     z_ref = torch.linalg.solve(K, torch.cat([-q, b], -1))[:, :4]
     assert (z - z_ref).abs().max() < 1e-10
     w = _weights([z], 9)
-    for name, g, r in zip("QqAb", _grads([z], [Q, q, A, b], w), _grads([z_ref], [Q, q, A, b], w)):
+    for name, g, r in zip("QqAb", weighted_grads([z], [Q, q, A, b], w), weighted_grads([z_ref], [Q, q, A, b], w)):
         assert rel_err(g, r) < 1e-8, name
 
 
@@ -560,7 +554,7 @@ def test_unconstrained_is_minus_q_inverse_q(kkt):
     z_ref = -torch.linalg.solve(0.5 * (Q + Q.mT), q)
     assert (z - z_ref).abs().max() < 1e-10
     w = _weights([z], 10)
-    for g, r in zip(_grads([z], [Q, q], w), _grads([z_ref], [Q, q], w)):
+    for g, r in zip(weighted_grads([z], [Q, q], w), weighted_grads([z_ref], [Q, q], w)):
         assert rel_err(g, r) < 1e-8
 
 
@@ -580,7 +574,7 @@ def test_infinite_h_rows_equal_dropping_them(kkt, shared):
     assert res.status == [Status.OPTIMAL] * 3
     assert torch.isinf(res.s[1]).all()
     w = _weights([z, lam, nu], 11)
-    grads = _grads([z, lam, nu], inputs, w)
+    grads = weighted_grads([z, lam, nu], inputs, w)
     # The same samples solved alone with the free rows dropped, their gradients laid
     # out like the inputs (zero on the dropped rows) and summed for shared inputs.
     expected = [torch.zeros_like(t) for t in inputs]
@@ -588,11 +582,11 @@ def test_infinite_h_rows_equal_dropping_them(kkt, shared):
         free = [r for r in range(6) if r not in rows]
         solo = _sample([Q, q, G, h, A, b], i)
         solo[2], solo[3] = solo[2][rows], solo[3][rows]
-        solo = [_t(x[None], True) for x in solo]
+        solo = [as_tensor(x[None], True) for x in solo]
         (zi, li, ni), _ = solve_qp(*solo, batch=1, settings=settings)
         assert _close(z[i], zi[0], 1e-9)
         assert _close(lam[i, rows], li[0], 1e-9) and (lam[i, free] == 0).all()
-        gQ, gq, gG, gh, gA, gb = _grads([zi, li, ni], solo,
+        gQ, gq, gG, gh, gA, gb = weighted_grads([zi, li, ni], solo,
                                         [w[0][i:i + 1], w[1][i:i + 1, rows], w[2][i:i + 1]])
         gG_all = torch.zeros(6, 4, dtype=DT).index_copy(0, torch.tensor(rows, dtype=torch.long),
                                                          gG[0])
@@ -626,8 +620,8 @@ def _float32_vs_float64(seed, kkt, n=4, p=6, m=2, B=8):
     out32, res32 = _solve(in32, settings)
     assert all(o.dtype == torch.float32 for o in out32)
     w = _weights(out64, 12)
-    g64 = _grads(out64, in64, w)
-    g32 = _grads(out32, in32, [x.float() for x in w])
+    g64 = weighted_grads(out64, in64, w)
+    g32 = weighted_grads(out32, in32, [x.float() for x in w])
     assert all(g.dtype == torch.float32 for g in g32)
     return res32, out32, out64, g32, g64
 
@@ -752,14 +746,14 @@ def test_qpfunction_return_info_and_max_iter_warning():
 def test_check_q_spd_refuses_indefinite_q_naming_q():
     Q, q, G, h, A, b = random_qp(20, B=2)
     bad = Q.clone()
-    bad[1] = torch.diag(_t([1.0, -1.0, 1.0, 1.0]))
+    bad[1] = torch.diag(as_tensor([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"Q must be positive semidefinite at batch index 1"):
         QPFunction(verbose=-1, check_Q_spd=True)(bad, q, G, h, A, b)
     # a single Q shared by the batch: no batch index to name
     with pytest.raises(ValueError, match=r"Q must be positive semidefinite: its smallest"):
         QPFunction(verbose=-1, check_Q_spd=True)(bad[1], q, G, h, A, b)
     # PSD but singular is accepted (qpth refuses it), and so is Q = 0 (an LP)
-    Qz, qz, Gz, hz = (_t(v[0]) for v in _lp_at_vertex(8))
+    Qz, qz, Gz, hz = (as_tensor(v[0]) for v in _lp_at_vertex(8))
     z = QPFunction(verbose=-1, check_Q_spd=True)(Qz, qz, Gz, hz, E, E)
     assert torch.isfinite(z).all()
 
@@ -841,8 +835,8 @@ def test_cvxpylayer_routes_qp_and_agrees_with_conic_and_clarabel(shared):
         assert o.shape == t.shape == (B, o.shape[-1])
         assert (o - t).abs().max() < 1e-7
     weights = _weights(ours, 14)
-    for name, g, r in zip(("F",) + NAMES[1:], _grads(ours, qp_in, weights),
-                          _grads(theirs, conic_in, weights)):
+    for name, g, r in zip(("F",) + NAMES[1:], weighted_grads(ours, qp_in, weights),
+                          weighted_grads(theirs, conic_in, weights)):
         assert r.norm() > 1e-2, name
         assert rel_err(g, r) < 1e-6, name
     prob, params, outs = _cvxpy_qp(n, p, m)
@@ -864,14 +858,14 @@ def test_cvxpylayer_sum_squares_fit_routes_to_qp():
     assert layer.backend == "qp"
     conic = conic_layer(prob, [A, y], [x, con[0].dual_variables[0]], solver_args=SCS_TIGHT)
     rng = np.random.default_rng(23)
-    A_v, y_v = _t(rng.standard_normal((2, m, n)), True), _t(3 * rng.standard_normal((2, m)), True)
+    A_v, y_v = as_tensor(rng.standard_normal((2, m, n)), True), as_tensor(3 * rng.standard_normal((2, m)), True)
     A_c, y_c = (t.detach().clone().requires_grad_(True) for t in (A_v, y_v))
     ours, theirs = layer(A_v, y_v), conic(A_c, y_c)
     assert (ours[1] > 1e-3).any()  # some bound is active
     for o, t in zip(ours, theirs):
         assert (o - t).abs().max() < 1e-7
     w = _weights(ours, 15)
-    for g, r in zip(_grads(ours, [A_v, y_v], w), _grads(theirs, [A_c, y_c], w)):
+    for g, r in zip(weighted_grads(ours, [A_v, y_v], w), weighted_grads(theirs, [A_c, y_c], w)):
         assert rel_err(g, r) < 1e-6
 
 
@@ -918,18 +912,18 @@ def test_parametric_quad_form_matches_the_kkt_closed_form():
         conic_layer(prob, [P, q], [x])
     rng = np.random.default_rng(24)
     L = rng.standard_normal((B, n, n))
-    P_v = _t(L @ L.transpose(0, 2, 1) + 0.1 * np.eye(n), True)
-    q_v = _t(rng.standard_normal((B, n)), True)
+    P_v = as_tensor(L @ L.transpose(0, 2, 1) + 0.1 * np.eye(n), True)
+    q_v = as_tensor(rng.standard_normal((B, n)), True)
     (x_star,) = layer(P_v, q_v)
-    A = _t(a)
+    A = as_tensor(a)
     S = 0.5 * (P_v + P_v.mT)
     K = torch.cat([torch.cat([S, A.mT.expand(B, n, 1)], -1),
                    torch.cat([A.expand(B, 1, n), torch.zeros(B, 1, 1, dtype=DT)], -1)], -2)
     x_ref = torch.linalg.solve(K, torch.cat([-q_v, torch.ones(B, 1, dtype=DT)], -1))[:, :n]
     assert (x_star - x_ref).abs().max() < 1e-9
     w = _weights([x_star], 16)
-    (gP, gq) = _grads([x_star], [P_v, q_v], w)
-    (rP, rq) = _grads([x_ref], [P_v, q_v], w)
+    (gP, gq) = weighted_grads([x_star], [P_v, q_v], w)
+    (rP, rq) = weighted_grads([x_ref], [P_v, q_v], w)
     assert (gP - gP.mT).abs().max() < 1e-10
     assert rel_err(gP, rP) < 1e-7 and rel_err(gq, rq) < 1e-7
 
@@ -941,8 +935,8 @@ def test_parametric_quad_form_with_inequalities_matches_central_differences():
     layer = CvxpyLayer(prob, [P, q], [x])
     assert layer.backend == "qp"
     L = np.random.default_rng(25).standard_normal((n, n))
-    P_v = _t(L @ L.T + 0.2 * np.eye(n), True)
-    q_v = _t(-1 + np.random.default_rng(0).standard_normal(n), True)
+    P_v = as_tensor(L @ L.T + 0.2 * np.eye(n), True)
+    q_v = as_tensor(-1 + np.random.default_rng(0).standard_normal(n), True)
     (x_star,) = layer(P_v, q_v)
     assert int((x_star.detach() > 0.3 - 1e-6).sum()) == 1  # one active bound, not a vertex
     z_r, _, _ = qp_reference(P_v.detach().numpy(), q_v.detach().numpy(),
@@ -950,7 +944,7 @@ def test_parametric_quad_form_with_inequalities_matches_central_differences():
                              np.r_[0.3 * np.ones(n), 1.0], np.zeros((0, n)), np.zeros(0))
     assert _close(x_star.detach(), z_r, 1e-8)
     w = _weights([x_star], 17)
-    got = _grads([x_star], [P_v, q_v], w)
+    got = weighted_grads([x_star], [P_v, q_v], w)
 
     def fn(P_, q_):  # symmetric perturbations keep P a valid PSD parameter value
         return layer(0.5 * (P_ + P_.T), q_, solver_args=FD_SETTINGS)
@@ -986,8 +980,8 @@ def test_cuda_matches_cpu(dtype, kkt, tol, shared):
         assert g.device.type == "cuda" and g.dtype == dtype
         assert _close(g, c, tol)
     w = _weights(cpu_out, 18)
-    g_cpu = _grads(cpu_out, cpu_in, w)
-    g_gpu = _grads(gpu_out, gpu_in, [x.cuda() for x in w])
+    g_cpu = weighted_grads(cpu_out, cpu_in, w)
+    g_gpu = weighted_grads(gpu_out, gpu_in, [x.cuda() for x in w])
     for name, c, g in zip(NAMES, g_cpu, g_gpu):
         assert g.device.type == "cuda"
         assert rel_err(g.cpu().double(), c.double()) < (1e-8 if dtype == DT else 1e-3), name
@@ -1037,7 +1031,7 @@ def test_property_random_feasible_qps(problem):
     random direction v in all six inputs against a central difference along v."""
     *blocks, seed = problem
     z_r, l_r, n_r = qp_reference(*blocks)
-    inputs = [_t(x[None], True) for x in blocks]
+    inputs = [as_tensor(x[None], True) for x in blocks]
     outs, res = _solve(inputs)
     assert res.status == [Status.OPTIMAL]
     assert _close(outs[0], z_r[None], 1e-7)
@@ -1045,7 +1039,7 @@ def test_property_random_feasible_qps(problem):
     w = _weights(outs, seed)
     gen = torch.Generator().manual_seed(seed)
     v = [torch.randn(t.shape, dtype=DT, generator=gen) for t in inputs]
-    got = sum((g * d).sum() for g, d in zip(_grads(outs, inputs, w), v))
+    got = sum((g * d).sum() for g, d in zip(weighted_grads(outs, inputs, w), v))
     fd_settings = QPSettings(**FD_SETTINGS)
 
     def along(t):

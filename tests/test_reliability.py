@@ -35,7 +35,7 @@ import diffcp
 import numpy as np
 import pytest
 import torch
-from helpers import SCS_TIGHT, qp_reference, reference_solve
+from helpers import SCS_TIGHT, as_tensor, qp_reference, reference_solve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,9 +54,6 @@ E = torch.Tensor()  # qpth's spelling of an absent (A, b) or (G, h)
 QP_NAMES = ("Q", "p", "G", "h", "A", "b")
 SCS_ARGS = {"eps": 1e-10, "max_iters": 100_000}
 
-
-def _t(a, grad=False, dtype=DT):
-    return torch.tensor(np.asarray(a), dtype=dtype, requires_grad=grad)
 
 
 def _xfail(reason: str):
@@ -168,7 +165,7 @@ def test_watchdog_turns_a_hang_into_a_timeout_error():
 @pytest.mark.parametrize("kind", KINDS)
 def test_return_info_reports_per_sample_status_iterations_and_residuals(kind):
     layer = _layer(kind)
-    args = [_t(a) for a in _batch(kind)]
+    args = [as_tensor(a) for a in _batch(kind)]
     (x,), info = layer(*args, return_info=True)
     assert isinstance(info, declarative.SolveInfo)
     assert info.backend == BACKEND_OF[kind]
@@ -186,7 +183,7 @@ def test_return_info_reports_per_sample_status_iterations_and_residuals(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_failed_sample_raises_solver_error_with_indices_and_statuses(kind):
     layer = _layer(kind)
-    args = [_t(a) for a in _batch(kind, fail=(1,))]
+    args = [as_tensor(a) for a in _batch(kind, fail=(1,))]
     with pytest.raises(SolverError) as err:
         layer(*args)
     e = err.value
@@ -199,7 +196,7 @@ def test_failed_sample_raises_solver_error_with_indices_and_statuses(kind):
 def test_mask_keeps_other_samples_equal_to_solo_solves_nan_and_zero_grad_in_failed(kind):
     layer = _layer(kind)
     raw = _batch(kind, fail=(1,))
-    args = [_t(a, grad=True) for a in raw]
+    args = [as_tensor(a, grad=True) for a in raw]
     (x,), info = layer(*args, on_failure="mask", return_info=True)
     assert info.status[1] is FAIL_STATUS[kind] and not info.ok
     assert info.status[0] is Status.OPTIMAL and info.status[2] is Status.OPTIMAL
@@ -210,7 +207,7 @@ def test_mask_keeps_other_samples_equal_to_solo_solves_nan_and_zero_grad_in_fail
     assert torch.isfinite(g).all()
     assert (g[1] == 0).all()
     for i in (0, 2):
-        solo = [_t(a[i], grad=True) for a in raw]
+        solo = [as_tensor(a[i], grad=True) for a in raw]
         (xi,) = layer(*solo)
         (gi,) = torch.autograd.grad(xi, solo[0], w[i])
         assert (xi - x[i]).abs().max() < 1e-9
@@ -226,7 +223,7 @@ CAPS = {
 @pytest.mark.parametrize("kind", list(CAPS))
 def test_iteration_cap_returns_the_iterate_with_a_warning_never_optimal(kind):
     layer = _layer(kind)
-    args = [_t(a, grad=True) for a in _batch(kind)]
+    args = [as_tensor(a, grad=True) for a in _batch(kind)]
     with pytest.warns(UserWarning, match=r"status max_iter"):
         (x,), info = layer(*args, solver_args=CAPS[kind], return_info=True)
     assert all(s is Status.MAX_ITER for s in info.status)
@@ -248,8 +245,8 @@ def _qpfunction_batch(fail=(1,)):
     (lo,) = _batch("qp", fail=fail)
     n = lo.shape[1]
     Q = 2 * torch.eye(n, dtype=DT)
-    G = _t(np.vstack([-np.eye(n), np.ones((1, n))]))
-    h = _t(np.hstack([-lo, np.ones((lo.shape[0], 1))]), grad=True)
+    G = as_tensor(np.vstack([-np.eye(n), np.ones((1, n))]))
+    h = as_tensor(np.hstack([-lo, np.ones((lo.shape[0], 1))]), grad=True)
     return Q, torch.zeros(n, dtype=DT), G, h, E, E
 
 
@@ -296,11 +293,11 @@ def _qp_valid():
     """A valid batched qpth call with every block batched (B = 2, nz = 3, 3 ineq, 1 eq)."""
     rng = np.random.default_rng(3)
     B, n = 2, 3
-    Q = _t(np.broadcast_to(np.eye(n), (B, n, n)).copy())
-    G = _t(rng.standard_normal((B, 3, n)))
-    h = _t(np.ones((B, 3)))
-    A = _t(np.ones((B, 1, n)))
-    return [Q, _t(rng.standard_normal((B, n))), G, h, A, _t(np.zeros((B, 1)))]
+    Q = as_tensor(np.broadcast_to(np.eye(n), (B, n, n)).copy())
+    G = as_tensor(rng.standard_normal((B, 3, n)))
+    h = as_tensor(np.ones((B, 3)))
+    A = as_tensor(np.ones((B, 1, n)))
+    return [Q, as_tensor(rng.standard_normal((B, n))), G, h, A, as_tensor(np.zeros((B, 1)))]
 
 
 def _qp_with(k, fn):
@@ -392,10 +389,10 @@ def test_qpfunction_non_finite_entries_are_refused_except_plus_inf_in_h(k, value
 def test_qpfunction_plus_inf_h_row_equals_dropping_the_row():
     rng = np.random.default_rng(4)
     n = 3
-    Q = _t(np.eye(n) * 2 + 0.1)
-    q = _t(rng.standard_normal((2, n)) * 3)
-    G = _t(rng.standard_normal((4, n)))
-    h = _t(np.ones((2, 4)))
+    Q = as_tensor(np.eye(n) * 2 + 0.1)
+    q = as_tensor(rng.standard_normal((2, n)) * 3)
+    G = as_tensor(rng.standard_normal((4, n)))
+    h = as_tensor(np.ones((2, 4)))
     h_inf = h.clone()
     h_inf[:, 2] = float("inf")
     hi = h_inf.clone().requires_grad_(True)
@@ -445,7 +442,7 @@ def test_qpfunction_mixed_devices_are_refused_naming_the_argument(k):
 def test_cvxpylayer_mixed_devices_are_refused_naming_the_parameter():
     dev = _other_device()
     layer = _layer("entropy")
-    th, beta = (_t(a) for a in _batch("entropy"))
+    th, beta = (as_tensor(a) for a in _batch("entropy"))
     with pytest.raises(ValueError, match=r"one device; .*parameter 1 \('beta'\) on " + dev.type):
         layer(th, beta.to(dev))
 
@@ -467,7 +464,7 @@ def test_qp_path_unknown_solver_args_key_lists_accepted_keys(when):
         if when == "construction":
             CvxpyLayer(prob, params, outs, solver_args={"epsilon": 1e-6})
         else:
-            _layer("qp")(*[_t(a) for a in _batch("qp")], solver_args={"epsilon": 1e-6})
+            _layer("qp")(*[as_tensor(a) for a in _batch("qp")], solver_args={"epsilon": 1e-6})
     msg = str(err.value)
     assert "Accepted keys" in msg and "'max_iter'" in msg and "'time_limit'" in msg
 
@@ -485,7 +482,7 @@ def test_qp_path_wrongly_typed_solver_args_value_names_the_key(key, when):
         if when == "construction":
             CvxpyLayer(prob, params, outs, solver_args=args)
         else:
-            _layer("qp")(*[_t(a) for a in _batch("qp")], solver_args=args)
+            _layer("qp")(*[as_tensor(a) for a in _batch("qp")], solver_args=args)
 
 
 @pytest.mark.parametrize("args", [{"max_iter": 0}, {"eps": -1.0}, {"time_limit": 0},
@@ -494,12 +491,12 @@ def test_qp_path_wrongly_typed_solver_args_value_names_the_key(key, when):
 def test_qp_path_out_of_range_solver_args_value_names_the_key(args):
     (key,) = args
     with pytest.raises(ValueError, match=rf"^{key} must"):
-        _layer("qp")(*[_t(a) for a in _batch("qp")], solver_args=args)
+        _layer("qp")(*[as_tensor(a) for a in _batch("qp")], solver_args=args)
 
 
 def test_qp_path_float_keys_accept_ints():
     # (regularization: an int 0 is a valid setting; infeas_tol must be positive)
-    _layer("qp")(*[_t(a) for a in _batch("qp")], solver_args={"regularization": 0})
+    _layer("qp")(*[as_tensor(a) for a in _batch("qp")], solver_args={"regularization": 0})
 
 
 @pytest.mark.parametrize("kind", ["simplex", "softmax", "entropy"])
@@ -508,7 +505,7 @@ def test_structured_paths_check_call_time_solver_args(kind):
     with pytest.raises(ValueError, match="unknown key 'epsilon'"):
         CvxpyLayer(prob, params, outs, solver_args={"epsilon": 1e-6})
     with pytest.raises(ValueError, match="unknown key 'epsilon'"):
-        _layer(kind)(*[_t(a) for a in _batch(kind)], solver_args={"epsilon": 1e-6})
+        _layer(kind)(*[as_tensor(a) for a in _batch(kind)], solver_args={"epsilon": 1e-6})
 
 
 # ----------------------------------------------------------------------------
@@ -543,7 +540,7 @@ def test_batch_mixing_feasible_infeasible_and_unbounded_samples(backend):
     prob, params, outs = _mixed_problem()
     layer = CvxpyLayer(prob, params, outs, **MIXED_BACKENDS[backend])
     names = list(MIXED)
-    args = [_t([MIXED[k][j] for k in names], grad=True) for j in range(3)]
+    args = [as_tensor([MIXED[k][j] for k in names], grad=True) for j in range(3)]
     with pytest.raises(SolverError) as err:
         layer(*args)
     assert err.value.indices == [1, 2, 4]
@@ -570,12 +567,12 @@ def test_batch_mixing_feasible_infeasible_and_unbounded_samples(backend):
 def test_qpfunction_batch_mixing_feasible_infeasible_and_unbounded_samples():
     """The same five samples in qpth form: Q = diag(2, 2, 0), G = [−I; e₀ + e₁]."""
     names = list(MIXED)
-    c = _t([MIXED[k][0] for k in names])
+    c = as_tensor([MIXED[k][0] for k in names])
     lo = np.array([MIXED[k][1] for k in names])
     u = np.array([MIXED[k][2] for k in names])
-    Q = torch.diag(_t([2.0, 2.0, 0.0]))
-    G = _t(np.vstack([-np.eye(3), [[1.0, 1.0, 0.0]]]))
-    h = _t(np.hstack([-lo, u[:, None]]))
+    Q = torch.diag(as_tensor([2.0, 2.0, 0.0]))
+    G = as_tensor(np.vstack([-np.eye(3), [[1.0, 1.0, 0.0]]]))
+    h = as_tensor(np.hstack([-lo, u[:, None]]))
     with pytest.raises(SolverError) as err:
         QPFunction(verbose=-1)(Q, c, G, h, E, E)
     assert err.value.indices == [1, 2, 4]
@@ -635,7 +632,7 @@ def test_huge_values_never_give_a_wrong_point_labelled_optimal(backend, which, s
     prob, params, outs = _projection_problem()
     layer = CvxpyLayer(prob, params, outs, backend=backend, on_failure="mask")
     (c, A, b), x_ref = _scaled(which, scale)
-    (x,), info = _quiet(layer, _t(c), _t(A), _t(b), return_info=True)
+    (x,), info = _quiet(layer, as_tensor(c), as_tensor(A), as_tensor(b), return_info=True)
     status = info.status[0]
     if not status.has_solution:
         assert torch.isnan(x).all()
@@ -672,11 +669,11 @@ def test_near_infeasible_with_extreme_tolerance_returns_within_the_time_limit(so
     args = kw.pop("solver_args")
     layer = CvxpyLayer(prob, [p, r], [x], on_failure="mask", **kw)
     pv = np.linspace(-1.0, 1.0, n) / 3 + 1.0 / n
-    pt = _t(pv, grad=True)
+    pt = as_tensor(pv, grad=True)
     start = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (xs,), info = layer(pt, _t(pv.sum() + margin), solver_args=args, return_info=True)
+        (xs,), info = layer(pt, as_tensor(pv.sum() + margin), solver_args=args, return_info=True)
     elapsed = time.monotonic() - start
     assert elapsed < 4.0  # limit 0.5 s; SCS may run twice (see the xfail below)
     status = info.status[0]
@@ -700,7 +697,7 @@ def test_scs_time_limit_bounds_the_wall_time():
     layer = CvxpyLayer(prob, [p, r], [x], backend="conic", on_failure="mask")
     pv = np.linspace(-1.0, 1.0, n) / 3 + 1.0 / n
     start = time.monotonic()
-    _quiet(layer, _t(pv), _t(pv.sum() - 1e-9),
+    _quiet(layer, as_tensor(pv), as_tensor(pv.sum() - 1e-9),
            solver_args={"eps": 1e-14, "max_iters": 10**9, "time_limit": 1.0})
     assert time.monotonic() - start < 1.6
 
@@ -713,7 +710,7 @@ def test_lp_with_two_optimal_vertices_gives_finite_outputs_and_the_value_derivat
     prob = cp.Problem(cp.Minimize(c @ x), [x[0] + x[1] <= u, x >= 0, x <= 1])
     kw = {"backend": "conic", "solver_args": SCS_ARGS} if backend == "conic" else {}
     layer = CvxpyLayer(prob, [c, u], [x], **kw)
-    ct, ut = _t([-1.0, -1.0], grad=True), _t(1.2, grad=True)
+    ct, ut = as_tensor([-1.0, -1.0], grad=True), as_tensor(1.2, grad=True)
     (xs,) = layer(ct, ut)
     xd = xs.detach()
     assert torch.isfinite(xd).all()
@@ -732,9 +729,9 @@ def test_weakly_active_constraint_gives_a_generalized_derivative(backend):
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x <= 0])
     kw = {"backend": "conic", "solver_args": SCS_ARGS} if backend == "conic" else {}
     layer = CvxpyLayer(prob, [y], [x], **kw)
-    yt = _t([0.0, -1.0, 1.0], grad=True)
+    yt = as_tensor([0.0, -1.0, 1.0], grad=True)
     (xs,) = layer(yt)
-    assert (xs - _t([0.0, -1.0, 0.0])).abs().max() < 1e-6
+    assert (xs - as_tensor([0.0, -1.0, 0.0])).abs().max() < 1e-6
     J = torch.stack([torch.autograd.grad(xs[i], yt, retain_graph=True)[0] for i in range(3)])
     assert torch.isfinite(J).all()
     assert -1e-6 <= float(J[0, 0]) <= 1 + 1e-6
@@ -747,12 +744,12 @@ def test_simplex_tie_gives_the_documented_support_restricted_jacobian():
     """Sparsemax at y = (1, 0, −1), r = 1: x = (1, 0, 0) and y₁ = t exactly. Documented
     (backends.entropy): the support excludes ties, so ∇y = s∘(ḡ − sᵀḡ/|S|) = 0 here and
     ∇r = ḡ₀."""
-    yt, rt = _t([[1.0, 0.0, -1.0, -2.0]], grad=True), _t([1.0], grad=True)
+    yt, rt = as_tensor([[1.0, 0.0, -1.0, -2.0]], grad=True), as_tensor([1.0], grad=True)
     (xs,) = _layer("simplex")(yt, rt)
-    assert torch.equal(xs, _t([[1.0, 0.0, 0.0, 0.0]]))
-    g = _t([[0.3, -1.2, 0.7, 2.0]])
+    assert torch.equal(xs, as_tensor([[1.0, 0.0, 0.0, 0.0]]))
+    g = as_tensor([[0.3, -1.2, 0.7, 2.0]])
     gy, gr = torch.autograd.grad(xs, [yt, rt], g)
-    assert (gy == 0).all() and torch.allclose(gr, _t([0.3]))
+    assert (gy == 0).all() and torch.allclose(gr, as_tensor([0.3]))
 
 
 SINGULAR = ["duplicated inequalities", "redundant equalities, Q = 0", "ill-conditioned Q"]
@@ -784,7 +781,7 @@ def test_singular_or_ill_conditioned_kkt_gives_finite_outputs_or_a_clear_error(c
     kw = {"backend": "conic", "solver_args": SCS_ARGS} if backend == "conic" else {}
     layer = CvxpyLayer(prob, [y], [x], **kw)
     yv = np.array([0.2, 0.9, -0.4])
-    yt = _t(yv, grad=True)
+    yt = as_tensor(yv, grad=True)
     try:
         (xs,), info = _quiet(layer, yt, return_info=True)
     except SolverError as err:  # a clear, per-sample error is acceptable
@@ -812,7 +809,7 @@ def test_small_objective_scale_gives_the_right_answer_or_a_non_optimal_status(so
     prob = cp.Problem(cp.Minimize(scale * cp.sum_squares(x - y)), [x <= 0.5])
     layer = CvxpyLayer(prob, [y], [x], on_failure="mask", **SCALE_SOLVERS[solver])
     yv = np.array([0.2, 0.9, -0.4])
-    yt = _t(yv, grad=True)
+    yt = as_tensor(yv, grad=True)
     (xs,), info = _quiet(layer, yt, return_info=True)
     if info.status[0] is not Status.OPTIMAL:
         return
@@ -824,7 +821,7 @@ def test_small_objective_scale_gives_the_right_answer_or_a_non_optimal_status(so
 @pytest.mark.parametrize("kind", KINDS)
 def test_nan_in_the_upstream_gradient_stays_in_its_own_sample(kind):
     layer = _layer(kind)
-    args = [_t(a, grad=True) for a in _batch(kind, B=3)]
+    args = [as_tensor(a, grad=True) for a in _batch(kind, B=3)]
     (x,) = layer(*args)
     w = _weights(x.shape)
     w_nan = w.clone()
@@ -841,7 +838,7 @@ def test_nan_in_the_upstream_gradient_stays_in_its_own_sample(kind):
 
 
 def _solve_and_grad(layer, raw):
-    args = [_t(a, grad=True) for a in raw]
+    args = [as_tensor(a, grad=True) for a in raw]
     (x,) = layer(*args)
     (g,) = torch.autograd.grad((x * x).sum(), args[0])
     return x.detach(), g
@@ -876,7 +873,7 @@ class _LayerDataset(torch.utils.data.Dataset):
 @pytest.mark.parametrize("kind", ["qp", "entropy", "conic"])
 def test_forked_dataloader_workers_give_the_serial_answers(kind):
     layer = _layer(kind)
-    rows = [_t(a) for a in _batch(kind, B=8)]
+    rows = [as_tensor(a) for a in _batch(kind, B=8)]
     serial = torch.stack([layer(*[r[i] for r in rows])[0] for i in range(8)])  # warm: threads
     loader = torch.utils.data.DataLoader(_LayerDataset(layer, rows), batch_size=2,
                                          num_workers=2, multiprocessing_context="fork")
@@ -902,7 +899,7 @@ def test_two_qp_layers_sharing_parameters_do_not_interfere():
         got2 = _solve_and_grad(l2, [v])
         for got, ref in zip(got1 + got2, one + two):
             assert torch.equal(got, ref)
-        assert (got1[0] - torch.minimum(_t(v), _t(0.5))).abs().max() < 1e-8
+        assert (got1[0] - torch.minimum(as_tensor(v), as_tensor(0.5))).abs().max() < 1e-8
     assert p.value is None  # the layers never write Parameter.value
 
 
@@ -917,7 +914,7 @@ def _has_warm_start() -> bool:
 def test_warm_start_never_changes_the_answer_or_the_status(kind):
     """A warm start may change how fast a solve converges, never its answer (tolerance)."""
     layer = _layer(kind)
-    batches = [[_t(a) for a in _batch(kind, seed=s)] for s in range(6)]
+    batches = [[as_tensor(a) for a in _batch(kind, seed=s)] for s in range(6)]
     cold = [layer(*args, return_info=True) for args in batches]
     for i, args in enumerate(batches):
         (x,), info = layer(*args, warm_start=cold[i - 1][1], return_info=True,
@@ -934,7 +931,7 @@ def test_qpfunction_warm_start_never_changes_the_answer_or_the_status():
     hs = []
     for seed in range(6):
         (lo,) = _batch("qp", seed=seed)
-        hs.append(_t(np.hstack([-lo, np.ones((lo.shape[0], 1))])))
+        hs.append(as_tensor(np.hstack([-lo, np.ones((lo.shape[0], 1))])))
     cold = [fn(Q, p, G, h, A, b, return_info=True) for h in hs]
     for i, h in enumerate(hs):
         z, result = fn(Q, p, G, h, A, b, return_info=True, warm_start=cold[i - 1][1])
@@ -945,7 +942,7 @@ def test_qpfunction_warm_start_never_changes_the_answer_or_the_status():
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_twice_with_retain_graph_gives_the_same_gradients(kind):
     layer = _layer(kind)
-    args = [_t(a, grad=True) for a in _batch(kind)]
+    args = [as_tensor(a, grad=True) for a in _batch(kind)]
     (x,) = layer(*args)
     loss = (x * _weights(x.shape)).sum()
     g1 = torch.autograd.grad(loss, args[0], retain_graph=True)[0]
@@ -958,8 +955,8 @@ def test_double_backward_is_right_where_supported(kind):
     """The simplex projection and softmax are plain autograd: second derivatives exist."""
     layer = _layer(kind)
     raw = _batch(kind, B=2)
-    rest = [_t(a) for a in raw[1:]]
-    theta = _t(raw[0], grad=True)
+    rest = [as_tensor(a) for a in raw[1:]]
+    theta = as_tensor(raw[0], grad=True)
     assert torch.autograd.gradgradcheck(lambda th: layer(th, *rest)[0], (theta,))
     # Hessian of ½‖x‖² along v against the closed form.
     (x,) = layer(theta, *rest)
@@ -973,7 +970,7 @@ def test_double_backward_is_right_where_supported(kind):
     else:  # x = softmax(θ): ∇ = J x, H v = J J v + Σᵢ xᵢ ∇²xᵢ v (by central differences)
         eps = 1e-6
         grad_at = [torch.autograd.grad(0.5 * (layer(th)[0] ** 2).sum(), th)[0] for th in
-                   (_t(raw[0] + eps * v.numpy(), grad=True), _t(raw[0] - eps * v.numpy(),
+                   (as_tensor(raw[0] + eps * v.numpy(), grad=True), as_tensor(raw[0] - eps * v.numpy(),
                                                               grad=True))]
         expected = (grad_at[0] - grad_at[1]) / (2 * eps)
     assert (hv - expected).abs().max() < 1e-6
@@ -987,7 +984,7 @@ def test_double_backward_raises_a_clear_error_where_unsupported(kind):
     """The implicit backward is once-differentiable: a Hessian-vector product through it
     must raise, not return something."""
     layer = _layer(kind)
-    args = [_t(a, grad=True) for a in _batch(kind)]
+    args = [as_tensor(a, grad=True) for a in _batch(kind)]
     (x,) = layer(*args)
     (g,) = torch.autograd.grad(0.5 * (x * x).sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match=r"(?i)double backward|differentiate twice"):
@@ -1000,7 +997,7 @@ def _curved_layer(kind):
     paths min ½Σaᵢxᵢ² − Σxᵢ s.t. x ≤ 10, x* = 1/a (piecewise-affine maps such as the zoo's
     projections have zero second derivative, which would hide a dropped term)."""
     if kind == "entropy":
-        return _layer("entropy"), [_t(a) for a in _batch("entropy")[1:]], _batch("entropy")[0]
+        return _layer("entropy"), [as_tensor(a) for a in _batch("entropy")[1:]], _batch("entropy")[0]
     a, x = cp.Parameter(3, pos=True), cp.Variable(3)
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum(cp.multiply(a, cp.square(x))) - cp.sum(x)),
                       [x <= 10])
@@ -1017,7 +1014,7 @@ def test_double_backward_raises_or_is_right_never_silently_wrong(kind):
     w = _weights(theta0.shape)
 
     def grad_at(theta, create_graph=False):
-        th = _t(theta, grad=True)
+        th = as_tensor(theta, grad=True)
         (x,) = layer(th, *rest)
         (g,) = torch.autograd.grad((w * x).sum() + 0.5 * (th * th).sum(), th,
                                    create_graph=create_graph)
@@ -1038,7 +1035,7 @@ def test_double_backward_raises_or_is_right_never_silently_wrong(kind):
 def test_no_grad_and_inference_mode_outputs_do_not_require_grad(kind, mode):
     prob, params, outs, kw = _problem(kind)
     layer = CvxpyLayer(prob, params, outs, **kw)  # fresh: its first call is the graph-free one
-    args = [_t(a, grad=True) for a in _batch(kind)]
+    args = [as_tensor(a, grad=True) for a in _batch(kind)]
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with context:
         (x,), info = layer(*args, return_info=True)
@@ -1132,7 +1129,7 @@ def _check_against_clarabel_and_differences(problem, values, seed, backend):
     direction v in every parameter against a central difference along v."""
     prob, params, outs, layer = problem
     (ref,) = _reference(prob, params, values, outs)
-    inputs = [_t(v, grad=True) for v in values]
+    inputs = [as_tensor(v, grad=True) for v in values]
     (x,), info = layer(*inputs, return_info=True)
     assert info.status == (Status.OPTIMAL,)
     tol = FD[backend]
@@ -1140,11 +1137,11 @@ def _check_against_clarabel_and_differences(problem, values, seed, backend):
     rng = np.random.default_rng(seed + 1)
     w = rng.standard_normal(x.shape)
     dirs = [rng.standard_normal(np.shape(v)) for v in values]
-    grads = torch.autograd.grad(x, inputs, _t(w))
+    grads = torch.autograd.grad(x, inputs, as_tensor(w))
     got = sum(float((g.numpy() * d).sum()) for g, d in zip(grads, dirs))
 
     def f(step):
-        (xs,) = layer(*[_t(v + step * d) for v, d in zip(values, dirs)])
+        (xs,) = layer(*[as_tensor(v + step * d) for v, d in zip(values, dirs)])
         return float((xs.numpy() * w).sum())
 
     h = tol["step"]
