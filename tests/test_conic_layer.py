@@ -143,7 +143,9 @@ def test_box_projection_property(coords):
     x_ref = torch.clamp(yt, lot, hit)
     assert (x_star - x_ref).abs().max() < 1e-7
     w = torch.linspace(-1, 2, len(coords), dtype=DT)
-    for g, r in zip(weighted_grads([x_star], [yt, lot, hit], [w]), weighted_grads([x_ref], [yt, lot, hit], [w])):
+    got = weighted_grads([x_star], [yt, lot, hit], [w])
+    ref = weighted_grads([x_ref], [yt, lot, hit], [w])
+    for g, r in zip(got, ref):
         assert (g - r).abs().max() < 1e-5
 
 
@@ -291,7 +293,8 @@ def test_gradcheck_socp():
     x = cp.Variable(n)
     prob = cp.Problem(cp.Minimize(p @ x + cp.norm(F @ x - g, 2)), [cp.norm(x, 2) <= 1])
     layer = conic_layer(prob, [F, g, p], [x], solver_args=SCS_TIGHT)
-    inputs = (as_tensor(rng.standard_normal((4, n)), grad=True), as_tensor(rng.standard_normal(4), grad=True),
+    inputs = (as_tensor(rng.standard_normal((4, n)), grad=True),
+              as_tensor(rng.standard_normal(4), grad=True),
               as_tensor(rng.standard_normal(n), grad=True))
     assert torch.autograd.gradcheck(lambda *a: layer(*a)[0], inputs, **GRADCHECK)
 
@@ -749,7 +752,8 @@ ECOS_TIGHT = {"abstol": 1e-10, "reltol": 1e-10, "feastol": 1e-10}
 def test_solvers_agree_with_scs(kw):
     prob, params, x = _mixed_cone_problem()
     rng = np.random.default_rng(16)
-    vals = [as_tensor(rng.standard_normal((4, 3)), grad=True), as_tensor(rng.standard_normal(4), grad=True)]
+    vals = [as_tensor(rng.standard_normal((4, 3)), grad=True),
+            as_tensor(rng.standard_normal(4), grad=True)]
     scs = conic_layer(prob, params, [x], solver="SCS", solver_args=SCS_TIGHT)
     other = conic_layer(prob, params, [x], **kw)
     (x_scs,), info_scs = scs(*vals, return_info=True)

@@ -705,7 +705,8 @@ def test_transport_gradients_match_central_differences():
     for _ in range(3):
         da, db = _consistent_direction(rng, r, c)
         dC = rng.standard_normal((r, c))
-        fd = directional_difference(plan, inputs, [as_tensor(dC), as_tensor(da), as_tensor(db)], [w], eps=1e-5)
+        fd = directional_difference(plan, inputs, [as_tensor(dC), as_tensor(da), as_tensor(db)],
+                                    [w], eps=1e-5)
         got = (gC * as_tensor(dC)).sum() + ga @ as_tensor(da) + gb @ as_tensor(db)
         assert abs(float(got - fd)) < 1e-7
         assert abs(float(ga @ as_tensor(da) + gb @ as_tensor(db))) > 1e-3
@@ -752,7 +753,8 @@ def test_transport_float32_keeps_its_dtype():
     layer = CvxpyLayer(prob, list(params), [Z])
     C, a, b = _ot_data(np.random.default_rng(17), r, c)
     Ct = as_tensor(C, grad=True, dtype=torch.float32)
-    (Z32,), _ = _solve(layer, Ct, as_tensor(a, dtype=torch.float32), as_tensor(b, dtype=torch.float32))
+    (Z32,), _ = _solve(layer, Ct, as_tensor(a, dtype=torch.float32),
+                       as_tensor(b, dtype=torch.float32))
     assert Z32.dtype == torch.float32
     assert np.abs(Z32.detach().numpy() - _sinkhorn(C, a, b, 1.0)).max() < 1e-5
     (g,) = torch.autograd.grad(Z32[0, 0], Ct)
@@ -856,13 +858,14 @@ def _gradcheck_case(path):
     if path == "softmax":
         prob, th, z = _softmax_problem(5, tau=0.7)
         layer = CvxpyLayer(prob, [th], [z])
-        return layer, (lambda t: layer(t)[0]), (as_tensor(np.random.default_rng(20).standard_normal((2, 5)), True),)
+        theta_v = as_tensor(np.random.default_rng(20).standard_normal((2, 5)), True)
+        return layer, (lambda t: layer(t)[0]), (theta_v,)
     if path == "softmax_dual_newton":
         theta, s, z = cp.Parameter(4), cp.Parameter(), cp.Variable(4)
         prob = cp.Problem(cp.Maximize(theta @ z + cp.sum(cp.entr(z))), [cp.sum(z) == s])
         layer = CvxpyLayer(prob, [theta, s], [z])
-        return layer, (lambda t, s_: layer(t, s_)[0]), (as_tensor(np.random.default_rng(21).standard_normal(4), True),
-                                                        as_tensor(1.3, True))
+        theta_v = as_tensor(np.random.default_rng(21).standard_normal(4), True)
+        return layer, (lambda t, s_: layer(t, s_)[0]), (theta_v, as_tensor(1.3, True))
     if path == "sparsemax":
         prob, y, z = _sparsemax_problem(6, radius=1.5)
         layer = CvxpyLayer(prob, [y], [z])

@@ -542,7 +542,9 @@ def test_equality_only_matches_the_kkt_closed_form(kkt):
     z_ref = torch.linalg.solve(K, torch.cat([-q, b], -1))[:, :4]
     assert (z - z_ref).abs().max() < 1e-10
     w = _weights([z], 9)
-    for name, g, r in zip("QqAb", weighted_grads([z], [Q, q, A, b], w), weighted_grads([z_ref], [Q, q, A, b], w)):
+    got = weighted_grads([z], [Q, q, A, b], w)
+    ref = weighted_grads([z_ref], [Q, q, A, b], w)
+    for name, g, r in zip("QqAb", got, ref):
         assert rel_err(g, r) < 1e-8, name
 
 
@@ -858,7 +860,8 @@ def test_cvxpylayer_sum_squares_fit_routes_to_qp():
     assert layer.backend == "qp"
     conic = conic_layer(prob, [A, y], [x, con[0].dual_variables[0]], solver_args=SCS_TIGHT)
     rng = np.random.default_rng(23)
-    A_v, y_v = as_tensor(rng.standard_normal((2, m, n)), True), as_tensor(3 * rng.standard_normal((2, m)), True)
+    A_v = as_tensor(rng.standard_normal((2, m, n)), True)
+    y_v = as_tensor(3 * rng.standard_normal((2, m)), True)
     A_c, y_c = (t.detach().clone().requires_grad_(True) for t in (A_v, y_v))
     ours, theirs = layer(A_v, y_v), conic(A_c, y_c)
     assert (ours[1] > 1e-3).any()  # some bound is active

@@ -970,8 +970,8 @@ def test_double_backward_is_right_where_supported(kind):
     else:  # x = softmax(θ): ∇ = J x, H v = J J v + Σᵢ xᵢ ∇²xᵢ v (by central differences)
         eps = 1e-6
         grad_at = [torch.autograd.grad(0.5 * (layer(th)[0] ** 2).sum(), th)[0] for th in
-                   (as_tensor(raw[0] + eps * v.numpy(), grad=True), as_tensor(raw[0] - eps * v.numpy(),
-                                                              grad=True))]
+                   (as_tensor(raw[0] + eps * v.numpy(), grad=True),
+                    as_tensor(raw[0] - eps * v.numpy(), grad=True))]
         expected = (grad_at[0] - grad_at[1]) / (2 * eps)
     assert (hv - expected).abs().max() < 1e-6
 
@@ -997,7 +997,8 @@ def _curved_layer(kind):
     paths min ½Σaᵢxᵢ² − Σxᵢ s.t. x ≤ 10, x* = 1/a (piecewise-affine maps such as the zoo's
     projections have zero second derivative, which would hide a dropped term)."""
     if kind == "entropy":
-        return _layer("entropy"), [as_tensor(a) for a in _batch("entropy")[1:]], _batch("entropy")[0]
+        values = _batch("entropy")
+        return _layer("entropy"), [as_tensor(a) for a in values[1:]], values[0]
     a, x = cp.Parameter(3, pos=True), cp.Variable(3)
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum(cp.multiply(a, cp.square(x))) - cp.sum(x)),
                       [x <= 10])
