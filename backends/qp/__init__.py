@@ -1,7 +1,7 @@
 """Batched primal–dual interior-point QP solver in pure torch (CPU and CUDA)."""
 
 from .data import QPData as QPData
+from .engine import QPResult as QPResult
 from .function import QPSolve as QPSolve
 from .function import solve_qp as solve_qp
-from .ipm import IPMResult as IPMResult
 from .settings import QPSettings as QPSettings

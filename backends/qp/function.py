@@ -1,20 +1,21 @@
 """Differentiable batched QP solve: forward by interior point, backward by the IFT.
 
-Backward (OptNet's differentiated KKT conditions). At the solution (z, λ, ν)
-with slacks s and W = diag(s/λ), the KKT conditions linearize to
+Backward (OptNet's differentiated KKT conditions, Amos & Kolter 2017). At the
+solution (z, λ, ν) the KKT conditions linearize to
 
     M [dz; dλ; dν] = −[dQ z + dq + dGᵀλ + dAᵀν;  dG z − dh;  dA z − db],
-    M = [[Q, Gᵀ, Aᵀ], [G, −W, 0], [A, 0, 0]]   (symmetric),
 
-so for upstream gradients (ḡ_z, ḡ_λ, ḡ_ν) one solve a = M⁻¹ [ḡ_z; ḡ_λ; ḡ_ν]
-with the Newton matrix factored at the final iterate (kept by the forward pass)
-gives
+with M the KKT matrix at the solution (`limit`: active rows as equalities,
+inactive rows dropped), so for upstream gradients (ḡ_z, ḡ_λ, ḡ_ν) one solve
+a = M⁻¹ [ḡ_z; ḡ_λ; ḡ_ν] gives
 
     ∇q = −a_z,   ∇Q = −½(a_z zᵀ + z a_zᵀ),   ∇G = −(λ a_zᵀ + a_λ zᵀ),
     ∇h = a_λ,    ∇A = −(ν a_zᵀ + a_ν zᵀ),      ∇b = a_ν.
 
-A shared (unbatched) input receives the sum over the batch, as autograd does
-for broadcasting. Samples without a solution receive zero gradient.
+The solve runs in the equilibrated problem, a = P M̂⁻¹ (P ḡ) (`scaling`), with
+the factorization the forward pass kept. A shared (unbatched) input receives
+the sum over the batch, as autograd does for broadcasting. Samples without a
+solution receive zero gradient.
 """
 
 from __future__ import annotations
@@ -26,24 +27,23 @@ import torch
 from ..guard import guard_second_order
 from ..krylov import minres
 from ..status import Box
-from . import ipm
-from .data import QPData
-from .kkt import choose
+from . import engine
+from .limit import min_norm
 from .settings import QPSettings
 
 
 class _Solved:
     """What the backward needs from a forward solve (kept off the autograd graph)."""
 
-    def __init__(self, result, data, settings, input_dtype):
+    def __init__(self, result: engine.QPResult, settings, input_dtype):
         self.result, self.settings, self.input_dtype = result, settings, input_dtype
-        self.blocks = (data.Q, data.q, data.G, data.h, data.A, data.b)
-        self.ok = torch.tensor([s.has_solution for s in result.status],
-                               device=result.z.device).unsqueeze(-1)
+        self.ok = ~torch.isin(result.codes, torch.tensor(engine.FAILED,
+                                                         device=result.codes.device))
+        self.ok = self.ok.unsqueeze(-1)
 
 
 class QPSolve(torch.autograd.Function):
-    """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `IPMResult`.
+    """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `QPResult`.
 
     Written for torch.func too: ``setup_context`` style, a ``vmap`` rule that
     folds the mapped dimension into the solver's own batch, and a backward that
@@ -53,26 +53,15 @@ class QPSolve(torch.autograd.Function):
     @staticmethod
     def forward(Q, q, G, h, A, b, batch: int, settings: QPSettings, box,
                 warm: dict | None, need_grad: bool):
-        Q = (Q + Q.mT).mul_(0.5)  # ½zᵀQz only sees the symmetric part
-        data = QPData(Q, q, G, h, A, b, batch)
-        kkt = choose(data, settings)
-        input_dtype = Q.dtype
-        if kkt.name == "reduced" and Q.dtype != torch.float64:
-            # Q + GᵀW⁻¹G loses every digit in float32 near the solution (W spans
-            # ~1e-8..1e8 there): the reduced path computes in float64 and returns
-            # the input dtype. The Schur form stays in float32 (it is well-conditioned).
-            data = data.to(torch.float64)
-            kkt = choose(data, settings)
-        # The implicit backward reuses the factorization at the final iterate; the
-        # matrix-free one needs only W there.
-        need_factor = need_grad and settings.backward == "implicit"
-        result = ipm.solve(data, settings, need_factor=need_factor, kkt=kkt, warm=warm)
-        if warm is not None:
-            _retry_cold(result, data, settings, need_factor)
+        data = engine.prepare(Q, q, G, h, A, b, batch, settings)
+        # The implicit backward reuses the factorization of the system at the
+        # solution; the matrix-free one needs only the active set.
+        factor = need_grad and settings.backward == "implicit"
+        result = engine.run(data, settings, Q.dtype, factor=factor, warm=warm,
+                            with_limit=need_grad)
         box.result = result
-        box.solved = _Solved(result, data, settings, input_dtype)
-        # Fresh tensors: an empty ν can alias the input b, which autograd refuses to save.
-        return tuple(t.to(input_dtype, copy=True) for t in (result.z, result.lam, result.nu))
+        box.solved = _Solved(result, settings, Q.dtype)
+        return tuple(t.to(Q.dtype) for t in (result.z, result.lam, result.nu))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -87,8 +76,8 @@ class QPSolve(torch.autograd.Function):
     def backward(ctx, gz, gl, gn):
         outputs = ctx.saved_tensors  # raises if the graph was already freed
         solved = ctx.solved
-        like = [torch.zeros_like(t) for t in (solved.result.z, solved.result.lam,
-                                              solved.result.nu)]
+        r = solved.result
+        like = [torch.zeros_like(t) for t in (r.z, r.lam, r.nu)]
         gz, gl, gn = (l if g is None else g for g, l in zip((gz, gl, gn), like))
         grads = QPAdjoint.apply(gz, gl, gn, solved, ctx.needs_input_grad[:6], ctx.shared)
         grads = guard_second_order("QP layer", grads, outputs)
@@ -110,23 +99,6 @@ class QPSolve(torch.autograd.Function):
         z, lam, nu = QPSolve.apply(*folded, V * batch, settings, box, None, need_grad)
         out = tuple(o.reshape((V, batch) + tuple(o.shape[1:])) for o in (z, lam, nu))
         return out, (0, 0, 0)
-
-
-def _retry_cold(result, data: QPData, settings: QPSettings, need_factor: bool) -> None:
-    """Samples a warm start left without an optimal point are solved again from scratch.
-
-    A warm start only changes where the interior point begins; from a poor start
-    (another batch's solution, a different active set) it can stall. The answer
-    must never depend on it, so such samples get the cold start's result.
-    """
-    settled = (ipm.OPTIMAL, ipm.INFEASIBLE, ipm.UNBOUNDED)
-    bad = ~torch.isin(result.codes, torch.tensor(settled, device=result.codes.device))
-    if not bool(bad.any()):
-        return
-    idx = bad.nonzero().flatten()
-    sub = data.subset(idx)
-    redo = ipm.solve(sub, settings, need_factor=need_factor, kkt=result.kkt.subset(idx))
-    result.merge(idx, redo)
 
 
 class QPAdjoint(torch.autograd.Function):
@@ -178,23 +150,59 @@ class QPAdjoint(torch.autograd.Function):
         return out, tuple(None if o is None else 0 for o in out)
 
 
+def _adjoint_solve(result: engine.QPResult, settings: QPSettings, gz, gl, gn):
+    """a = M⁻¹ ḡ at the solution, in the user's units (see the module doc)."""
+    kkt, limit, scaling = result.kkt, result.limit, result.scaling
+    gz, gl, gn = scaling.congruence(gz, gl, gn)
+    rhs = (kkt.rhs_to_working(gz), gl, gn)
+    if settings.backward == "iterative":
+        a = _iterative(limit, rhs, settings)
+    else:
+        a, converged = limit.solve_refined(*rhs)
+        if not bool(converged.all()):  # a tie with an inconsistent right-hand side
+            a = _merge(a, min_norm(limit, rhs, (~converged).nonzero().flatten()), ~converged)
+    a_z, a_l, a_n = kkt.dir_to_original(a[0]), a[1], a[2]
+    return scaling.congruence(a_z, a_l, a_n)
+
+
+def _merge(a, b, mask):
+    return tuple(torch.where(mask.unsqueeze(-1), v, u) for u, v in zip(a, b))
+
+
+def _iterative(limit, rhs, settings: QPSettings):
+    """MINRES on the limit system, matrix-free (it is symmetric): only products with
+    Q, G and A; for the memory-lean backward (``backward="iterative"``)."""
+    rhs = limit.rhs(*rhs)
+    sizes = [t.shape[-1] for t in rhs]
+
+    def split(v):
+        return torch.split(v, sizes, dim=-1)
+
+    def matvec(v):
+        return torch.cat(limit.apply(*split(v)), dim=-1)
+
+    tol = settings.krylov_tolerance(rhs[0].dtype)
+    sol, info = minres(matvec, torch.cat(rhs, -1), tol=tol,
+                       max_iter=settings.iterative_max_iter)
+    if not bool(info.converged.all()):
+        worst = float(info.residual.max())
+        warnings.warn(f"iterative backward: MINRES stopped after {info.iterations} iterations "
+                      f"with relative residual {worst:.2e} > tol {tol:g}; "
+                      "gradients may be inaccurate (raise iterative_max_iter, or use "
+                      "backward='implicit').", UserWarning, stacklevel=5)
+    return split(sol)
+
+
 def _adjoint(gz, gl, gn, solved: _Solved, needs, shared):
     result = solved.result
     z, lam, nu = result.z, result.lam, result.nu
-    work = z.dtype  # the dtype the solve ran in (float64 for float32 reduced solves)
-    gz, gl, gn = (g.to(work) for g in (gz, gl, gn))
-    kkt, F = result.kkt, result.factor
+    work = z.dtype  # the compute dtype
     ok = solved.ok
-    gz, gl, gn = (torch.where(ok, g, torch.zeros_like(g)) for g in (gz, gl, gn))
-    if solved.settings.backward == "iterative":
-        a_w, a_l, a_n = _iterative_adjoint(kkt, result, kkt.rhs_to_working(gz), gl, gn,
-                                           solved.settings)
-    else:
-        a_w, a_l, a_n = kkt.solve_refined(F, kkt.rhs_to_working(gz), gl, gn)
-    a_z = kkt.dir_to_original(a_w)
-    if result.singular is not None and bool(result.singular.any()):
-        a_z, a_l, a_n = _min_norm_adjoint(solved.blocks, result, (gz, gl, gn), (a_z, a_l, a_n))
+    gz, gl, gn = (torch.where(ok, g.to(work), torch.zeros((), dtype=work, device=g.device))
+                  for g in (gz, gl, gn))
+    a_z, a_l, a_n = _adjoint_solve(result, solved.settings, gz, gl, gn)
     a_z, a_l, a_n = (torch.where(ok, a, torch.zeros_like(a)) for a in (a_z, a_l, a_n))
+    lam_f = torch.where(torch.isfinite(lam), lam, torch.zeros_like(lam))
 
     def outer_sum(i, pairs, scale):
         """scale · Σ_k u_k v_kᵀ per sample, as one batched product (u: (B, r),
@@ -215,7 +223,7 @@ def _adjoint(gz, gl, gn, solved: _Solved, needs, shared):
     if needs[1]:
         grads[1] = reduce(-a_z, 1)
     if needs[2]:
-        grads[2] = outer_sum(2, [(lam, a_z), (a_l, z)], -1.0)
+        grads[2] = outer_sum(2, [(lam_f, a_z), (a_l, z)], -1.0)
     if needs[3]:
         grads[3] = reduce(a_l, 3)
     if needs[4]:
@@ -225,84 +233,12 @@ def _adjoint(gz, gl, gn, solved: _Solved, needs, shared):
     return tuple(None if g is None else g.to(solved.input_dtype) for g in grads)
 
 
-def _min_norm_adjoint(data, result, grads, current):
-    """Minimum-norm adjoint for samples whose limit KKT matrix is singular (ties).
-
-    The limit system keeps the active inequality rows as equalities and drops
-    the inactive ones (W → ∞): [[Q, G_Aᵀ, Aᵀ], [G_A, 0, 0], [A, 0, 0]]. Where
-    it is singular the solution is not unique and not differentiable; its
-    least-squares minimum-norm solution is the documented generalized
-    derivative (zero along the directions of the tie).
-    """
-    Q, _, G, _, A, _ = data
-    gz, gl, gn = grads
-    a_z, a_l, a_n = (t.clone() for t in current)
-    n, m = gz.shape[-1], gn.shape[-1]
-    for i in result.singular.nonzero().flatten().tolist():
-        Qi = Q[i] if Q.dim() == 3 else Q
-        Gi = G[i] if G.dim() == 3 else G
-        Ai = A[i] if A.dim() == 3 else A
-        act = (result.w[i] < ipm.FREE_ROW_WEIGHT).nonzero().flatten()
-        Ga = Gi[act]
-        k = n + act.numel() + m
-        M = torch.zeros(k, k, dtype=gz.dtype, device=gz.device)
-        M[:n, :n] = Qi
-        M[:n, n:n + act.numel()] = Ga.T
-        M[n:n + act.numel(), :n] = Ga
-        M[:n, n + act.numel():] = Ai.T
-        M[n + act.numel():, :n] = Ai
-        rhs = torch.cat([gz[i], gl[i][act], gn[i]])
-        sol = torch.linalg.pinv(M, hermitian=True) @ rhs
-        a_z[i] = sol[:n]
-        a_l[i] = 0.0
-        a_l[i, act] = sol[n:n + act.numel()]
-        a_n[i] = sol[n + act.numel():]
-    return a_z, a_l, a_n
-
-
-def _iterative_adjoint(kkt, result, r_z, r_l, r_n, settings: QPSettings):
-    """Solve the adjoint KKT system matrix-free with MINRES (it is symmetric).
-
-    Only products with Q, G, A and W are used; the matrix is never formed. A
-    diagonal preconditioner scales each inequality row by 1/(1 + Wᵢ), which
-    brings the inactive rows (W large) to unit size.
-    """
-    n, p = r_z.shape[-1], r_l.shape[-1]
-    dtype = r_z.dtype
-    if dtype != torch.float64:
-        # MINRES loses orthogonality fast in float32 on a KKT matrix whose W spans
-        # ~1e-8..1e8: the matrix-free solve runs in float64 and returns the input dtype.
-        kkt = kkt.to(torch.float64)
-        r_z, r_l, r_n = (t.double() for t in (r_z, r_l, r_n))
-    w = result.w.to(r_z.dtype)
-    F = {"w": w}
-
-    def split(v):
-        return v[:, :n], v[:, n:n + p], v[:, n + p:]
-
-    def matvec(v):
-        return torch.cat(kkt.apply(F, *split(v)), dim=-1)
-
-    scale = torch.cat([torch.ones_like(r_z), 1.0 / (1.0 + w), torch.ones_like(r_n)], dim=-1)
-    rhs = torch.cat([r_z, r_l, r_n], dim=-1)
-    tol = settings.krylov_tolerance(dtype)
-    sol, info = minres(matvec, rhs, tol=tol, max_iter=settings.iterative_max_iter,
-                       precond=lambda v: scale * v)
-    if not bool(info.converged.all()):
-        worst = float(info.residual.max())
-        warnings.warn(f"iterative backward: MINRES stopped after {info.iterations} iterations "
-                      f"with relative residual {worst:.2e} > tol {tol:g}; "
-                      "gradients may be inaccurate (raise iterative_max_iter, or use "
-                      "backward='implicit').", UserWarning, stacklevel=4)
-    return tuple(t.to(dtype) for t in split(sol))
-
-
 def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
              warm: dict | None = None):
-    """Solve and return ((z, λ, ν), IPMResult); differentiable in all six inputs.
+    """Solve and return ((z, λ, ν), QPResult); differentiable in all six inputs.
 
     ``warm`` (optional) is a previous solution {"z", "lam", "s", "nu"} of the same
-    batch size (`IPMResult.warm_start()`), used as the starting point where finite.
+    batch size (`QPResult.warm_start()`), used as the starting point where finite.
     """
     settings = settings or QPSettings()
     box = Box()
@@ -312,9 +248,10 @@ def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
                 raise ValueError(f"warm start has batch size {warm[k].shape[0]}, the call {batch}.")
     if settings.backward == "unroll":
         with torch.enable_grad():
-            data = QPData(0.5 * (Q + Q.mT), q, G, h, A, b, batch)
-            result = ipm.solve(data, settings, need_factor=False, warm=warm)
-        return (result.z, result.lam, result.nu), result
+            data = engine.prepare(Q, q, G, h, A, b, batch, settings)
+            result = engine.run(data, settings, Q.dtype, factor=False, warm=warm,
+                                with_limit=False)
+        return tuple(t.to(Q.dtype) for t in (result.z, result.lam, result.nu)), result
     need_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (Q, q, G, h, A, b))
     z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box, warm, need_grad)

@@ -135,68 +135,20 @@ class KKTSystem:
         """The interior point's (corrector) direction; see `ReducedKKT.newton_solve`."""
         return self.solve(F, r_z, r_l, r_n, pre=pre)
 
-    def solve_refined(self, F: dict, r_z, r_l, r_n, max_steps: int = 40,
-                      fallback: bool = True):
-        """`solve` plus iterative refinement with exact products, to working precision.
+    def solve_refined(self, F: dict, r_z, r_l, r_n, steps: int = 1):
+        """`solve` plus ``steps`` of iterative refinement with exact products.
 
         Near the solution W spans many orders of magnitude: the reduced matrix
         Q + GᵀW⁻¹G is then ill-conditioned and one solve with its factor is only
-        accurate to a few digits (the Schur form is well-conditioned and needs no
-        refinement). Each refinement step reuses the factorization; the error
-        contracts by the factor's relative inaccuracy per step. When that stalls
-        (condition ~1e20, a shifted factor), GMRES preconditioned by the same
-        factorization finishes the job; if even that fails, a warning says so.
+        accurate to a few digits; each refinement step reuses the factorization
+        and contracts the error by the factor's relative inaccuracy.
         """
-        tol = 1e-13 if r_z.dtype == torch.float64 else 1e-6
         rhs = [r_z, r_l, r_n]
-        # Residuals are measured with each inequality row scaled by 1/(1 + Wᵢ): a
-        # dropped row (W = 1e30) would otherwise turn round-off in its λ into a
-        # huge residual that says nothing about the solution's accuracy.
-        row = 1.0 / (1.0 + F["w"])
-
-        def size(parts):
-            return torch.cat([parts[0], parts[1] * row, parts[2]], -1).norm(dim=-1)
-
-        scale = size(rhs).clamp_min(1e-300)
         sol = list(self.solve(F, *rhs))
-        res = None
-        for _ in range(max_steps):
+        for _ in range(steps):
             resid = [r - a for r, a in zip(rhs, self.apply(F, *sol))]
-            new = size(resid) / scale
-            if bool((new <= tol).all()):
-                return tuple(sol)
-            if res is not None and bool((new > 0.5 * res).any()):
-                break  # contraction too slow: switch to preconditioned GMRES
-            res = new
             sol = [s + e for s, e in zip(sol, self.solve(F, *resid))]
-        if not fallback:
-            return tuple(sol)
-        sizes = [t.shape[-1] for t in rhs]
-
-        def split(v):
-            return torch.split(v, sizes, dim=-1)
-
-        def matvec(v):
-            return torch.cat(self.apply(F, *split(v)), -1)
-
-        def precond(v):
-            return torch.cat(self.solve(F, *split(v)), -1)
-
-        from ..krylov import gmres
-
-        base = torch.cat(sol, -1)
-        correction, info = gmres(matvec, torch.cat(rhs, -1) - matvec(base), tol=tol * 10,
-                                 max_iter=200, restart=50, precond=precond)
-        total = base + correction
-        final = size(split(torch.cat(rhs, -1) - matvec(total))) / scale
-        if bool((final > 1e3 * tol).any()):
-            import warnings
-
-            warnings.warn(f"QP backward: the KKT system is too ill-conditioned to solve "
-                          f"accurately (relative residual {float(final.max()):.1e}); "
-                          "gradients may be inaccurate. kkt='schur' (Q positive definite) "
-                          "or backward='iterative' may do better.", UserWarning, stacklevel=5)
-        return split(total)
+        return tuple(sol)
 
     def G(self, x):
         return mv(self.Gm, x)
@@ -303,6 +255,10 @@ class SchurKKT(KKTSystem):
     dir_to_original = to_original
 
 
+# Smallest W = s/λ the reduced elimination factors with (see `ReducedKKT.factor`).
+W_FLOOR = 1e-13
+
+
 class ReducedKKT(KKTSystem):
     name = "reduced"
     matrices = ("Qm", "Gm", "Am", "H0")
@@ -311,22 +267,24 @@ class ReducedKKT(KKTSystem):
         super().__init__(data, settings)
         self.Qm, self.Gm, self.Am = data.Q, data.G, data.A
         H0 = data.Q
-        self.rho = 0.0
+        # ρAᵀA keeps H definite on the null space of Q ∩ ker G, exactly (A dz = r_ν).
+        # The data are equilibrated (rows of A and the cost have unit size), so ρ = 1
+        # is on the scale of Q for every sample alike.
+        self.rho = 1.0
         if self.m:
-            # ρAᵀA keeps H definite on the null space of Q ∩ ker G, exactly (A dz = r_ν);
-            # scaled to Q's size.
-            AtA = data.A.mT @ data.A
-            qs = float(data.Q.detach().abs().amax()) if data.Q.numel() else 0.0
-            as_ = (float(AtA.detach().diagonal(dim1=-2, dim2=-1).abs().amax())
-                   if AtA.numel() else 1.0)
-            self.rho = max(qs, 1.0) / max(as_, 1e-30)
-            H0 = H0 + self.rho * AtA
+            H0 = H0 + data.A.mT @ data.A
         self.H0 = H0
 
     def hess(self, x):
         return mv(self.Qm, x)
 
     def factor(self, w: torch.Tensor) -> dict:
+        # Near the solution an active row's W = s/λ falls to 1e-20 and below; in
+        # Q + GᵀW⁻¹G that swamps every other term and the direction loses the dual
+        # residual's digits (seen: stuck at 4e-9 while s went to 1e-27). The
+        # floor perturbs the Newton matrix by at most W_FLOOR (equilibrated units):
+        # the interior point still converges, linearly at the very end.
+        w = w.clamp_min(W_FLOOR)
         G = self.Gm
         d = 1.0 / w
         if G.dim() == 2:
@@ -365,7 +323,7 @@ class ReducedKKT(KKTSystem):
         on random QPs with n = p = 100); one step with the same factor restores
         the accuracy the interior point needs.
         """
-        return self.solve_refined(F, r_z, r_l, r_n, max_steps=1, fallback=False)
+        return self.solve_refined(F, r_z, r_l, r_n, steps=3)
 
     def to_original(self, x):
         return x
@@ -375,39 +333,57 @@ class ReducedKKT(KKTSystem):
     dir_to_original = to_original
 
 
-def check_semidefinite(Q: torch.Tensor, info: torch.Tensor | None = None) -> None:
-    """Raise ValueError naming Q when it is indefinite.
+# A Q whose Cholesky fails is still semidefinite when Q + δI factors, δ relative
+# to its largest diagonal entry and to the precision the data came in: a low-rank
+# Q = LLᵀ formed in float32 has eigenvalues near −1e-7·‖Q‖ (round-off, not
+# indefiniteness), where float64 data give −1e-16·‖Q‖.
+PSD_SLACK = 100.0  # δ = PSD_SLACK · n · eps(input dtype) · max diag(Q)
 
-    ``info``: the status of a Cholesky of Q already computed (`choose` has one);
-    only the samples whose factorization failed pay for the eigenvalues that tell
-    semidefinite (accepted: an LP, a singular Q) from indefinite.
-    """
-    if info is None:
-        info = torch.linalg.cholesky_ex(Q)[1]
-    failed = (info.reshape(-1) != 0).nonzero().flatten()
-    if failed.numel() == 0:
+
+def indefinite(Q: torch.Tensor, info: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    """Samples whose Q is indefinite (beyond round-off of the input dtype); (B,) or ()."""
+    failed = info != 0
+    if not bool(failed.any()):
+        return failed
+    n = Q.shape[-1]
+    delta = PSD_SLACK * n * torch.finfo(input_dtype).eps
+    scale = Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)
+    eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
+    shifted = Q + (delta * scale)[..., None, None] * eye
+    _, info2 = torch.linalg.cholesky_ex(shifted)
+    bad = failed & (info2 != 0)
+    if not bool(bad.any()):
+        return bad
+    # Decide the few remaining ones by their eigenvalues.
+    eig_min = torch.linalg.eigvalsh(Q).amin(-1)
+    return bad & (eig_min < -delta * scale)
+
+
+def refuse_indefinite(Q: torch.Tensor, bad: torch.Tensor) -> None:
+    """Raise ValueError naming Q (qpth's check_Q_spd) for the first indefinite sample."""
+    if not bool(bad.any()):
         return
-    Qf = Q.detach().double()
-    Qf = Qf.index_select(0, failed) if Q.dim() == 3 else Qf
-    eig = torch.linalg.eigvalsh(Qf)
-    tol = 1e-10 * eig.abs().amax(-1).clamp_min(1.0)
-    bad = (eig.amin(-1) < -tol).flatten()
-    if bool(bad.any()):
-        where = f" at batch index {int(failed[bad][0])}" if Q.dim() == 3 else ""
-        raise ValueError(f"Q must be positive semidefinite{where}: its smallest "
-                         f"eigenvalue is {float(eig.amin()):.3g}. Pass "
-                         "check_Q_spd=False to skip this check.")
+    i = int(bad.reshape(-1).nonzero()[0]) if bad.dim() else None
+    Qi = Q[i] if i is not None and Q.dim() == 3 else Q
+    where = f" at batch index {i}" if i is not None and Q.dim() == 3 else ""
+    eig = float(torch.linalg.eigvalsh(Qi).amin() if Qi.dim() == 2 else 0.0)
+    raise ValueError(f"Q must be positive semidefinite{where}: its smallest eigenvalue is "
+                     f"{eig:.3g} (after equilibration). Pass check_Q_spd=False to get a "
+                     "numerical_error status for such samples instead.")
 
 
-def choose(data: QPData, settings: QPSettings) -> KKTSystem:
-    """The cheaper exact elimination for these shapes (flop count per iteration)."""
+def choose(data: QPData, settings: QPSettings, chol=None) -> KKTSystem:
+    """The cheaper exact elimination for these shapes (flop count per iteration).
+
+    ``chol``: (L, info) of Q if already computed. The choice is made once for the
+    batch; both eliminations solve every sample to the same tolerance, so it
+    changes the cost, not the answer.
+    """
     n, p, m = data.n, data.p, data.m
     method = settings.kkt
     if method in ("auto", "schur"):
-        L, info = torch.linalg.cholesky_ex(data.Q)
+        L, info = chol if chol is not None else torch.linalg.cholesky_ex(data.Q)
         definite = bool((info == 0).all())
-        if settings.check_psd:
-            check_semidefinite(data.Q, info)
         if definite:
             diag = L.detach().diagonal(dim1=-2, dim2=-1)
             cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
@@ -420,6 +396,4 @@ def choose(data: QPData, settings: QPSettings) -> KKTSystem:
             reduced = n * n * p + n ** 3 / 3 + (n * n * m + m ** 3 / 3 if m else 0)
             if method == "schur" or schur <= reduced:
                 return SchurKKT(data, settings, L)
-    elif settings.check_psd:
-        check_semidefinite(data.Q)
     return ReducedKKT(data, settings)

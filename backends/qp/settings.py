@@ -44,8 +44,9 @@ class QPSettings:
     # the matrix's largest diagonal entry; multiplied by 100 on each retry.
     regularization: float = 1e-12
     regularization_tries: int = 6
-    # Condition bound (max/min diagonal of chol(Q), squared) above which "auto"
-    # avoids the Schur path: its change of variables amplifies rounding by cond(Q).
+    # Condition bound (max/min diagonal of chol(Q), squared, after equilibration)
+    # above which "auto" avoids the Schur path: its change of variables amplifies
+    # rounding by cond(Q).
     schur_max_condition: float = 1e10
     # Run exactly max_iter iterations on every sample (no early exit): for
     # measuring the backward's cost against the iteration count K (implicit
@@ -53,10 +54,15 @@ class QPSettings:
     # iteration stays finite after it has converged.
     fixed_iterations: bool = False
     backward: str = "implicit"
-    # Raise ValueError naming Q when some sample's Q is indefinite (qpth's
-    # check_Q_spd). The solver's own Cholesky of Q settles the definite case, so
-    # only a failed factorization pays for the eigenvalues.
+    # Q is always tested for semidefiniteness (its Cholesky, which the solver
+    # needs anyway, settles the definite case; only a failed factorization pays
+    # more). An indefinite sample gets status numerical_error, or with check_psd
+    # a ValueError naming Q and the batch index (qpth's check_Q_spd).
     check_psd: bool = False
+    # The dtype the solver computes in (None: float64 whatever the input dtype;
+    # results come back in the input's). float32 halves memory traffic on GPUs
+    # with slow float64, at the price of accuracy on ill-conditioned problems.
+    compute_dtype: torch.dtype | None = None
     # Matrix-free backward ("iterative"): MINRES tolerance (None: 1e-10 in float64,
     # 1e-5 in float32) and iteration cap.
     iterative_tol: float | None = None
@@ -78,6 +84,9 @@ class QPSettings:
             raise ValueError(f"infeas_tol must be positive, got {self.infeas_tol}.")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}.")
+        if self.compute_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be None, torch.float32 or torch.float64, "
+                             f"got {self.compute_dtype!r}.")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be positive seconds, got {self.time_limit}.")
 

@@ -1,0 +1,220 @@
+"""The KKT system at the solution, solved by the implicit backward.
+
+At a solution (z, s, λ, ν) every inequality row is active (s = 0) or inactive
+(λ = 0, s > 0). Differentiating the KKT conditions (OptNet's equations; Amos &
+Kolter 2017) in the limit μ → 0 of the interior point, an inactive row keeps
+λ = 0 and drops out, and an active row holds as an equality, so the adjoint
+a = M⁻¹g of the backward solves the equality-constrained system
+
+    [ Q   Cᵀ ] [a_z]   [g_z]
+    [ C   0  ] [a_C] = [g_C]        C = [G_active; A],   a_λ = 0 on inactive rows.
+
+Which rows are active is read off the final iterate of the equilibrated problem:
+row i is active when its normalized slack ŝᵢ/(1 + |ĥᵢ|) is below its multiplier
+λ̂ᵢ. The interior point stops only when one of the two is at the tolerance
+(see `ipm`), so the test is decided by many orders of magnitude everywhere except
+at weakly active rows (both zero at the solution). There the solution map has
+only one-sided derivatives and either side is a valid generalized derivative.
+The rule is the same whatever the final status and never looks at other samples.
+
+Each sample's rows C are gathered into a (k, n) block, k the largest count of
+kept rows in the batch (padding rows are identity rows with zero right-hand
+side), and factored once:
+
+- Q positive definite (the Schur working space w = Lᵀz, where Q = I): one k×k
+  Cholesky of K = C Cᵀ;
+- any PSD Q: H = Q + CᵀC (positive definite exactly when the solution is unique),
+  then S = C H⁻¹ Cᵀ (positive definite exactly when C has full row rank).
+
+A singular factor means a tie: a non-unique solution (H) or dependent active rows
+(S, K; duplicated or degenerate constraints). The factor is then taken of the
+matrix plus a small multiple of the identity, and iterative refinement with the
+exact operator converges to the minimum-norm solution along the tie's directions
+(iterated Tikhonov): a finite generalized derivative, zero along the tie. A
+sample whose refined residual still misses (an inconsistent right-hand side on a
+tie) is solved by the pseudo-inverse, one sample at a time: rare by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg import backward_solve, forward_solve
+
+# Pivot ratio (min/max diagonal of the Cholesky factor, squared) below which a
+# factor counts as singular, i.e. a tie; equilibrated data make it scale-free.
+TIE_RATIO = 1e-12
+# Relative shift of the diagonal of a singular factor (iterated Tikhonov).
+TIE_SHIFT = 1e-9
+# Iterative refinement with the exact operator: steps and target (relative residual).
+REFINE_STEPS = 6
+REFINE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def active_rows(s: torch.Tensor, lam: torch.Tensor, h: torch.Tensor,
+                free: torch.Tensor | None) -> torch.Tensor:
+    """(B, p) mask of the rows held as equalities at the solution (scaled data)."""
+    active = s / (1.0 + h.abs()) < lam
+    if free is not None:
+        active = active & ~free
+    return active
+
+
+def _factor(M: torch.Tensor):
+    """Cholesky with tie detection: (L, tie); a tie's factor is of M + shift·I."""
+    L, info = torch.linalg.cholesky_ex(M)
+    diag = L.diagonal(dim1=-2, dim2=-1).abs()
+    if diag.shape[-1]:
+        ratio = (diag.amin(-1) / diag.amax(-1).clamp_min(1e-300)) ** 2
+        tie = (info != 0) | ~(ratio >= TIE_RATIO)
+    else:
+        tie = info != 0
+    if bool(tie.any()):
+        idx = tie.nonzero().flatten()
+        Mt = M[idx]
+        scale = Mt.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
+        eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        shift = TIE_SHIFT
+        for _ in range(8):  # the shift only has to make the factor exist
+            Lt, info_t = torch.linalg.cholesky_ex(Mt + (shift * scale)[:, None, None] * eye)
+            if not bool((info_t != 0).any()):
+                break
+            shift *= 100.0
+        L = L.index_copy(0, idx, Lt)
+    return L, tie
+
+
+def _solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return backward_solve(L, forward_solve(L, r))
+
+
+class LimitSystem:
+    """The factored limit system of one solve; see the module docstring.
+
+    ``kkt`` is the interior point's elimination (for its working space and its
+    exact products); ``active`` the (B, p) mask of active inequality rows.
+    """
+
+    def __init__(self, kkt, active: torch.Tensor, factor: bool = True):
+        self.kkt = kkt
+        B, p, m = active.shape[0], kkt.p, kkt.m
+        self.active = active
+        self.tie = torch.zeros(B, dtype=torch.bool, device=active.device)
+        self.factors: dict = {}
+        if not factor:
+            return
+        kept = torch.cat([active, torch.ones(B, m, dtype=torch.bool, device=active.device)], -1)
+        k = int(kept.sum(-1).amax()) if p + m else 0
+        # Each sample's kept rows first (stable: in their original order).
+        order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :k]
+        valid = kept.gather(1, order)
+        C = _gather_rows(torch.cat([_rows(kkt.Gm, B), _rows(kkt.Am, B)], -2)
+                         if kkt.Gm.dim() == 3 or kkt.Am.dim() == 3
+                         else torch.cat([kkt.Gm, kkt.Am], -2), order)
+        C = C * valid.unsqueeze(-1)
+        pad = torch.diag_embed((~valid).to(C.dtype))
+        self.factors = {"order": order, "valid": valid, "C": C}
+        if kkt.name == "schur":
+            self.factors["L"], self.tie = _factor(C @ C.mT + pad)
+        else:
+            Q = kkt.Qm if kkt.Qm.dim() == 3 else kkt.Qm.expand(B, -1, -1)
+            L_H, tie_h = _factor(Q + C.mT @ C)
+            Y = torch.linalg.solve_triangular(L_H, C.mT, upper=False)
+            L_S, tie_s = _factor(Y.mT @ Y + pad)
+            self.factors.update(L=L_H, L_S=L_S)
+            self.tie = tie_h | tie_s
+
+    # ---- the exact operator (matrix-free, full coordinates) ------------------
+    def apply(self, a_z, a_l, a_n):
+        """The limit KKT matrix times (a_z, a_λ, a_ν) in the working space; inactive
+        rows are identity rows (their right-hand side is set to zero)."""
+        kkt, act = self.kkt, self.active
+        a_act = torch.where(act, a_l, torch.zeros_like(a_l))
+        top = kkt.hess(a_z) + kkt.GT(a_act)
+        if kkt.m:
+            top = top + kkt.AT(a_n)
+        mid = torch.where(act, kkt.G(a_z), a_l)
+        bottom = kkt.A(a_z) if kkt.m else a_n
+        return top, mid, bottom
+
+    def rhs(self, g_z, g_l, g_n):
+        """The right-hand side with the inactive rows' entries removed."""
+        return g_z, torch.where(self.active, g_l, torch.zeros_like(g_l)), g_n
+
+    # ---- the direct solve with the gathered factors ---------------------------
+    def solve(self, g_z, g_l, g_n):
+        f = self.factors
+        order, valid, C = f["order"], f["valid"], f["C"]
+        g_c = torch.cat([g_l, g_n], -1).gather(1, order) * valid
+        if self.kkt.name == "schur":
+            a_c = _solve(f["L"], (C @ g_z.unsqueeze(-1)).squeeze(-1) - g_c)
+            a_z = g_z - (C.mT @ a_c.unsqueeze(-1)).squeeze(-1)
+        else:
+            t = g_z + (C.mT @ g_c.unsqueeze(-1)).squeeze(-1)
+            u = _solve(f["L"], t)
+            a_c = _solve(f["L_S"], (C @ u.unsqueeze(-1)).squeeze(-1) - g_c)
+            a_z = _solve(f["L"], t - (C.mT @ a_c.unsqueeze(-1)).squeeze(-1))
+        full = torch.zeros_like(torch.cat([g_l, g_n], -1))
+        full = full.scatter(1, order, a_c * valid)
+        p = g_l.shape[-1]
+        return a_z, full[:, :p], full[:, p:]
+
+    def solve_refined(self, g_z, g_l, g_n):
+        """`solve` plus iterative refinement with `apply`; returns (a, converged)."""
+        rhs = self.rhs(g_z, g_l, g_n)
+        tol = REFINE_TOL.get(g_z.dtype, 1e-12)
+        scale = _norm(rhs).clamp_min(torch.finfo(g_z.dtype).tiny)
+        sol = self.solve(*rhs)
+        for _ in range(REFINE_STEPS):
+            resid = [r - a for r, a in zip(rhs, self.apply(*sol))]
+            err = _norm(resid) / scale
+            if bool((err <= tol).all()):
+                return sol, torch.ones_like(err, dtype=torch.bool)
+            sol = tuple(s + e for s, e in zip(sol, self.solve(*resid)))
+        err = _norm([r - a for r, a in zip(rhs, self.apply(*sol))]) / scale
+        return sol, err <= tol * 1e3
+
+
+def _rows(M: torch.Tensor, B: int) -> torch.Tensor:
+    return M if M.dim() == 3 else M.unsqueeze(0).expand(B, -1, -1)
+
+
+def _gather_rows(M: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows ``order`` (B, k) of M ((r, n) shared or (B, r, n)) -> (B, k, n)."""
+    if M.dim() == 2:
+        return M[order]
+    return M.gather(1, order.unsqueeze(-1).expand(-1, -1, M.shape[-1]))
+
+
+def _norm(parts) -> torch.Tensor:
+    return torch.cat(list(parts), -1).norm(dim=-1)
+
+
+def min_norm(system: LimitSystem, rhs, samples: torch.Tensor):
+    """Pseudo-inverse solutions of the limit system for a few ``samples`` (full coordinates)."""
+    kkt = system.kkt
+    g_z, g_l, g_n = system.rhs(*rhs)
+    n, p, m = g_z.shape[-1], g_l.shape[-1], g_n.shape[-1]
+    eye = torch.eye(n + p + m, dtype=g_z.dtype, device=g_z.device)
+    out = [t.clone() for t in (g_z, g_l, g_n)]
+    for i in samples.tolist():
+        sub = _Single(system, i)
+        cols = [torch.cat(sub.apply(*torch.split(e.unsqueeze(0), [n, p, m], -1)), -1)[0]
+                for e in eye]
+        M = torch.stack(cols, -1)
+        sol = torch.linalg.pinv(M) @ torch.cat([g_z[i], g_l[i], g_n[i]])
+        out[0][i], out[1][i], out[2][i] = torch.split(sol, [n, p, m])
+    del kkt
+    return tuple(out)
+
+
+class _Single:
+    """The limit operator of one sample (for the pseudo-inverse fallback)."""
+
+    def __init__(self, system: LimitSystem, i: int):
+        idx = torch.tensor([i], device=system.active.device)
+        self.inner = LimitSystem(system.kkt.subset(idx, iteration_only=True),
+                                 system.active[i:i + 1], factor=False)
+
+    def apply(self, a_z, a_l, a_n):
+        return self.inner.apply(a_z, a_l, a_n)
