@@ -17,7 +17,8 @@ differentiable pieces. The adjoint solve is a `_LinearSolve` Function whose
 own backward is again an implicit solve (with ∂F/∂x, untransposed) plus the
 second-derivative term −∇_{x,θ}[aᵀ (∂F/∂x) b], computed by reverse-over-reverse
 ``torch.func``; so Hessians and Hessian-vector products through `implicit` are
-exact (they need F twice differentiable).
+exact to the linear solves' accuracy, at any order (they need F twice
+differentiable). Every solve, of any order, goes through the same checks.
 
 Batching: x has a leading batch dimension B and F is applied row by row, so
 ∂F/∂x is block diagonal (samples do not interact). Parameters may be batched
@@ -26,7 +27,8 @@ Batching: x has a leading batch dimension B and F is applied row by row, so
 The IFT's conditions are checked where they can be: the residual must vanish
 at the returned point (``residual_tol``), and the adjoint system must be
 solvable — see `implicit`'s docstring for the per-method criterion; failure is
-an `ImplicitFunctionError` naming the sample, never a NaN or a wrong gradient.
+an `ImplicitFunctionError` naming the sample, never a NaN (unless the upstream
+gradient carries one) or a wrong gradient.
 
 Example (the seed's unit circle, x = √(1 − θ²), dx/dθ = −θ/x)::
 
@@ -104,8 +106,8 @@ def implicit(solve: Callable, residual: Callable, *, method: str = "dense",
       different scales slow them down, and where that keeps them from ``tol`` the
       gradient is refused too (rescale F, or use the dense method).
 
-    Samples whose upstream gradient is not finite are not checked: their gradient
-    is NaN, and the other samples' are unaffected.
+    Iterative: samples whose upstream gradient is not finite are not checked (their
+    gradient is NaN); the other samples' are unaffected, as with the dense method.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
