@@ -153,21 +153,29 @@ def test_unit_circle_dense_raises_at_x_zero_naming_the_condition(edge):
         torch.autograd.grad(x.sum(), theta)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["gmres", "minres"])
-def test_unit_circle_iterative_warns_at_x_zero_and_keeps_other_samples(symmetric):
-    """The iterative method cannot name the singular sample; it must not stay silent.
+def test_unit_circle_iterative_raises_at_x_zero_naming_the_sample(symmetric, dtype):
+    """θ = 1: ∂F/∂x = 0 and dx/dθ = −θ/x does not exist (it is −∞).
 
-    What happens: the Krylov solve of (∂F/∂x)ᵀ w = g with ∂F/∂x = 0 stalls at relative
-    residual 1, runs to max_iter and warns (UserWarning); the singular sample's gradient
-    comes back 0 (finite, not NaN) and the other samples are exact.
+    The Krylov solve of (∂F/∂x)ᵀ w = g stalls at relative residual 1; that is a refusal
+    naming the sample, as the dense method's, never a finite number with a warning.
     """
-    theta = torch.tensor([0.5, 1.0, -0.3], dtype=DT, requires_grad=True)
+    theta = torch.tensor([0.5, 1.0, -0.3], dtype=dtype, requires_grad=True)
     x = _circle(1.0, method="iterative", symmetric=symmetric, max_iter=50)(theta)
-    with pytest.warns(UserWarning, match="stopped after .* iterations"):
-        (g,) = torch.autograd.grad(x.sum(), theta)
-    ok = torch.tensor([True, False, True])
-    assert torch.allclose(g[ok], -theta.detach()[ok] / x.detach()[ok], rtol=1e-12)
-    assert bool(torch.isfinite(g).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImplicitFunctionError,
+                           match=r"(?s)failed at sample 1: relative residual 1\.0e\+00.*"
+                                 r"singular"):
+            torch.autograd.grad(x.sum(), theta)
+    # Without the singular sample the same layer is exact.
+    ok = theta.detach()[[0, 2]].clone().requires_grad_()
+    x_ok = _circle(1.0, method="iterative", symmetric=symmetric)(ok)
+    (g,) = torch.autograd.grad(x_ok.sum(), ok)
+    slope = -ok.detach() / x_ok.detach()
+    assert float(slope.abs().min()) > 0.3
+    assert torch.allclose(g, slope, rtol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
 # ----------------------------------------------------------------------------
@@ -495,6 +503,255 @@ def test_unknown_method_and_non_tensor_solution_are_refused():
     layer = implicit(lambda th: [0.0], _circle_residual)
     with pytest.raises(TypeError, match="must return a tensor"):
         layer(torch.tensor([0.0], dtype=DT))
+
+
+# ----------------------------------------------------------------------------
+# 5a. Singular ∂F/∂x, scaling, and non-finite upstream gradients
+# ----------------------------------------------------------------------------
+#
+# F = (x₀ − θ₀, (x₁ − θ₁)³ + c (x₁ − θ₁)): the solution is x = θ for every c, so
+# dx/dθ = I, but ∂F/∂x = diag(1, c) is singular at c = 0 and the IFT does not apply.
+
+DTYPES = [torch.float32, torch.float64]
+DTYPE_IDS = ["f32", "f64"]
+
+
+def _cubic_pair_residual(x, theta, c):
+    d = x - theta
+    return torch.stack([d[:, 0], d[:, 1] ** 3 + c * d[:, 1]], -1)
+
+
+def _cubic_pair(method, symmetric=False):
+    return implicit(lambda th, c: th.clone(), _cubic_pair_residual, method=method,
+                    symmetric=symmetric)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("method", "symmetric"), METHODS, ids=METHOD_IDS)
+def test_singular_jacobian_is_refused_naming_the_sample(method, symmetric, dtype):
+    theta = torch.randn(3, 2, dtype=dtype, generator=_gen(20))
+    c = torch.tensor([1.0, 0.0, 2.0], dtype=dtype)  # sample 1 is singular
+    th = theta.clone().requires_grad_()
+    x = _cubic_pair(method, symmetric)(th, c)
+    # Upstream (1, 1) is not in the range of (∂F/∂x)ᵀ = diag(1, 0): no w solves the
+    # adjoint system; the finite answer GMRES used to return, (1, 0), was wrong.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImplicitFunctionError, match="singular.*sample 1|sample 1.*singular"):
+            torch.autograd.grad(x.sum(), th)
+    # The nonsingular samples alone: dx/dθ = I.
+    keep = [0, 2]
+    th_ok = theta[keep].clone().requires_grad_()
+    (g,) = torch.autograd.grad(_cubic_pair(method, symmetric)(th_ok, c[keep]).sum(), th_ok)
+    assert torch.allclose(g, torch.ones_like(g), rtol=1e-6 if dtype == torch.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["gmres", "minres"])
+def test_iterative_consistent_singular_system_gives_the_exact_derivative(symmetric):
+    """The iterative criterion is the adjoint equation itself: where (∂F/∂x)ᵀ w = ∇x ℓ
+    is solvable although ∂F/∂x is singular, −(∂F/∂θ)ᵀ w = (dx/dθ)ᵀ ∇x ℓ exactly.
+    The dense method keeps the IFT's stricter condition and refuses."""
+    theta = torch.randn(2, 2, dtype=DT, generator=_gen(21))
+    c = torch.zeros(2, dtype=DT)
+    upstream = torch.tensor([[1.5, 0.0], [-2.0, 0.0]], dtype=DT)  # in range(diag(1, 0))
+    th = theta.clone().requires_grad_()
+    x = _cubic_pair("iterative", symmetric)(th, c)
+    (g,) = torch.autograd.grad(x, th, upstream)
+    assert torch.equal(g, upstream)  # dx/dθ = I
+    x = _cubic_pair("dense")(th, c)
+    with pytest.raises(ImplicitFunctionError, match="singular at sample 0"):
+        torch.autograd.grad(x, th, upstream)
+
+
+def _scaled_linear(row_decades, col_decades, dtype, singular=False):
+    """F = S A T x − S θ (x = T⁻¹ A⁻¹ θ): the equations scaled by S, the unknowns by T,
+    spread over ±decades; A is well conditioned (or rank deficient)."""
+    n, B = 6, 3
+    g = _gen(22)
+    A = torch.eye(n, dtype=DT) + 0.3 * torch.randn(n, n, dtype=DT, generator=g)
+    if singular:
+        A[-1] = A[0] + A[1]
+    S = torch.logspace(-row_decades, row_decades, n, dtype=DT)
+    T = torch.logspace(-col_decades, col_decades, n, dtype=DT)
+    K = S[:, None] * A * T[None, :]
+    theta = torch.randn(B, n, dtype=DT, generator=g)
+    weights = torch.randn(B, n, dtype=DT, generator=g)
+    reference = None if singular else (weights / T) @ torch.linalg.inv(A)  # ∇θ Σ w·x
+    K_, S_ = K.to(dtype), S.to(dtype)
+
+    def layer(method="dense"):
+        return implicit(lambda th: torch.linalg.solve(K_, (S_ * th).T).T,
+                        lambda x, th: x @ K_.T - S_ * th, method=method, residual_tol=None)
+
+    return layer, theta.to(dtype), weights.to(dtype), reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("rows", "cols"), [(0, 0), (14, 0), (0, 14), (14, 14), (5, 9)])
+def test_dense_singularity_test_is_invariant_to_scaling(rows, cols, dtype):
+    layer, theta, weights, reference = _scaled_linear(rows, cols, dtype)
+    th = theta.clone().requires_grad_()
+    (g,) = torch.autograd.grad((weights * layer()(th)).sum(), th)
+    assert float(reference.abs().max()) > 0.1
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(g.double(), reference) <= tol
+    # The same scalings of a singular A are still refused.
+    layer, theta, weights, _ = _scaled_linear(rows, cols, dtype, singular=True)
+    th = theta.clone().requires_grad_()
+    with pytest.raises(ImplicitFunctionError, match="singular at sample 0"):
+        torch.autograd.grad((weights * layer()(th)).sum(), th)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("method", ["dense", "iterative"])
+def test_one_equation_scaled_by_1e_minus_14_keeps_the_identity_derivative(method, dtype):
+    def residual(x, th):
+        return torch.stack([x[:, 0] - th[:, 0], 1e-14 * (x[:, 1] - th[:, 1])], -1)
+
+    th = torch.randn(2, 2, dtype=dtype, generator=_gen(23)).requires_grad_()
+    weights = torch.tensor([[2.0, -3.0], [0.5, 4.0]], dtype=dtype)
+    x = implicit(lambda t: t.clone(), residual, method=method)(th)
+    (g,) = torch.autograd.grad((weights * x).sum(), th)
+    assert torch.allclose(g, weights, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(0, 0), (6, 0), (14, 0), (0, 14)])
+def test_iterative_on_badly_scaled_systems_is_exact_or_refused(rows, cols):
+    """Unpreconditioned GMRES is not scale-invariant: it either reaches tol or refuses."""
+    layer, theta, weights, reference = _scaled_linear(rows, cols, DT)
+    th = theta.clone().requires_grad_()
+    try:
+        (g,) = torch.autograd.grad((weights * layer("iterative")(th)).sum(), th)
+    except ImplicitFunctionError as error:
+        assert (rows, cols) != (0, 0)
+        assert "failed at sample" in str(error)
+    else:
+        assert rel_err(g, reference) <= 1e-8
+
+
+@pytest.mark.parametrize(("method", "symmetric"), METHODS, ids=METHOD_IDS)
+def test_nan_upstream_gradient_stays_in_its_sample(method, symmetric):
+    theta = torch.tensor([0.3, -0.5, 0.7], dtype=DT, requires_grad=True)
+    x = _circle(1.0, method=method, symmetric=symmetric)(theta)
+    upstream = torch.tensor([1.0, float("nan"), -2.0], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (g,) = torch.autograd.grad(x, theta, upstream)
+    assert bool(torch.isnan(g[1]))
+    ok = [0, 2]
+    expected = upstream[ok] * -theta.detach()[ok] / x.detach()[ok]
+    assert torch.allclose(g[ok], expected, rtol=1e-12)
+
+
+def test_dense_non_finite_jacobian_is_refused_naming_the_sample():
+    theta = torch.tensor([0.3, -0.5], dtype=DT, requires_grad=True)
+    x_off = torch.tensor([0.5, float("inf")], dtype=DT)
+    x = implicit(lambda th: x_off.clone(), _circle_residual, residual_tol=None)(theta)
+    with pytest.raises(ImplicitFunctionError, match="sample 1 .*non-finite"):
+        torch.autograd.grad(x.sum(), theta)
+
+
+# ----------------------------------------------------------------------------
+# 5b. Second and third derivatives (create_graph=True)
+# ----------------------------------------------------------------------------
+#
+# The backward is made of differentiable pieces (an implicit solve whose own backward
+# is another implicit solve, plus −∇[aᵀ (∂F/∂x) b]), so Hessians are exact. References:
+# closed forms, autograd through torch.softmax, and gradgradcheck (finite differences
+# of the first derivative) in float64.
+
+
+def _sqrt_layer(method, symmetric):
+    """x = √(a t) through F = x² − a t: t batched (B,), a a shared scalar."""
+    return implicit(lambda t, a: torch.sqrt(a * t), lambda x, t, a: x ** 2 - a * t,
+                    method=method, symmetric=symmetric)
+
+
+def _sqrt_loss_hessian(t, a):
+    """Closed-form Hessian of ℓ = Σ sin(3x) + Σ t x² (= Σ sin 3√(at) + a Σ t²) in (t, a)."""
+    x = torch.sqrt(a * t)
+    d1 = 3 * torch.cos(3 * x) / (2 * x)  # φ'(u), φ(u) = sin 3√u, u = a t
+    d2 = -9 * torch.sin(3 * x) / (4 * x ** 2) - 3 * torch.cos(3 * x) / (4 * x ** 3)
+    H_tt = torch.diag(a ** 2 * d2 + 2 * a)
+    H_ta = d1 + a * t * d2 + 2 * t
+    H_aa = (t ** 2 * d2).sum()
+    return H_tt, H_ta, H_aa
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("method", "symmetric"), METHODS, ids=METHOD_IDS)
+def test_hessian_through_sqrt_matches_closed_form(method, symmetric, dtype, B):
+    t = torch.linspace(0.6, 2.4, B, dtype=dtype) if B > 1 else torch.tensor([1.3], dtype=dtype)
+    a = torch.tensor(0.8, dtype=dtype)
+    layer = _sqrt_layer(method, symmetric)
+
+    def loss(t, a):
+        x = layer(t, a)
+        return torch.sin(3 * x).sum() + (t * x ** 2).sum()
+
+    (H_tt, H_ta), (_, H_aa) = torch.autograd.functional.hessian(loss, (t, a))
+    R_tt, R_ta, R_aa = _sqrt_loss_hessian(t.double(), a.double())
+    assert float(R_tt.abs().max()) > 0.5 and float(R_ta.abs().max()) > 0.5
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    assert rel_err(H_tt.double(), R_tt) <= tol
+    assert rel_err(H_ta.double(), R_ta) <= tol
+    assert rel_err(H_aa.double(), R_aa) <= tol
+
+
+@pytest.mark.parametrize(("method", "symmetric"), METHODS, ids=METHOD_IDS)
+def test_create_graph_gradient_is_differentiable_not_refused_or_dropped(method, symmetric):
+    """The pattern of a gradient penalty: ∇θ ℓ with create_graph, then its gradient."""
+    t = torch.tensor([0.7, 2.0], dtype=DT, requires_grad=True)
+    a = torch.tensor(1.0, dtype=DT)
+    x = _sqrt_layer(method, symmetric)(t, a)
+    (g,) = torch.autograd.grad((x ** 3).sum(), t, create_graph=True)
+    assert g.requires_grad
+    (h,) = torch.autograd.grad(g.sum(), t)
+    # ℓ = Σ t^{3/2}: ℓ'' = (3/4) t^{-1/2}.
+    assert torch.allclose(h, 0.75 * t.detach() ** -0.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("method", ["dense", "iterative"])
+def test_softmax_kkt_hessian_matches_autograd_through_softmax(method, dtype):
+    B, n = 3, 4
+    theta = 1.5 * torch.randn(B, n, dtype=dtype, generator=_gen(24))
+    c = torch.randn(B, n, dtype=dtype, generator=_gen(25))
+    layer = implicit(_softmax_solve("zu"), _softmax_residual("zu", n), method=method)
+    H = torch.autograd.functional.hessian(lambda th: (c * layer(th)[:, :n] ** 2).sum(), theta)
+    R = torch.autograd.functional.hessian(lambda th: (c * torch.softmax(th, -1) ** 2).sum(),
+                                          theta)
+    assert float(R.abs().max()) > 0.05
+    assert _max_abs(H, R) <= (5e-5 if dtype == torch.float32 else 1e-10)
+
+
+def _contraction_residual(x, theta, a, C):
+    return x - theta - a * torch.tanh(x @ C.T) - 0.1 * x ** 3 / (1 + x ** 2)
+
+
+def _contraction_solve(theta, a, C):
+    """x = θ + a tanh(Cx) + 0.1 x³/(1 + x²), a contraction here: plain iteration."""
+    x = theta.clone()
+    for _ in range(300):
+        x = theta + a * torch.tanh(x @ C.T) + 0.1 * x ** 3 / (1 + x ** 2)
+    return x
+
+
+@pytest.mark.parametrize("method", ["dense", "iterative"])
+def test_gradgradcheck_nonlinear_system_batched_and_shared_parameters(method):
+    theta = torch.randn(3, 2, dtype=DT, generator=_gen(26)).requires_grad_()  # batched
+    a = torch.tensor(0.8, dtype=DT, requires_grad=True)  # shared scalar
+    C = torch.tensor([[0.3, -0.5], [0.4, 0.2]], dtype=DT, requires_grad=True)  # shared
+    layer = implicit(_contraction_solve, _contraction_residual, method=method)
+    assert torch.autograd.gradcheck(layer, (theta, a, C))
+    assert torch.autograd.gradgradcheck(layer, (theta, a, C))
+
+    def gradient(theta, a, C):  # third order: gradgradcheck of the gradient itself
+        x = layer(theta, a, C)
+        return torch.autograd.grad((x ** 2).sum(), theta, create_graph=True)[0]
+
+    assert torch.autograd.gradgradcheck(gradient, (theta, a, C))
 
 
 # ----------------------------------------------------------------------------
