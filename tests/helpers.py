@@ -150,3 +150,86 @@ def qp_reference(Q, q, G, h, A, b):
     nu = np.asarray(constraints[k].dual_value, dtype=np.float64).reshape(-1) if b.shape[0] \
         else np.zeros(0)
     return np.asarray(z.value, dtype=np.float64), lam, nu
+
+
+def qp_polished_reference(Q, q, G, h, A, b, tol=1e-8):
+    """One QP solved to round-off: Clarabel on row-normalized data, then polished.
+
+    Clarabel at tight tolerances still leaves s·λ ≈ 1e-10, which moves z by up to
+    √1e-10 at weakly active rows and by cond(Q)·1e-10 elsewhere, and it can stop
+    short on rows of very different sizes. So the rows of G and A are normalized
+    first (the same feasible set), and given Clarabel's active set (rows with
+    λᵢ > sᵢ) the equality-constrained KKT system is solved exactly. The result is
+    verified on the original data (stationarity, feasibility, λ ≥ 0, complementarity,
+    each relative to its terms, within ``tol``); RuntimeError if it fails.
+    """
+    Q, q, G, h, A, b = (np.asarray(t, dtype=np.float64) for t in (Q, q, G, h, A, b))
+    n, p, m = q.size, h.size, b.size
+    rg = np.maximum(np.abs(G).max(axis=1, initial=0.0), 1e-300) if p else np.ones(0)
+    ra = np.maximum(np.abs(A).max(axis=1, initial=0.0), 1e-300) if m else np.ones(0)
+    Gs, hs, As, bs = G / rg[:, None], h / rg, A / ra[:, None], b / ra
+    try:
+        z, lam, nu = qp_reference(Q, q, Gs, hs, As, bs)
+    except RuntimeError:
+        z, lam, nu = _clarabel_any(Q, q, Gs, hs, As, bs)
+    slack = np.where(np.isfinite(hs), hs - Gs @ z, np.inf)
+    active = lam > slack
+    S = 0.5 * (Q + Q.T)
+    for _ in range(20):  # active-set corrections, where Clarabel's guess was off
+        z_p, lam_p, nu_p = _solve_on_active_set(S, q, Gs, hs, As, bs, active)
+        scale = 1.0 + np.abs(z_p).max(initial=0.0)
+        violated = np.isfinite(hs) & (Gs @ z_p - hs > 1e-12 * scale) & ~active
+        negative = active & (lam_p < 0)
+        if not (violated.any() or negative.any()):
+            break
+        active = (active & ~negative) | violated
+    lam_p, nu_p = lam_p / rg, nu_p / ra  # back to the original rows
+    if qp_kkt_error(Q, q, G, h, A, b, z_p, lam_p, nu_p) > tol:
+        raise RuntimeError("reference: the polished point fails the KKT check")
+    return z_p, lam_p, nu_p
+
+
+def _solve_on_active_set(S, q, G, h, A, b, active):
+    """The KKT point with the rows ``active`` of G held as equalities (least squares)."""
+    n, p = q.size, h.size
+    act = np.flatnonzero(active)
+    C = np.vstack([G[act], A])
+    k = C.shape[0]
+    K = np.block([[S, C.T], [C, np.zeros((k, k))]])
+    sol = np.linalg.lstsq(K, np.concatenate([-q, h[act], b]), rcond=None)[0]
+    lam = np.zeros(p)
+    lam[act] = sol[n:n + act.size]
+    return sol[:n], lam, sol[n + act.size:]
+
+
+def _clarabel_any(Q, q, G, h, A, b):
+    """Clarabel's point whatever its status (`qp_polished_reference` verifies it)."""
+    n = q.size
+    z = cp.Variable(n)
+    cons = [G[np.isfinite(h)] @ z <= h[np.isfinite(h)]] if h.size else []
+    if b.size:
+        cons.append(A @ z == b)
+    obj = q @ z + 0.5 * cp.quad_form(z, cp.psd_wrap(0.5 * (Q + Q.T)))
+    prob = cp.Problem(cp.Minimize(obj), cons)
+    prob.solve(solver=cp.CLARABEL, **CLARABEL_TIGHT)
+    lam = np.zeros(h.size)
+    if h.size:
+        lam[np.isfinite(h)] = cons[0].dual_value
+    nu = np.asarray(cons[-1].dual_value).reshape(-1) if b.size else np.zeros(0)
+    return np.asarray(z.value), lam, nu
+
+
+def qp_kkt_error(Q, q, G, h, A, b, z, lam, nu) -> float:
+    """The largest KKT violation of (z, λ, ν), each measured against its own terms."""
+    S = 0.5 * (Q + Q.T)
+    Qz, Gl, An = S @ z, G.T @ lam, A.T @ nu
+    stat = np.abs(Qz + q + Gl + An) / (1 + np.abs(Qz) + np.abs(q) + np.abs(Gl) + np.abs(An))
+    fin = np.isfinite(h)
+    Gz = G[fin] @ z
+    slack = h[fin] - Gz
+    feas = np.maximum(-slack, 0) / (1 + np.abs(h[fin]) + np.abs(Gz))
+    eq = np.abs(A @ z - b) / (1 + np.abs(b) + np.abs(A @ z)) if b.size else np.zeros(1)
+    dual = np.maximum(-lam, 0) / (1 + np.abs(lam).max(initial=0.0))
+    comp = np.minimum(np.abs(slack) / (1 + np.abs(h[fin])), np.abs(lam[fin]))
+    return float(max(stat.max(initial=0), feas.max(initial=0), eq.max(initial=0),
+                     dual.max(initial=0), comp.max(initial=0)))

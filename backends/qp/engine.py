@@ -4,11 +4,21 @@
          ─ equilibrate (`scaling`)                 every later step sees unit-sized rows
          ─ semidefiniteness of Q                    indefinite samples: error or status
          ─ choose the elimination (`kkt`)           Schur (Q ≻ 0) or reduced (any PSD Q)
-         ─ interior point (`ipm`)                   per-sample codes
+         ─ interior point (`ipm`)                   to the tolerance on residuals and gap
          ─ warm-start failures solved again cold
-         ─ certificates for the samples that failed (`certify`)
-         ─ the limit KKT system at the solution (`limit`), factored once for the backward
+         ─ polish on the active set (`limit`)       the exact KKT point, verified
+         ─ the rare sample whose polish fails: more interior-point iterations, to the
+           per-row complementarity test
          ─ unscale                                  z, s, λ, ν in the user's units
+
+The polish solves the KKT system with the active rows as equalities, the system
+the backward differentiates, so its factorization is the one the backward uses:
+the last factorization of the forward pass is the backward's. It is accepted
+only where the polished point passes the interior point's own stopping test
+with the per-row complementarity (feasible within the tolerance, λ ≥ 0 within
+it). It also ends the interior point earlier: a weakly active row (s, λ → 0
+together) would otherwise need μ down to eps², where the reduced elimination's
+Q + GᵀW⁻¹G has lost its digits (cf. Stellato et al. 2020 on OSQP's polishing).
 
 Computation runs in float64 by default whatever the input dtype (`QPSettings.
 compute_dtype`): the equilibrated KKT systems near the solution lose every digit
@@ -90,21 +100,89 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
     kkt = choose(sdata, settings, chol)
     eps = settings.tolerance(sdata.dtype)
     warm_scaled = _scale_warm(scaling, warm)
-    it = ipm.solve(sdata, kkt, settings, eps, warm_scaled)
+    polish = settings.backward != "unroll" and not settings.fixed_iterations
+    rounds = POLISH_ROUNDS(eps) if polish else [ipm.STRICT]
+    it = ipm.solve(kkt, settings, eps, warm_scaled, rows=rounds[0])
     if warm_scaled is not None:
-        _retry_cold(it, sdata, kkt, settings, eps)
+        _retry_cold(it, kkt, settings, eps, rows=rounds[0])
+    limit = None
+    for rows in (rounds[1:] + [None]) if polish else []:
+        limit, again = _polish(it, kkt, eps)
+        if again is None or rows is None:
+            break
+        _iterate_on(it, kkt, eps, again, rows)
+        limit = None
+    if with_limit and (limit is None or limit.stale):
+        limit = LimitSystem(kkt, _active(it, kkt), factor=factor)
+    if limit is not None and not (with_limit and factor):
+        limit.factors = {}  # the backward keeps only the active set (or nothing)
+    if not with_limit:
+        limit = None
     if bool(bad_q.any()):
         it.codes = torch.where(bad_q.expand_as(it.codes), ipm.NUMERICAL, it.codes)
-    limit = None
-    if with_limit:
-        h = kkt.vec("h")
-        free = it.free
-        active = active_rows(it.s, it.lam, torch.where(torch.isinf(h), 0.0, h), free)
-        limit = LimitSystem(kkt, active, factor=factor)
     z, s, lam, nu = scaling.solution(kkt.to_original(it.x), it.s, it.lam, it.nu)
     if it.free is not None:
         s = torch.where(it.free, torch.full_like(s, float("inf")), s)
     return QPResult(z, lam, nu, s, it.codes, it.iterations, it.residuals, kkt, scaling, limit)
+
+
+def _active(it: ipm.Iterates, kkt: KKTSystem) -> torch.Tensor:
+    h = kkt.vec("h")
+    return active_rows(it.s, it.lam, torch.where(torch.isinf(h), 0.0, h), it.free)
+
+
+# Codes whose samples have a point worth polishing.
+POLISHABLE = (ipm.OPTIMAL, ipm.INACCURATE, ipm.MAX_ITER)
+
+
+def POLISH_ROUNDS(eps: float) -> list:
+    """The stopping tests of the interior point's successive rounds: residuals to
+    eps^0.6 and every row decided to 1e-3 (or weakly active below √eps), then
+    polish; where that polish fails, iterate on to eps and rows decided to 1e-6 (or
+    below eps^¾) and polish again; then the strict test."""
+    return [ipm.Ready(1e-3, eps ** 0.5, eps ** 0.6), ipm.Ready(1e-6, eps ** 0.75, eps),
+            ipm.STRICT]
+
+
+def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float):
+    """Replace each sample's iterate by the exact KKT point on its active set where
+    that point passes the strict stopping test. Returns (the limit system, the
+    indices of samples stopped at the tolerance whose polish failed, or None)."""
+    limit = LimitSystem(kkt, _active(it, kkt), factor=True)
+    q, h, b = kkt.vec("q"), kkt.vec("h"), kkt.vec("b")
+    free = it.free
+    h0 = torch.where(torch.isinf(h), 0.0, h)
+    (x, lam, nu), _ = limit.solve_refined(-q, h0, b)
+    s = h0 - kkt.G(x)
+    if free is not None:
+        s = torch.where(free, torch.ones_like(s), s)
+    feasible = torch.ones_like(it.codes, dtype=torch.bool)
+    if lam.shape[-1]:
+        scale_l = 1.0 + lam.abs().amax(-1, keepdim=True)
+        feasible = ((s >= -eps * (1.0 + h0.abs())).all(-1)
+                    & (lam >= -eps * scale_l).all(-1))
+    s, lam = s.clamp_min(0.0), lam.clamp_min(0.0)
+    r = ipm.residuals(kkt, x, lam, s, nu, q, h0, b, free)
+    polishable = torch.isin(it.codes, torch.tensor(POLISHABLE, device=it.codes.device))
+    ok = feasible & (r["res"].amax(-1) <= eps) & polishable
+    if bool(ok.any()):
+        keep = ok.unsqueeze(-1)
+        it.x, it.lam = torch.where(keep, x, it.x), torch.where(keep, lam, it.lam)
+        it.s, it.nu = torch.where(keep, s, it.s), torch.where(keep, nu, it.nu)
+        it.residuals = torch.where(keep, r["res"], it.residuals)
+        it.codes = torch.where(ok, ipm.OPTIMAL, it.codes)
+    again = ~ok & (it.codes == ipm.OPTIMAL)
+    limit.stale = bool(again.any())
+    return limit, (again.nonzero().flatten() if limit.stale else None)
+
+
+def _iterate_on(it: ipm.Iterates, kkt: KKTSystem, eps, idx, rows) -> None:
+    """More interior-point iterations for samples ``idx``, from where they stopped."""
+    sub = ipm.Iterates(*(t[idx] for t in (it.x, it.lam, it.s, it.nu, it.codes,
+                                          it.iterations, it.residuals)),
+                       None if it.free is None else it.free[idx])
+    more = ipm.solve(kkt.subset(idx), kkt.settings, eps, rows=rows, start=sub)
+    it.take(idx, more)
 
 
 def _scale_warm(scaling: Scaling, warm: dict | None) -> dict | None:
@@ -117,7 +195,7 @@ def _scale_warm(scaling: Scaling, warm: dict | None) -> dict | None:
     return {"z": z, "s": s, "lam": lam, "nu": nu}
 
 
-def _retry_cold(it: ipm.Iterates, data: QPData, kkt: KKTSystem, settings, eps) -> None:
+def _retry_cold(it: ipm.Iterates, kkt: KKTSystem, settings, eps, rows) -> None:
     """Samples a warm start left without an optimal point are solved again from scratch.
 
     A warm start only changes where the interior point begins; from a poor start
@@ -129,5 +207,5 @@ def _retry_cold(it: ipm.Iterates, data: QPData, kkt: KKTSystem, settings, eps) -
     if not bool(bad.any()):
         return
     idx = bad.nonzero().flatten()
-    redo = ipm.solve(data.subset(idx), kkt.subset(idx), settings, eps)
+    redo = ipm.solve(kkt.subset(idx), settings, eps, rows=rows)
     it.take(idx, redo)

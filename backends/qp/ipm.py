@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import QPData
 from .kkt import KKTSystem
 from .settings import QPSettings
 
@@ -101,11 +100,21 @@ def _zero_free(t, free):
 
 
 def initial_point(kkt: KKTSystem, q, h, b, free, warm: dict | None):
-    """CVXOPT's starting point (the Newton system with W = I), or a warm start."""
-    B, p = q.shape[0], kkt.p
-    F0 = kkt.factor(torch.ones(B, p, dtype=q.dtype, device=q.device))
+    """A start from the Newton system with W = diag(w₀), or a warm start.
+
+    With W = I (CVXOPT's choice) x minimizes ½xᵀQx + qᵀx + ½‖Gx − h‖²: every
+    row pulls Gx towards h, and one far bound (h = 1e10, a "big M") drags x out
+    to 1e9 and the multipliers with it. Weighting row i by
+    w₀ = max(1, |hᵢ| / (1 + median |h|))² leaves rows of ordinary size as they
+    were and makes a far row's pull vanish (its λ starts near 0, its slack near
+    hᵢ: inactive, as it will stay).
+    """
+    p = kkt.p
+    typical = 1.0 + (h.abs().median(-1, keepdim=True).values if p else 0.0)
+    w0 = (h.abs() / typical).clamp_min(1.0).square()
+    F0 = kkt.factor(w0)
     x, lam_raw, nu = kkt.solve(F0, -q, h, b)
-    s, lam = -lam_raw, lam_raw.clone()
+    s, lam = -F0["w"] * lam_raw, lam_raw.clone()
     if p:
         if free is not None:
             s = torch.where(free, torch.ones_like(s), s)
@@ -142,8 +151,26 @@ def _warm_point(kkt, warm: dict, cold, free):
 # ---------------------------------------------------------------------------
 
 
-def residuals(act: KKTSystem, x, lam, s, nu, q, h, b, free):
-    """KKT residuals at (x, λ, s, ν) and their scaled sizes (see the module doc)."""
+# How close a sample must come before it stops. `STRICT`: every residual and
+# every row's complementarity (the slack or the multiplier) at the tolerance. A
+# `Ready` test asks less: the residuals within ``loose`` and each row's side
+# decided, min(ŝ, λ) ≤ decided·max(ŝ, λ), or both below ``small`` (a weakly
+# active row). That is enough for a polish on the active set to find the exact
+# point (`engine`), which then passes the strict test or is refused.
+STRICT = None
+
+
+@dataclass(frozen=True)
+class Ready:
+    decided: float
+    small: float
+    loose: float
+
+
+def residuals(act: KKTSystem, x, lam, s, nu, q, h, b, free, rows=STRICT, eps: float = 1.0):
+    """KKT residuals at (x, λ, s, ν): their scaled sizes ``res`` (B, 3) (see the
+    module doc) and ``stop`` (B,), the measure the stopping test compares with
+    ``eps`` under the test ``rows`` (`STRICT` or a `Ready`)."""
     m, p = act.m, act.p
     Hx = act.hess(x)
     GTl = act.GT(lam)
@@ -160,14 +187,24 @@ def residuals(act: KKTSystem, x, lam, s, nu, q, h, b, free):
     dres = _inf_norm(r_d / (1 + q.abs() + Hx.abs() + GTl.abs() + ATn.abs()))
     obj = 0.5 * (x * Hx).sum(-1) + (q * x).sum(-1)
     comp = (s * lam).sum(-1) / (1 + obj.abs())
+    ready = None
     if p:
         # Per row: the slack or the multiplier at the tolerance (the gap alone lets
         # a weakly active row stop at s = λ = √μ, an error of √μ in the solution).
-        row = _zero_free(torch.minimum(s / (1 + h.abs()), lam), free)
-        comp = torch.maximum(comp, row.amax(-1))
+        s_n = s / (1 + h.abs())
+        low, high = torch.minimum(s_n, lam), torch.maximum(s_n, lam)
+        comp = torch.maximum(comp, _zero_free(low, free).amax(-1))
+        if rows is not STRICT:  # scaled so that ≤ eps means "decided or both small"
+            row = torch.minimum(low / (rows.decided * high.clamp_min(1e-300)), high / rows.small)
+            ready = _zero_free(row, free).amax(-1) * eps
     res = torch.stack([pres, dres, comp], -1)
+    if rows is STRICT:
+        stop = res.amax(-1)
+    else:
+        stop = torch.maximum(pres, dres) * (eps / rows.loose)
+        stop = stop if ready is None else torch.maximum(stop, ready)
     return dict(r_d=r_d, r_p=r_p, r_e=r_e, pre=pre, Hx=Hx, Gx=Gx, Ax=Ax, GTl=GTl, ATn=ATn,
-                res=res)
+                res=res, stop=stop)
 
 
 def certificates(r: dict, x, lam, nu, q, h, b, m: int, p: int, tol: float):
@@ -191,11 +228,20 @@ def certificates(r: dict, x, lam, nu, q, h, b, m: int, p: int, tol: float):
 
 
 def classify(worst, converged, best, stall, farkas, recession, eps, settings, last: bool):
-    """Each running sample's code after this iteration's residuals."""
+    """Each running sample's code after this iteration's residuals.
+
+    A stall (no 10% improvement of the best residual in ``not_improved_lim``
+    iterations) ends a sample only once it is within √eps (optimal_inaccurate):
+    that is the accuracy floor of the arithmetic. Far from the solution an
+    infeasible start can take a dozen iterations of growing residuals before it
+    turns (seen on OptNet-shaped QPs with ill-conditioned Q), so there only the
+    iteration cap, a certificate or a non-finite iterate end it.
+    """
     code = torch.full_like(stall, RUNNING)
     if not settings.fixed_iterations:
-        code = torch.where(stall >= settings.not_improved_lim,
-                           torch.where(best <= eps ** 0.5, INACCURATE, NUMERICAL), code)
+        floor = (stall >= settings.not_improved_lim) & (best <= eps ** 0.5)
+        code = torch.where(floor, INACCURATE, code)
+        code = torch.where(~torch.isfinite(worst), NUMERICAL, code)
     if last:
         code = torch.where(code == RUNNING, MAX_ITER, code)
     code = torch.where(recession & ~converged, UNBOUNDED, code)
@@ -212,7 +258,6 @@ def newton_step(act: KKTSystem, r: dict, x, lam, s, nu, w, free, settings: QPSet
     """Mehrotra's predictor–corrector step from (x, λ, s, ν); returns the new point."""
     p = act.p
     F = act.factor(w)
-    w = F["w"]  # the W the elimination factored (it may floor tiny entries)
     count = max(p, 1) if free is None else (~free).sum(-1, keepdim=True).clamp_min(1)
     mu = (s * lam).sum(-1, keepdim=True) / count
     neg_rd, r_p, r_e, pre = -r["r_d"], r["r_p"], r["r_e"], r["pre"]
@@ -287,10 +332,15 @@ class _Tracker:
         return worst, stall
 
 
-def solve(data: QPData, kkt: KKTSystem, settings: QPSettings, eps: float,
-          warm: dict | None = None) -> Iterates:
-    """Run the interior point on (equilibrated) ``data`` with elimination ``kkt``."""
-    B, p = data.batch, data.p
+def solve(kkt: KKTSystem, settings: QPSettings, eps: float, warm: dict | None = None,
+          rows=STRICT, start: Iterates | None = None) -> Iterates:
+    """Run the interior point with elimination ``kkt`` (of the equilibrated data).
+
+    ``rows``: the per-row complementarity test (see `residuals`). ``start``:
+    continue from these iterates
+    (their iteration counts continue too) instead of a fresh starting point.
+    """
+    B, p = kkt.batch, kkt.p
     q_all, h_all, b_all = kkt.vec("q"), kkt.vec("h"), kkt.vec("b")
     # h = +inf marks "no constraint": such rows keep λ = 0, never move, and enter
     # the Newton matrix with W = FREE_ROW_WEIGHT (W⁻¹ = 0 in effect).
@@ -299,19 +349,24 @@ def solve(data: QPData, kkt: KKTSystem, settings: QPSettings, eps: float,
         free_all = None
     if free_all is not None:
         h_all = torch.where(free_all, torch.zeros_like(h_all), h_all)
-    state = list(initial_point(kkt, q_all, h_all, b_all, free_all, warm))
-    track = _Tracker(B, data.dtype, data.device, state)
-    active = torch.arange(B, device=data.device)
+    if start is None:
+        state = list(initial_point(kkt, q_all, h_all, b_all, free_all, warm))
+        first = 0
+    else:
+        state = [start.x, start.lam, start.s, start.nu]
+        first = int(start.iterations.amax())
+    track = _Tracker(B, q_all.dtype, q_all.device, state)
+    active = torch.arange(B, device=q_all.device)
     act = kkt
     deadline = None if settings.time_limit is None else time.monotonic() + settings.time_limit
-    for it in range(settings.max_iter + 1):
+    for it in range(first, settings.max_iter + 1):
         sub = None if active.numel() == B else active
         xa, la, sa, na = (_pick(t, sub) for t in state)
         qa, ha, ba = _pick(q_all, sub), _pick(h_all, sub), _pick(b_all, sub)
         fa = None if free_all is None else _pick(free_all, sub)
-        r = residuals(act, xa, la, sa, na, qa, ha, ba, fa)
+        r = residuals(act, xa, la, sa, na, qa, ha, ba, fa, rows, eps)
         worst, stall = track.record(active, it, r["res"], (xa, la, sa, na))
-        converged = worst <= eps
+        converged = r["stop"] <= eps
         if settings.fixed_iterations:
             converged = converged & (it == settings.max_iter)
         farkas, recession = certificates(r, xa, la, na, qa, ha, ba, kkt.m, p,

@@ -255,10 +255,6 @@ class SchurKKT(KKTSystem):
     dir_to_original = to_original
 
 
-# Smallest W = s/λ the reduced elimination factors with (see `ReducedKKT.factor`).
-W_FLOOR = 1e-13
-
-
 class ReducedKKT(KKTSystem):
     name = "reduced"
     matrices = ("Qm", "Gm", "Am", "H0")
@@ -279,12 +275,6 @@ class ReducedKKT(KKTSystem):
         return mv(self.Qm, x)
 
     def factor(self, w: torch.Tensor) -> dict:
-        # Near the solution an active row's W = s/λ falls to 1e-20 and below; in
-        # Q + GᵀW⁻¹G that swamps every other term and the direction loses the dual
-        # residual's digits (seen: stuck at 4e-9 while s went to 1e-27). The
-        # floor perturbs the Newton matrix by at most W_FLOOR (equilibrated units):
-        # the interior point still converges, linearly at the very end.
-        w = w.clamp_min(W_FLOOR)
         G = self.Gm
         d = 1.0 / w
         if G.dim() == 2:

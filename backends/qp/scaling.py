@@ -132,6 +132,11 @@ def equilibrate(data: QPData, sweeps: int = RUIZ_SWEEPS) -> Scaling:
     D = ones(data.n, d_shared)
     E = ones(data.p, d_shared and G.dim() == 2)
     F = ones(data.m, d_shared and A.dim() == 2)
+    # Bring Q to unit size first, so that the sweeps balance Q against G and A the
+    # same way whatever the objective's scale (Q·1e6 would otherwise shrink D
+    # 1000-fold and leave the constraints' rows ~30 times too long).
+    c0 = _cost_scale(data, D, q_zero)
+    Q = Q if q_zero else Q * _col(c0, Q.dim())
     for _ in range(sweeps):
         norms = []
         if use_q:
@@ -146,7 +151,8 @@ def equilibrate(data: QPData, sweeps: int = RUIZ_SWEEPS) -> Scaling:
         D = D * _factor(norm)
         E = E * _factor(_inf_rows(_outer(E, D, G)))
         F = F * _factor(_inf_rows(_outer(F, D, A)))
-    return Scaling(D, E, F, _cost_scale(data, D, q_zero), q_zero)
+    scaled = QPData(Q, data.q * c0, G, data.h, A, data.b, B)
+    return Scaling(D, E, F, c0 * _cost_scale(scaled, D, q_zero), q_zero)
 
 
 def _cost_scale(data: QPData, D: torch.Tensor, q_zero: bool) -> torch.Tensor:
