@@ -12,10 +12,19 @@ import diffcp
 import numpy as np
 import pytest
 import torch
-from helpers import CLARABEL_ARGS, SCS_TIGHT, as_tensor, conic_layer
+from cvxpy.utilities import scopes
+from declarative.canon import compile_problem
+from helpers import CLARABEL_ARGS, SCS_TIGHT, as_tensor, conic_layer, reference_solve
 
 import declarative
-from declarative import NonconvexError, NotDPPError, ParameterTypeError, ProblemError, Status
+from declarative import (
+    CvxpyLayer,
+    NonconvexError,
+    NotDPPError,
+    ParameterTypeError,
+    ProblemError,
+    Status,
+)
 
 DT = torch.float64
 
@@ -212,31 +221,173 @@ def test_non_finite_parameter_names_parameter_and_batch_index(simple, kind):
         layer(as_tensor(np.zeros(3)), as_tensor(float("nan")))
 
 
-def test_sign_attribute_violation_is_refused(simple):
-    layer, *_ = simple
-    with pytest.raises(ValueError, match=r"parameter 1 \('beta'\) was declared nonneg=True"):
-        layer(as_tensor(np.zeros(3)), as_tensor(-0.5))
-    with pytest.raises(ValueError, match=r"'beta'.*nonneg=True.*batch index 1"):
-        layer(as_tensor(np.zeros(3)), as_tensor([0.5, -0.5, 1.0]))
-    # Zero is nonnegative.
-    layer(as_tensor(np.zeros(3)), as_tensor(0.0))
+def _sign_problem(factor: bool):
+    """min (y − 1)² + a·|y| (convex only for a ≥ 0) or (y − a)² + |y| (any a)."""
+    y = cp.Variable(name="y")
+    a = cp.Parameter(nonneg=True, name="a")
+    obj = cp.square(y - 1) + a * cp.abs(y) if factor else cp.square(y - a) + cp.abs(y)
+    return cp.Problem(cp.Minimize(obj)), a, y
 
 
-def test_psd_and_pos_attribute_violations_are_refused():
+def _solo(prob, param, value, y):
+    """CVXPY + Clarabel with an attribute-free copy of ``param`` (any sign accepted)."""
+    free = cp.Parameter(param.shape)
+    sub = cp.Problem(cp.Minimize(cp.square(y - free) + cp.abs(y)))
+    return reference_solve(sub, [free], [value], [y])[0]
+
+
+@pytest.mark.parametrize("backend", ["qp", "conic"])
+def test_sign_attribute_is_checked_only_where_convexity_relies_on_it(backend):
+    kw = {"backend": backend, "solver_args": SCS_TIGHT} if backend == "conic" else {}
+    prob, a, y = _sign_problem(factor=True)
+    layer = CvxpyLayer(prob, [a], [y], **kw)
+    assert layer.compiled.layout.slots[0].checks == ("nonneg",)
+    with pytest.raises(ValueError, match=r"parameter 0 \('a'\) was declared nonneg=True.*"
+                                         r"convex only with that sign.*batch index 1"):
+        layer(as_tensor([0.5, -5.0, 1.0]))
+    (y0,) = layer(as_tensor(0.0))  # the boundary value is fine: (y − 1)² → y = 1
+    assert abs(float(y0) - 1.0) < 1e-6
+    # Here the sign of a plays no part in convexity: a negative value is solved as given.
+    prob, a, y = _sign_problem(factor=False)
+    layer = CvxpyLayer(prob, [a], [y], **kw)
+    assert layer.compiled.layout.slots[0].checks == ()
+    (ys,) = layer(as_tensor([-3.0, 2.0]))
+    ref = [_solo(prob, a, v, y) for v in (-3.0, 2.0)]
+    assert abs(float(ys[0]) + 2.5) < 1e-6 and abs(float(ys[1]) - 1.5) < 1e-6  # shrinkage
+    assert np.allclose(ys.numpy(), ref, atol=1e-6)
+
+
+def test_pos_parameter_at_zero_is_accepted_where_only_its_sign_matters():
+    """A regularisation sweep starting at λ = 0 on a pos=True λ (cvxpylayers solves it)."""
+    x = cp.Variable(3)
+    lam = cp.Parameter(pos=True, name="lam")
+    c = cp.Parameter(3, name="c")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - c) + lam * cp.norm1(x)))
+    for backend in ("qp", "conic"):
+        kw = {"solver_args": SCS_TIGHT} if backend == "conic" else {}
+        layer = CvxpyLayer(prob, [lam, c], [x], backend=backend, **kw)
+        assert layer.compiled.layout.slots[0].checks == ("nonneg",)  # the weak sign only
+        cv = as_tensor([0.5, -2.0, 0.1])
+        (x0,) = layer(as_tensor(0.0), cv)
+        assert (x0 - cv).abs().max() < 1e-6
+        with pytest.raises(ValueError, match=r"'lam'\) was declared pos=True"):
+            layer(as_tensor(-0.1), cv)
+
+
+def test_sign_checks_are_decided_per_parameter():
+    """(a + b)·‖x‖₁ needs both signs; a·‖x‖₁ + b·Σx only a's; c none."""
     x = cp.Variable(2)
-    Q = cp.Parameter((2, 2), PSD=True, name="Qpsd")
-    p = cp.Parameter(pos=True, name="ppos")
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(Q @ x) + p * x[0]))
-    layer = conic_layer(prob, [Q, p], [x])
+    a, b = cp.Parameter(nonneg=True, name="a"), cp.Parameter(nonneg=True, name="b")
+    c = cp.Parameter(2, nonpos=True)
+    fit = cp.sum_squares(x - c)
+    both = cp.Problem(cp.Minimize(fit + (a + b) * cp.norm1(x)))
+    one = cp.Problem(cp.Minimize(fit + a * cp.norm1(x) + b * cp.sum(x)))
+    checks = [[s.checks for s in compile_problem(p, [a, b, c], [x]).layout.slots]
+              for p in (both, one)]
+    assert checks == [[("nonneg",), ("nonneg",), ()], [("nonneg",), (), ()]]
+
+
+def _quad_form_layer(backend="auto"):
+    P = cp.Parameter((2, 2), PSD=True, name="P")
+    q = cp.Parameter(2, name="q")
+    x = cp.Variable(2, name="x")
+    with scopes.quad_form_dpp_scope():
+        obj = 0.5 * cp.quad_form(x, P) + q @ x
+    prob = cp.Problem(cp.Minimize(obj), [x >= -1, x <= 1])
+    return CvxpyLayer(prob, [P, q], [x], backend=backend)
+
+
+def test_psd_parameter_is_checked_where_quad_form_needs_it_up_to_round_off():
+    layer = _quad_form_layer()
+    assert layer.backend == "qp" and layer.compiled.layout.slots[0].checks == ("psd",)
+    q = as_tensor([1.0, -1.0])
     indefinite = as_tensor([[1.0, 2.0], [2.0, 1.0]])
-    with pytest.raises(ValueError, match=r"'Qpsd'.*PSD=True"):
-        layer(indefinite, as_tensor(1.0))
-    with pytest.raises(ValueError, match=r"'Qpsd'.*symmetric"):
-        layer(as_tensor([[1.0, 2.0], [0.0, 1.0]]), as_tensor(1.0))
-    with pytest.raises(ValueError, match=r"'Qpsd'.*PSD=True.*batch index 1"):
-        layer(torch.stack([torch.eye(2, dtype=DT), indefinite]), as_tensor(1.0))
-    with pytest.raises(ValueError, match=r"'ppos'.*pos=True"):
-        layer(torch.eye(2, dtype=DT), as_tensor(0.0))
+    with pytest.raises(ValueError, match=r"'P'\) was declared PSD=True.*negative eigenvalue at "
+                                         r"batch index 1"):
+        layer(torch.stack([torch.eye(2, dtype=DT), indefinite]), q)
+    # A Gram matrix with a round-off negative eigenvalue passes, in both precisions.
+    v = np.array([[0.6, 0.8]])
+    for dtype, eps in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        gram = torch.tensor(v.T @ v - eps * np.eye(2), dtype=dtype)
+        assert float(torch.linalg.eigvalsh(gram.double()).min()) < 0
+        (x,) = layer(gram, q.to(dtype))
+        assert torch.isfinite(x).all()
+
+
+def test_psd_value_is_free_where_the_problem_does_not_rely_on_it():
+    """trace(P X) over a spectraplex is convex for any symmetric P: no eigenvalue check."""
+    P = cp.Parameter((2, 2), PSD=True, name="P")
+    X = cp.Variable((2, 2), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.trace(P @ X)), [X >> 0, cp.trace(X) == 1])
+    layer = conic_layer(prob, [P], [X], solver_args=SCS_TIGHT)
+    assert layer.compiled.layout.slots[0].checks == ()
+    (Xs,) = layer(as_tensor([[1.0, 2.0], [2.0, 1.0]]))  # eigenvalues 3, −1
+    # The minimiser is the eigenvector of the smallest eigenvalue: (1, −1)/√2.
+    assert (Xs - as_tensor([[0.5, -0.5], [-0.5, 0.5]])).abs().max() < 1e-5
+
+
+def test_symmetric_parameter_reads_its_upper_triangle_and_passes_gradcheck():
+    """cvxpylayers' semantics: P stands for triu(P) + triu(P, 1)ᵀ; gradcheck perturbs one
+    entry at a time, which a refusal of non-symmetric values would break."""
+    c = np.array([1.0, 2.0])
+    P = cp.Parameter((2, 2), symmetric=True, name="P")
+    x = cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - P @ c)), [x <= 20])
+    for layer in (CvxpyLayer(prob, [P], [x]), conic_layer(prob, [P], [x], solver_args=SCS_TIGHT)):
+        value = as_tensor([[1.0, 5.0], [0.0, 1.0]], grad=True)
+        (xs,) = layer(value)
+        assert (xs - as_tensor([11.0, 7.0])).abs().max() < 1e-6  # [[1, 5], [5, 1]] @ c
+        (g,) = torch.autograd.grad(xs.sum(), value)
+        # Σ (P̃c)_i: d/dP_ii = c_i, d/dP_01 = c_1 + c_0 (both positions), lower entry 0.
+        assert (g - as_tensor([[1.0, 3.0], [0.0, 2.0]])).abs().max() < 1e-6
+        sym = as_tensor([[1.0, 0.5], [0.5, 2.0]], grad=True)
+        assert torch.autograd.gradcheck(lambda p, f=layer: f(p)[0], (sym,), atol=1e-5,
+                                        rtol=1e-4)
+
+
+def test_symmetric_parameter_agrees_with_cvxpylayers():
+    peer = pytest.importorskip("cvxpylayers.torch")
+    X = cp.Variable((2, 2), symmetric=True)
+    C = cp.Parameter((2, 2), symmetric=True)
+    con = X >> 0
+    prob = cp.Problem(cp.Minimize(cp.trace(C @ X)), [con, cp.trace(X) == 1])
+    value = as_tensor([[1.0, 0.5], [-3.0, 2.0]], grad=True)  # far from symmetric
+    ours = conic_layer(prob, [C], [X, con.dual_variables[0]], solver_args=SCS_TIGHT)
+    theirs = peer.CvxpyLayer(prob, parameters=[C], variables=[X, con.dual_variables[0]])
+    out, ref = ours(value), theirs(value, solver_args={"eps": 1e-10})
+    w = [torch.randn(2, 2, dtype=DT, generator=torch.Generator().manual_seed(k))
+         for k in range(2)]
+    (g,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(w, out)), value)
+    (g_ref,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(w, ref)), value)
+    for a, b in zip(out, ref):
+        assert (a - b).abs().max() < 1e-5
+    assert g_ref.abs().max() > 1e-2 and (g - g_ref).abs().max() < 1e-4
+
+
+def test_diag_parameter_with_off_diagonal_entries_is_refused():
+    D = cp.Parameter((2, 2), diag=True, name="D")
+    x = cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - D @ np.array([1.0, 2.0]))))
+    layer = CvxpyLayer(prob, [D], [x])
+    good = torch.diag(as_tensor([1.0, 3.0]))
+    (xs,) = layer(good)
+    assert (xs - as_tensor([1.0, 6.0])).abs().max() < 1e-8
+    with pytest.raises(ValueError, match=r"'D'\) was declared diag=True.*off-diagonal "
+                                         r"entries at batch index 1, which would be dropped"):
+        layer(torch.stack([good, as_tensor([[1.0, 5.0], [0.0, 1.0]])]))
+
+
+def test_gp_coefficient_must_be_strictly_positive():
+    x, y = cp.Variable(pos=True), cp.Variable(pos=True)
+    a = cp.Parameter(pos=True, name="a")
+    prob = cp.Problem(cp.Minimize(x + y), [x * y >= a])
+    layer = conic_layer(prob, [a], [x], gp=True, solver_args=SCS_TIGHT)
+    assert layer.compiled.layout.slots[0].checks == ("pos",)
+    (xs,) = layer(as_tensor(4.0))
+    assert abs(float(xs) - 2.0) < 1e-4  # x = y = √a
+    with pytest.raises(ValueError, match=r"'a'\) enters the geometric program through its log.*"
+                                         r"≤ 0 at batch index 1"):
+        layer(as_tensor([4.0, 0.0]))
 
 
 # ----------------------------------------------------------------------------
