@@ -23,6 +23,7 @@ from declarative import (
     NotDPPError,
     ParameterTypeError,
     ProblemError,
+    QPFunction,
     Status,
 )
 
@@ -129,6 +130,42 @@ def test_non_dcp_is_nonconvex_not_not_dpp():
     prob2 = cp.Problem(cp.Minimize(cp.sum(x)), [cp.sum_squares(x) >= a * b, x <= 1])
     with pytest.raises(NonconvexError, match="Constraint 0"):
         conic_layer(prob2, [a, b], [x])
+
+
+def _complex_cases():
+    x, p = cp.Variable(2, name="x"), cp.Parameter(2, name="p")
+    xc = cp.Variable(2, complex=True, name="xc")
+    pi = cp.Parameter(2, imag=True, name="pi")
+    H = cp.Parameter((2, 2), hermitian=True, name="H")
+    X = cp.Variable((2, 2), symmetric=True)
+    return [
+        (cp.Problem(cp.Minimize(cp.sum_squares(xc - p))), [p], [xc], "Variable 'xc'"),
+        (cp.Problem(cp.Minimize(cp.norm(x - cp.real(pi), 2))), [pi], [x], "Parameter 'pi'"),
+        (cp.Problem(cp.Minimize(cp.real(cp.trace(H @ X))), [X >> 0, cp.trace(X) == 1]), [H],
+         [X], "Parameter 'H'"),
+        (cp.Problem(cp.Minimize(cp.sum_squares(cp.real(1j * x) - p) + cp.sum_squares(x))), [p],
+         [x], "complex constant"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_complex_problems_are_refused_at_construction_naming_the_leaf(case):
+    prob, params, outs, named = _complex_cases()[case]
+    for kw in ({}, {"backend": "conic"}):
+        with pytest.raises(ProblemError, match="real-valued problems only") as err:
+            CvxpyLayer(prob, params, outs, **kw)
+        assert named in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["integer", "boolean"])
+def test_mixed_integer_problems_are_refused_at_construction(kind):
+    z = cp.Variable(2, name="z", **{kind: True})
+    p = cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(z - p)))
+    for kw in ({}, {"backend": "conic"}):
+        with pytest.raises(ProblemError, match=rf"Variable 'z' is declared {kind}=True.*"
+                                               "mixed-integer"):
+            CvxpyLayer(prob, [p], [z], **kw)
 
 
 def test_non_dgp_with_gp_true_is_nonconvex():
@@ -464,6 +501,91 @@ def test_solver_that_cannot_handle_the_cones_fails_at_construction():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(X - P)), [X >> 0])
     with pytest.raises(ValueError, match="ECOS"):
         conic_layer(prob, [P], [X], solver="ECOS")
+
+
+def _quad_form_only_qp():
+    P = cp.Parameter((2, 2), PSD=True)
+    q = cp.Parameter(2)
+    x = cp.Variable(2)
+    with scopes.quad_form_dpp_scope():
+        obj = cp.quad_form(x, P) + q @ x
+    return cp.Problem(cp.Minimize(obj), [x >= -1]), [P, q], [x]
+
+
+def test_a_solver_the_problem_cannot_use_is_an_error_that_says_why():
+    prob, params, outs = _quad_form_only_qp()
+    with pytest.raises(ValueError, match=r"solver='SCS' names a conic solver.*quad_form.*"
+                                         r"only the QP path"):
+        CvxpyLayer(prob, params, outs, solver="SCS")
+    with pytest.raises(ValueError, match=r"solver_args\['solve_method'\]='ECOS'.*quad_form"):
+        CvxpyLayer(prob, params, outs, solver_args={"solve_method": "ECOS"})
+    layer = CvxpyLayer(prob, params, outs)
+    values = (torch.eye(2, dtype=DT), as_tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"solve_method'\]='SCS' asks for a conic solver.*"
+                                         r"quad_form"):
+        layer(*values, solver_args={"solve_method": "SCS"})
+
+
+def test_a_conic_solver_with_a_forced_torch_backend_is_an_error(simple):
+    _, prob, params, x = simple
+    with pytest.raises(ValueError, match=r"solver='ECOS' names a conic solver, which "
+                                         r"backend='qp' does not use"):
+        CvxpyLayer(prob, list(params), [x], backend="qp", solver="ECOS")
+    layer = CvxpyLayer(prob, list(params), [x], backend="qp")
+    with pytest.raises(ValueError, match=r"built with backend='qp'"):
+        layer(as_tensor(np.zeros(3)), as_tensor(1.0), solver_args={"solve_method": "SCS"})
+
+
+def test_a_call_naming_a_conic_solver_runs_it(simple):
+    """backend="auto" picked the QP engine; a call's solve_method runs that conic solver."""
+    _, prob, params, x = simple
+    layer = CvxpyLayer(prob, list(params), [x])
+    assert layer.backend == "qp"
+    alpha = as_tensor([[0.3, -2.0, 1.0], [1.0, 0.0, -0.5]], grad=True)
+    beta = as_tensor(0.5)
+    (x_qp,), info = layer(alpha, beta, return_info=True)
+    assert info.backend == "qp"
+    (x_cl,), info = layer(alpha, beta, return_info=True, solver_args=CLARABEL_ARGS)
+    assert info.backend == "conic"
+    # x = max(alpha − β/2, −1): the closed form of the fixture's problem.
+    exact = torch.clamp(alpha - 0.25, min=-1.0)
+    assert (x_qp - exact).abs().max() < 1e-8 and (x_cl - exact).abs().max() < 1e-5
+    (g,) = torch.autograd.grad(x_cl.sum(), alpha)
+    assert (g - (alpha - 0.25 > -1).to(DT)).abs().max() < 1e-4
+
+
+def test_warm_start_that_does_not_fit_the_layer_names_what_differs(simple):
+    _, prob, params, x = simple
+    layer = CvxpyLayer(prob, list(params), [x])  # the QP engine
+    args = (as_tensor(np.zeros(3)), as_tensor(1.0))
+    y, q = cp.Variable(5), cp.Parameter(5)
+    other = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - q)), [y >= 0]), [q], [y])
+    _, foreign = other(as_tensor(np.ones(5)), return_info=True)
+    with pytest.raises(ValueError, match=r"warm_start does not fit this layer: warm_start\['z'\]"
+                                         r" has shape \(1, 10\), this call needs \(1, 6\)"):
+        layer(*args, warm_start=foreign)
+    with pytest.raises(ValueError, match=r"it has keys \['lam'\], this route takes "
+                                         r"\['lam', 'nu', 's', 'z'\]"):
+        layer(*args, warm_start={"lam": torch.zeros(1, 3, dtype=DT)})
+    _, own = layer(*args, return_info=True)
+    layer(*args, warm_start=own)  # its own state fits
+    with pytest.raises(ValueError, match="has shape"):
+        layer(*(torch.stack([a, a]) for a in args), warm_start=own)  # batch 2 vs 1
+    # The layer's own cache (warm_start=True) never raises: a misfit starts cold.
+    layer(*(torch.stack([a, a]) for a in args), warm_start=True)
+
+
+def test_sparse_tensor_for_a_dense_parameter_is_refused(simple):
+    layer, *_ = simple
+    with pytest.raises(ValueError, match=r"parameter 0 \('alpha'\) is a sparse tensor.*"
+                                         r"declared dense.*to_dense"):
+        layer(as_tensor([1.0, 0.0, 2.0]).to_sparse(), as_tensor(1.0))
+
+
+def test_qpfunction_without_variables_is_refused():
+    E = torch.Tensor()
+    with pytest.raises(ValueError, match=r"Q has shape \(0, 0\): nz = 0"):
+        QPFunction()(torch.zeros(0, 0, dtype=DT), torch.zeros(0, dtype=DT), E, E, E, E)
 
 
 # ----------------------------------------------------------------------------
