@@ -55,7 +55,10 @@ class CvxpyLayer(torch.nn.Module):
         verbose: print solver output.
         solver_args: default solver arguments; a call's ``solver_args`` override them.
         on_failure: "raise" (default) raises `SolverError` when a sample has no
-            solution; "mask" returns NaN for those samples (zero gradient).
+            solution, and ValueError when a sample's value is invalid (NaN, ±inf, or
+            a value the problem's convexity cannot take: see `declarative._checks`);
+            "mask" returns NaN for those samples (zero gradient), reporting the
+            latter as invalid_input.
         strict: also count samples that stopped at the iteration/time limit
             (max_iter) or solved inaccurately as failures; by default they are
             returned with a UserWarning.

@@ -22,6 +22,10 @@ Deviations from qpth, each deliberate:
 - An infeasible or unbounded sample raises `declarative.SolverError` with its
   batch index (``on_failure="mask"`` returns NaN for it instead); qpth returns
   a wrong point silently.
+- A NaN or ±inf entry (+inf in h means "no constraint" and is fine) raises a
+  ValueError naming the argument and batch index; with ``on_failure="mask"``
+  that sample is reported invalid_input (NaN output, zero gradient) and the
+  others are solved as they would be alone.
 - ``eps`` is a tolerance on scaled residuals (default 1e-10 in float64, 1e-5 in
   float32), ``maxIter`` defaults to 50 and ``notImprovedLim`` to 8; qpth's
   defaults (1e-12 absolute, 20, 3) stop some well-posed batches early.

@@ -612,6 +612,23 @@ def test_qpfunction_non_finite_sample_raises_or_is_masked_as_invalid_input():
     assert (gQ == 0).all()
 
 
+@pytest.mark.cuda
+def test_masking_invalid_samples_keeps_the_device():
+    layer = _layer("qp")
+    raw = _batch("qp")
+    raw[0][1, 0] = np.nan
+    p = as_tensor(raw[0]).cuda().requires_grad_(True)
+    (x,), info = layer(p, on_failure="mask", return_info=True)
+    assert x.device.type == "cuda" and info.status[1] is Status.INVALID_INPUT
+    (g,) = torch.autograd.grad(x, p, torch.ones_like(x))
+    assert g.device.type == "cuda" and (g[1] == 0).all() and torch.isfinite(g).all()
+    z, info = QPFunction(verbose=-1, on_failure="mask")(
+        *[t.detach().cuda() if t.numel() else t for t in _qpfunction_batch(fail=())[:3]],
+        torch.where(torch.arange(3)[:, None] == 1, float("nan"),
+                    _qpfunction_batch(fail=())[3].detach()).cuda(), E, E, return_info=True)
+    assert z.device.type == "cuda" and info.status[1] is Status.INVALID_INPUT
+
+
 def _vmap_layers():
     prob, params, outs = _needs_sign()
     D = cp.Parameter((2, 2), diag=True, name="D")
