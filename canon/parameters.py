@@ -184,11 +184,19 @@ def needed_checks(problem, parameters, passes) -> dict:
     """
     candidates = [p for p in parameters
                   if any(p.attributes.get(a) for a in CURVATURE_ATTRIBUTES)]
-    if not candidates or passes(_without_curvature(problem, candidates)):
+
+    def still_convex(without) -> bool:
+        trial = _without_curvature(problem, without)
+        # A parameter held in an atom's data (power's exponent) is not replaced:
+        # then its attributes stay in force, and so does its check.
+        left = {q.id for q in trial.parameters()} & {p.id for p in without}
+        return not left and passes(trial)
+
+    if not candidates or still_convex(candidates):
         return {}
     dropped: list = []  # (a list, not a set: == on CVXPY leaves builds constraints)
     for p in candidates:
-        if passes(_without_curvature(problem, dropped + [p])):
+        if still_convex(dropped + [p]):
             dropped.append(p)
     kept = {p.id for p in candidates} - {p.id for p in dropped}
     return {p: _curvature(p.attributes) for p in candidates if p.id in kept}
@@ -197,8 +205,7 @@ def needed_checks(problem, parameters, passes) -> dict:
 def _without_curvature(problem, parameters):
     """``problem`` with ``parameters`` replaced by copies lacking curvature attributes.
 
-    A parameter that cannot be replaced (held in an atom's data rather than its
-    arguments) stays in, so the test errs on the side of checking its values.
+    Only an atom's arguments are rewritten; a parameter held in its data stays.
     """
     import cvxpy as cp
     from cvxpy.expressions.leaf import Leaf

@@ -425,6 +425,12 @@ def test_gp_coefficient_must_be_strictly_positive():
     with pytest.raises(ValueError, match=r"'a'\) enters the geometric program through its log.*"
                                          r"≤ 0 at batch index 1"):
         layer(as_tensor([4.0, 0.0]))
+    # An exponent sits in power's data, out of reach of the attribute-free rewrite:
+    # its declared sign stays checked rather than silently assumed unneeded.
+    e = cp.Parameter(pos=True, name="e")
+    prob = cp.Problem(cp.Minimize(cp.power(x, e) * a + y), [x * y >= 2])
+    slots = compile_problem(prob, [e, a], [x], gp=True).layout.slots
+    assert [s.checks for s in slots] == [("nonneg",), ("pos",)]
 
 
 # ----------------------------------------------------------------------------
