@@ -63,8 +63,8 @@ class BatchInfo:
 def functorch_active(*tensors) -> bool:
     """Any tensor wrapped by a torch.func transform (vmap, grad, jacrev, ...)?
 
-    Value-dependent checks (NaN, attributes, statuses read on the host) cannot
-    run inside those transforms; the layer skips them there.
+    Host reads of such tensors fail: the value checks read through the wrappers
+    (`unwrap`), and the paths skip host-side status reads there.
     """
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
@@ -228,7 +228,7 @@ def value_failures(label: str, value: torch.Tensor, slot, batched: bool,
     parameter, the first failing sample and what was expected. ``slot`` gives
     ``value_shape``, ``checks`` and ``attributes`` (a `ParameterSlot`).
     """
-    inside = _checks_inside_transform(value)
+    inside = functorch_active(value)
     v = unwrap(value) if inside else value.detach()
     ndim = len(slot.value_shape)
     failures = []  # (mask over samples, message head, message tail)
@@ -265,10 +265,6 @@ def value_failures(label: str, value: torch.Tensor, slot, batched: bool,
     first = int(bad.nonzero()[0, 0])
     head, tail = next(f[1:] for f in failures if bool(f[0][first]))
     return bad, f"{label} {head} at batch index {first}{tail}."
-
-
-def _checks_inside_transform(value) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(value)
 
 
 def _any_entry(mask: torch.Tensor, ndim: int) -> torch.Tensor:
