@@ -27,7 +27,7 @@ from . import entropy as entropy_canon
 from . import qp as qp_canon
 from .cone import cone_dict_from_dims, from_param_cone_prog
 from .diagnostics import NotDPPError, ProblemError, check_problem
-from .parameters import ParameterLayout
+from .parameters import ParameterLayout, needed_checks
 from .recovery import Recovery, dual_recovery, primal_recovery
 
 KINDS = ("simplex", "entropy", "qp", "conic")
@@ -139,11 +139,42 @@ def _check_arguments(problem: cp.Problem, parameters, variables) -> None:
             )
 
 
+def _check_domain(problem: cp.Problem) -> None:
+    """Refuse complex and mixed-integer problems, naming the leaf that makes them so.
+
+    Every backend solves real, continuous programs; a complex variable would come
+    back as its real part and an integer one has no derivative.
+    """
+    for kind, leaves in (("Variable", problem.variables()), ("Parameter", problem.parameters())):
+        for leaf in leaves:
+            if leaf.is_complex():
+                which = next(a for a in ("complex", "imag", "hermitian")
+                             if leaf.attributes.get(a))
+                raise ProblemError(
+                    f"{kind} '{leaf.name()}' is complex ({which}=True); layers solve "
+                    f"real-valued problems only. Write it as two real {kind}s (its real "
+                    "and imaginary parts) and the problem in real arithmetic.")
+    for const in problem.constants():
+        if const.is_complex():
+            raise ProblemError(
+                f"the problem holds a complex constant ({const}); layers solve real-valued "
+                "problems only. Write the problem in real arithmetic.")
+    for v in problem.variables():
+        kind = next((a for a in ("boolean", "integer") if v.attributes.get(a) is not False
+                     and v.attributes.get(a) is not None), None)
+        if kind is not None:
+            raise ProblemError(
+                f"Variable '{v.name()}' is declared {kind}=True: the problem is mixed-integer, "
+                "and its solution is piecewise constant in the parameters (no useful "
+                f"derivative). Drop {kind}=True to differentiate the continuous relaxation.")
+
+
 def compile_problem(problem: cp.Problem, parameters, variables,
                     gp: bool = False) -> CompiledProblem:
     """Compile ``problem`` for the given parameter order and requested outputs."""
     if not isinstance(problem, cp.Problem):
         raise TypeError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}.")
+    _check_domain(problem)
     qp_ok = (not gp) and qp_canon.is_quadratic_program(problem)
     check_problem(problem, gp=gp, quad_form_dpp=qp_ok)
     _check_arguments(problem, parameters, variables)
@@ -159,7 +190,8 @@ def compile_problem(problem: cp.Problem, parameters, variables,
     else:
         target, log_params, gp_var_ids = problem, {}, {}
     log_space = tuple(p in log_params for p in parameters)
-    layout = ParameterLayout(parameters, log_space)
+    layout = ParameterLayout(parameters, log_space,
+                             needed_checks(problem, parameters, _convex_test(gp, qp_ok)))
     compiled = CompiledProblem(layout, gp, log_space,
                                _source=(problem, parameters, variables, conic_ok),
                                _dcp=(target, log_params, gp_var_ids))
@@ -172,6 +204,13 @@ def compile_problem(problem: cp.Problem, parameters, variables,
     if not compiled.forms:
         compiled.form("conic")  # compile now: errors surface at construction
     return compiled
+
+
+def _convex_test(gp: bool, qp_ok: bool):
+    """The test `check_problem` applies, as a predicate (for `needed_checks`)."""
+    if gp:
+        return lambda p: p.is_dgp(dpp=True)
+    return lambda p: p.is_dpp(quad_form_dpp="qp" if qp_ok else None)
 
 
 def _canonical(problem, parameters, compiled, data_fn):

@@ -18,8 +18,13 @@ fold into one sparse selection matrix ``S`` with ``θ_cvxpy = S @ θ``, built
 once here and composed into every data map at compile time; nothing is
 reshaped per call.
 
-For a symmetric parameter the lowered entry (i, j) is ½(P_ij + P_ji): equal to
-P_ij on symmetric input, and its adjoint gives a symmetric gradient.
+A symmetric (or PSD/NSD) parameter is read from its upper triangle, as
+cvxpylayers reads it: the lowered entry (i, j), i ≤ j, is P_ij, and the strictly
+lower triangle is ignored, so a non-symmetric value P stands for the symmetric
+matrix triu(P) + triu(P, 1)ᵀ. Gradients follow: with G the gradient with
+respect to that symmetric matrix, an upper entry receives G_ij + G_ji (G_ii on
+the diagonal) and a lower entry 0. A finite-difference check that perturbs one
+entry at a time therefore agrees with the analytic gradient.
 
 A parameter with a fixed sparsity pattern (``cp.Parameter(shape, sparsity=...)``)
 occupies only its nnz values in θ, in CVXPY's ``sparse_idx`` order; the front
@@ -35,8 +40,18 @@ import numpy as np
 import scipy.sparse as sp
 
 SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD", "hermitian")
-# Attributes the front door checks on incoming values.
-SIGN_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg")
+# Attributes CVXPY reads when it decides curvature (DCP/DGP sign and PSD rules),
+# and the value check that keeps the problem convex where it relies on one. A
+# strict sign (pos, neg) only ever matters as the weak one: no convexity rule
+# needs a nonzero value (the log of a geometric program's coefficient does;
+# that is the separate "pos" check).
+CURVATURE_ATTRIBUTES = {"nonneg": "nonneg", "pos": "nonneg", "boolean": "nonneg",
+                        "nonpos": "nonpos", "neg": "nonpos", "PSD": "psd", "NSD": "nsd"}
+# The value checks a slot may carry (the front door runs them, `declarative._checks`):
+# "nonneg", "nonpos" (a sign the problem's convexity relies on), "pos" (a geometric
+# program's log-space coefficient), "psd", "nsd" (the upper triangle's matrix),
+# "diag" (off-diagonal entries are zero).
+VALUE_CHECK_NAMES = ("nonneg", "nonpos", "pos", "psd", "nsd", "diag")
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class ParameterSlot:
     sparse_index: tuple | None = field(default=None, compare=False)
     # Scratch for the front door (the pattern's sorted keys per device).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # The value checks (VALUE_CHECK_NAMES) the front door runs on this slot.
+    checks: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def stop(self) -> int:
@@ -67,13 +84,15 @@ class ParameterLayout:
     """Positions of the user's parameters in θ, in the user's order.
 
     ``log_space[i]`` adds a slot for log(p_i) (geometric programs).
+    ``needed`` maps a parameter to the curvature checks the problem relies on
+    (`needed_checks`); by default every declared curvature attribute is checked.
     """
 
-    def __init__(self, parameters, log_space=None):
+    def __init__(self, parameters, log_space=None, needed=None):
         log_space = tuple(log_space) if log_space is not None else (False,) * len(parameters)
         slots, log_slots = [], []
         offset = 0
-        for p in parameters:
+        for p, log in zip(parameters, log_space):
             shape = tuple(int(d) for d in p.shape)
             size = int(np.prod(shape, dtype=np.int64))
             attrs = {k: v for k, v in p.attributes.items()
@@ -81,7 +100,10 @@ class ParameterLayout:
             index = _sparse_index(p)
             if index is not None:
                 size = int(index[0].size)
-            slots.append(ParameterSlot(p.name(), shape, offset, size, attrs, index))
+            curvature = needed.get(p, ()) if needed is not None else _curvature(attrs)
+            checks = _slot_checks(attrs, curvature, log, index is not None)
+            slots.append(ParameterSlot(p.name(), shape, offset, size, attrs, index,
+                                       checks=checks))
             offset += size
         for slot, log in zip(slots, log_space):
             if log:
@@ -125,6 +147,89 @@ class ParameterLayout:
         return S.tocsr()
 
 
+def default_checks(attributes: dict, log: bool) -> tuple[str, ...]:
+    """Every declared curvature attribute checked (for layouts built without a problem)."""
+    return _slot_checks(attributes, _curvature(attributes), log, False)
+
+
+def _curvature(attributes: dict) -> tuple[str, ...]:
+    return tuple(sorted({c for a, c in CURVATURE_ATTRIBUTES.items() if attributes.get(a)}))
+
+
+def _slot_checks(attributes, curvature, log: bool, sparse: bool) -> tuple[str, ...]:
+    checks = set(curvature)
+    if log:
+        checks.discard("nonneg")
+        checks.add("pos")
+    if attributes.get("diag"):
+        checks.add("diag")
+    if sparse:  # θ holds the nnz values: only sign checks apply
+        checks &= {"nonneg", "nonpos", "pos"}
+    return tuple(sorted(checks))
+
+
+def needed_checks(problem, parameters, passes) -> dict:
+    """The curvature checks each parameter's values need for ``problem`` to stay convex.
+
+    A curvature attribute (`CURVATURE_ATTRIBUTES`) matters only where CVXPY's
+    rules used it: ``a * norm(x)`` is convex because ``a`` is nonneg, while
+    ``norm(x - a)`` is convex for any ``a``. Starting from the problem with
+    every such attribute in place, drop one parameter's attributes at a time
+    (replacing the parameter by an attribute-free copy) and keep the drop
+    whenever ``passes`` (the compile check: DCP/DGP and DPP) still holds. The
+    parameters left form a set whose attributes alone make the problem convex,
+    so a value of any other parameter cannot break it; that also covers
+    attributes needed only together (``maximum(a, b) * norm(x)``).
+    Returns {parameter: checks} for the parameters that need some.
+    """
+    candidates = [p for p in parameters
+                  if any(p.attributes.get(a) for a in CURVATURE_ATTRIBUTES)]
+
+    def still_convex(without) -> bool:
+        trial = _without_curvature(problem, without)
+        # A parameter held in an atom's data (power's exponent) is not replaced:
+        # then its attributes stay in force, and so does its check.
+        left = {q.id for q in trial.parameters()} & {p.id for p in without}
+        return not left and passes(trial)
+
+    if not candidates or still_convex(candidates):
+        return {}
+    dropped: list = []  # (a list, not a set: == on CVXPY leaves builds constraints)
+    for p in candidates:
+        if still_convex(dropped + [p]):
+            dropped.append(p)
+    kept = {p.id for p in candidates} - {p.id for p in dropped}
+    return {p: _curvature(p.attributes) for p in candidates if p.id in kept}
+
+
+def _without_curvature(problem, parameters):
+    """``problem`` with ``parameters`` replaced by copies lacking curvature attributes.
+
+    Only an atom's arguments are rewritten; a parameter held in its data stays.
+    """
+    import cvxpy as cp
+    from cvxpy.expressions.leaf import Leaf
+
+    swap = {}
+    for p in parameters:
+        attrs = {k: v for k, v in p.attributes.items()
+                 if k not in CURVATURE_ATTRIBUTES and v is not None and v is not False}
+        if p.attributes.get("PSD") or p.attributes.get("NSD"):
+            attrs["symmetric"] = True
+        swap[p.id] = cp.Parameter(p.shape, name=p.name(), **attrs)
+
+    def copy(expr):
+        if isinstance(expr, cp.Parameter):
+            return swap.get(expr.id, expr)
+        if isinstance(expr, Leaf):
+            return expr
+        return expr.copy([copy(a) for a in expr.args])
+
+    objective = problem.objective
+    return cp.Problem(objective.copy([copy(a) for a in objective.args]),
+                      [con.copy([copy(a) for a in con.args]) for con in problem.constraints])
+
+
 def _sparse_index(param):
     """(rows, cols) of a parameter declared with a sparsity pattern, else None."""
     if param.attributes.get("sparsity") is None or param.attributes.get("sparsity") is False:
@@ -141,15 +246,10 @@ def _lowering(param, slot: ParameterSlot):
     shape = slot.shape
     attrs = param.attributes
     if len(shape) == 2 and any(attrs.get(a) for a in SYMMETRIC_ATTRIBUTES):
+        # CVXPY's lowered value is the row-major upper triangle; read it off P as is.
         n = shape[0]
         iu, ju = np.triu_indices(n)
-        k = np.arange(iu.size)
-        diag = iu == ju
-        rows = np.concatenate([k[diag], k[~diag], k[~diag]])
-        cols = np.concatenate([iu[diag] * n + ju[diag], iu[~diag] * n + ju[~diag],
-                               ju[~diag] * n + iu[~diag]])
-        vals = np.concatenate([np.ones(diag.sum()), np.full(2 * (~diag).sum(), 0.5)])
-        return rows, cols, vals
+        return np.arange(iu.size), iu * n + ju, np.ones(iu.size)
     if attrs.get("diag"):
         n = shape[0]
         k = np.arange(n)

@@ -8,6 +8,35 @@ Dtype rule: float32 and float64 are accepted; mixing them promotes to
 float64 (as torch's type promotion does), and outputs come back in the
 promoted dtype. Integer, boolean, complex and half-precision tensors are
 refused: a silent cast would hide a modelling mistake.
+
+Value rule. A value is refused only where no solve could use it; the check is
+per sample, so ``on_failure="mask"`` marks just the offending samples
+invalid_input (NaN outputs, zero gradient) and "raise" names the parameter
+and the first batch index. Per attribute of a ``cp.Parameter``:
+
+- non-finite entries (NaN, ±inf): always refused; −inf is accepted where it
+  can only mask a logit (softmax-type entropy problems).
+- nonneg, pos, boolean / nonpos, neg: checked (as ≥ 0 / ≤ 0) only where the
+  problem is convex *because of* that sign, e.g. ``a * norm(x)``; CVXPY's
+  rules then assumed it, and a wrong sign would make the problem nonconvex.
+  Elsewhere (``norm(x - a)``, a λ = 0 start of a sweep on a pos=True λ) the
+  value is used as given, as cvxpylayers does. The strict signs (pos, neg)
+  never matter for convexity; a geometric program (gp=True) takes the log of
+  its coefficients, so those must be > 0.
+- PSD / NSD: the matrix the upper triangle defines must be semidefinite up to
+  round-off (√eps of the dtype, relative), again only where the problem relies
+  on it (``quad_form(x, P)``); ``trace(P @ X)`` takes any symmetric value.
+- symmetric (and PSD / NSD): never refused. The upper triangle is the value
+  and the lower one is ignored, as cvxpylayers does (`canon.parameters`).
+- diag: off-diagonal entries must be 0; CVXPY keeps only the diagonal, so
+  anything else would be dropped silently.
+- integer, boolean integrality and bounds: not checked; CVXPY's convexity
+  rules do not read them, so any value gives the convex problem as written.
+
+Which checks a parameter needs is decided once, at compile time
+(`canon.parameters.needed_checks`); under torch.func transforms the checks
+read the values through the transform's wrappers and raise (masking needs the
+layer's own batch dimension).
 """
 
 from __future__ import annotations
@@ -34,8 +63,8 @@ class BatchInfo:
 def functorch_active(*tensors) -> bool:
     """Any tensor wrapped by a torch.func transform (vmap, grad, jacrev, ...)?
 
-    Value-dependent checks (NaN, attributes, statuses read on the host) cannot
-    run inside those transforms; the layer skips them there.
+    Host reads of such tensors fail: the value checks read through the wrappers
+    (`unwrap`), and the paths skip host-side status reads there.
     """
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
@@ -160,52 +189,169 @@ def check_batch(values: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]
                      tuple(b is not None for b in batch_sizes), dtype, device)
 
 
-def check_finite(label: str, value: torch.Tensor, batched: bool, allow_posinf: bool = False,
-                 allow_neginf: bool = False):
+def check_dense(label: str, value: torch.Tensor, slot) -> None:
+    if slot.sparse_index is None and value.layout != torch.strided:
+        raise ValueError(
+            f"{label} is a sparse tensor ({value.layout}), but its Parameter was declared "
+            "dense. Pass value.to_dense(), or declare the Parameter with sparsity=... to "
+            "pass its nonzeros sparsely.")
+
+
+# ---------------------------------------------------------------------------
+# Value checks: non-finite entries and the attribute rule (module docstring)
+# ---------------------------------------------------------------------------
+
+
+def unwrap(value: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func wrappers, each vmapped dimension moved first.
+
+    Inside vmap/grad/jacrev the layer sees wrapped tensors whose values cannot
+    be read on the host; the values themselves sit in the wrapped tensor. torch
+    has no public accessor for them, so this uses functorch's own unwrapping.
+    The result has shape (*vmapped dims, *logical shape).
+    """
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(value):
+        bdim = F.maybe_get_bdim(value) if F.is_batchedtensor(value) else -1
+        value = F.get_unwrapped(value)
+        if bdim > 0:
+            value = value.movedim(bdim, 0)
+    return value.detach()
+
+
+def value_failures(label: str, value: torch.Tensor, slot, batched: bool,
+                   allow_neginf: bool = False, allow_posinf: bool = False):
+    """Samples whose values no solve can use: (mask, message) or None.
+
+    ``mask`` is a bool tensor over the leading dimensions (the batch; also any
+    torch.func vmapped ones), True where a sample fails; ``message`` names the
+    parameter, the first failing sample and what was expected. ``slot`` gives
+    ``value_shape``, ``checks`` and ``attributes`` (a `ParameterSlot`).
+    """
+    inside = functorch_active(value)
+    v = unwrap(value) if inside else value.detach()
+    ndim = len(slot.value_shape)
+    failures = []  # (mask over samples, message head, message tail)
     # One reduction settles the common case: the sum of finite values is finite
-    # (barring overflow, which falls through to the exact check below).
-    if bool(torch.isfinite(value.detach().sum())):
-        return
-    ok = torch.isfinite(value)
-    if allow_posinf:
-        ok = ok | (value == float("inf"))
-    if allow_neginf:
-        ok = ok | (value == float("-inf"))
-    if bool(ok.all()):
-        return
-    bad = (~ok).nonzero()[0].tolist()
-    where = f" at batch index {bad[0]}" if batched else ""
-    kinds = "NaN" if bool(torch.isnan(value).any()) else "±inf"
-    raise ValueError(f"{label} contains {kinds}{where} (first bad entry at index {tuple(bad)}). "
-                     "Parameters must be finite.")
+    # (barring overflow, which falls through to the exact check).
+    if not bool(torch.isfinite(v.sum())):
+        finite = torch.isfinite(v)
+        if allow_neginf:
+            finite = finite | (v == float("-inf"))
+        if allow_posinf:
+            finite = finite | (v == float("inf"))
+        if not bool(finite.all()):
+            kinds = "NaN" if bool(torch.isnan(v).any()) else "±inf"
+            entry = "" if inside else \
+                f" (first bad entry at index {tuple((~finite).nonzero()[0].tolist())})"
+            failures.append((_any_entry(~finite, ndim), f"contains {kinds}",
+                             f"{entry}. Parameters must be finite"))
+        v = torch.where(finite, v, torch.zeros_like(v))  # the checks below see finite values
+    for check in slot.checks:
+        fails = _ATTRIBUTE_CHECKS[check](v, ndim)
+        if fails is not None and bool(fails.any()):
+            failures.append((fails, *_attribute_message(check, slot)))
+    if not failures:
+        return None
+    bad = failures[0][0]
+    for mask, _, _ in failures[1:]:
+        bad = bad | mask
+    if inside:
+        head, tail = failures[0][1:]
+        return bad, f"{label} {head} in a sample of a torch.func transform{tail}."
+    if not batched:
+        head, tail = failures[0][1:]
+        return bad, f"{label} {head}{tail}."
+    first = int(bad.nonzero()[0, 0])
+    head, tail = next(f[1:] for f in failures if bool(f[0][first]))
+    return bad, f"{label} {head} at batch index {first}{tail}."
 
 
-def check_attributes(label: str, value: torch.Tensor, attributes: dict, batched: bool) -> None:
-    """Values must satisfy the Parameter's declared attributes (nonneg, PSD, ...)."""
-    def fail(what: str, mask: torch.Tensor):
-        idx = mask.nonzero()
-        where = f" at batch index {int(idx[0, 0])}" if batched and idx.numel() else ""
-        raise ValueError(f"{label} was declared {what} but its value violates that{where}.")
+def _any_entry(mask: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Any over the parameter's own (trailing) dimensions: one flag per sample."""
+    return mask.flatten(-ndim).any(-1) if ndim else mask
 
-    v = value.detach()
-    if attributes.get("nonneg") and bool((v < 0).any()):
-        fail("nonneg=True", v < 0)
-    if attributes.get("pos") and bool((v <= 0).any()):
-        fail("pos=True (strictly positive)", v <= 0)
-    if attributes.get("nonpos") and bool((v > 0).any()):
-        fail("nonpos=True", v > 0)
-    if attributes.get("neg") and bool((v >= 0).any()):
-        fail("neg=True (strictly negative)", v >= 0)
-    sym = attributes.get("symmetric") or attributes.get("PSD") or attributes.get("NSD")
-    if sym and v.dim() >= 2:
-        scale = v.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1.0)
-        asym = (v - v.transpose(-2, -1)).abs() > 1e-8 * scale
-        if bool(asym.any()):
-            fail("symmetric", asym.flatten(-2).any(-1, keepdim=True) if batched else asym)
-        if attributes.get("PSD") or attributes.get("NSD"):
-            eig = torch.linalg.eigvalsh(v.double())
-            tol = 1e-8 * eig.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-            bad = (eig < -tol) if attributes.get("PSD") else (eig > tol)
-            if bool(bad.any()):
-                fail("PSD=True" if attributes.get("PSD") else "NSD=True",
-                     bad.any(-1, keepdim=True) if batched else bad)
+
+# What a failed attribute check says, before and after the failing batch index;
+# {declared} is the attribute as written.
+_FAILURES = {
+    "nonneg": ("was declared {declared}, and the problem is convex only with that sign "
+               "(CVXPY's rules relied on it), but its value is negative", ""),
+    "nonpos": ("was declared {declared}, and the problem is convex only with that sign "
+               "(CVXPY's rules relied on it), but its value is positive", ""),
+    "pos": ("enters the geometric program through its log, so it must be strictly positive, "
+            "but its value is ≤ 0", ""),
+    "psd": ("was declared PSD=True, and the problem is convex only for such values (as in "
+            "quad_form(x, P)), but the symmetric matrix its upper triangle defines has a "
+            "clearly negative eigenvalue", ""),
+    "nsd": ("was declared NSD=True, and the problem is convex only for such values, but the "
+            "symmetric matrix its upper triangle defines has a clearly positive eigenvalue", ""),
+    "diag": ("was declared diag=True, but its value has nonzero off-diagonal entries",
+             ", which would be dropped; pass a diagonal matrix"),
+}
+
+
+def _attribute_message(check: str, slot) -> tuple[str, str]:
+    declared = " / ".join(f"{k}=True" for k in ATTRIBUTE_NAMES[check]
+                          if slot.attributes.get(k)) or check
+    head, tail = _FAILURES[check]
+    return head.format(declared=declared), tail
+
+
+def _sign(v, ndim, fails):
+    return _any_entry(fails(v), ndim)
+
+
+def _semidefinite(v, ndim, sign: float):
+    """Eigenvalues of the matrix the upper triangle defines, against round-off."""
+    if ndim != 2 or v.shape[-1] != v.shape[-2]:
+        return None
+    sym = torch.triu(v) + torch.triu(v, 1).mT
+    eig = torch.linalg.eigvalsh(sign * sym.to(torch.float64))
+    tol = semidefinite_tolerance(v.dtype) * eig.abs().amax(-1, keepdim=True)
+    return (eig < -tol).any(-1)
+
+
+def semidefinite_tolerance(dtype: torch.dtype) -> float:
+    """Relative round-off allowed below zero in a semidefinite value: √eps of its dtype.
+
+    √eps (1.5e-8 in float64, 3.5e-4 in float32) admits a Gram matrix AAᵀ
+    computed in that precision, and refuses a clearly indefinite one.
+    """
+    return float(torch.finfo(dtype).eps) ** 0.5
+
+
+def _off_diagonal(v, ndim):
+    if ndim != 2:
+        return None
+    off = ~torch.eye(v.shape[-2], v.shape[-1], dtype=torch.bool, device=v.device)
+    return ((v != 0) & off).flatten(-2).any(-1)
+
+
+_ATTRIBUTE_CHECKS = {
+    "nonneg": lambda v, d: _sign(v, d, lambda t: t < 0),
+    "nonpos": lambda v, d: _sign(v, d, lambda t: t > 0),
+    "pos": lambda v, d: _sign(v, d, lambda t: t <= 0),
+    "psd": lambda v, d: _semidefinite(v, d, 1.0),
+    "nsd": lambda v, d: _semidefinite(v, d, -1.0),
+    "diag": _off_diagonal,
+}
+# The declared attributes behind each check (for messages).
+ATTRIBUTE_NAMES = {"nonneg": ("nonneg", "pos", "boolean"), "nonpos": ("nonpos", "neg"),
+                   "pos": ("pos",), "psd": ("PSD",), "nsd": ("NSD",), "diag": ("diag",)}
+
+
+def stand_in(slot, like: torch.Tensor) -> torch.Tensor:
+    """A value that passes ``slot``'s checks, for samples no good sample can stand in for.
+
+    ±identity for square matrices with a matrix attribute, ±ones otherwise; the
+    sign follows the slot's sign checks. The sample it stands in for is reported
+    invalid_input whatever its solve gives.
+    """
+    shape = slot.value_shape
+    sign = -1.0 if {"nonpos", "nsd"} & set(slot.checks) else 1.0
+    if len(shape) == 2 and shape[0] == shape[1] and {"psd", "nsd", "diag"} & set(slot.checks):
+        base = torch.eye(shape[0], dtype=like.dtype, device=like.device)
+    else:
+        base = torch.ones(shape, dtype=like.dtype, device=like.device)
+    return sign * base

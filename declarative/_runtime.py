@@ -7,7 +7,7 @@ policy (raise, NaN-mask, warn). Imports neither CVXPY nor `canon`.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,8 +35,15 @@ class SolveInfo:
         return all(s is Status.OPTIMAL for s in self.status)
 
 
-def check_params(params, layout, labels, maskable):
-    """Validate the call's tensors against the parameter layout; returns (params, batch)."""
+def check_params(params, layout, labels, maskable, on_failure: str = "raise"):
+    """Validate the call's tensors against the parameter layout.
+
+    Returns (params, batch, invalid): ``invalid`` lists the samples whose values
+    fail a value check (see `_checks`); with ``on_failure="raise"`` the first
+    such failure raises instead. Their values are replaced by stand-ins
+    (`stand_ins`) so that every route solves something harmless there; the
+    caller reports them invalid_input (`mark_invalid`).
+    """
     if len(params) != len(layout):
         names = ", ".join(f"'{s.name}'" for s in layout.slots)
         raise ValueError(
@@ -44,17 +51,71 @@ def check_params(params, layout, labels, maskable):
             f"received {len(params)} tensors, expected {len(layout)} ({names})."
         )
     params = tuple(_checks.check_tensor(lab, p) for lab, p in zip(labels, params))
+    for lab, p, slot in zip(labels, params, layout.slots):
+        _checks.check_dense(lab, p, slot)
     params = tuple(
         _checks.sparse_values(lab, p, slot.shape, slot.sparse_index, slot.cache)
         if slot.sparse_index is not None else p
         for lab, p, slot in zip(labels, params, layout.slots))
     batch = _checks.check_batch(params, [s.value_shape for s in layout.slots], labels)
-    if _checks.functorch_active(*params):
-        return params, batch  # values are not inspectable inside torch.func transforms
-    for lab, p, slot, b, neginf in zip(labels, params, layout.slots, batch.per_input, maskable):
-        _checks.check_finite(lab, p, b, allow_neginf=neginf)
-        _checks.check_attributes(lab, p, slot.attributes, b)
-    return params, batch
+    inside = _checks.functorch_active(*params)
+    failed = {}
+    for k, (lab, p, slot, b, neginf) in enumerate(
+            zip(labels, params, layout.slots, batch.per_input, maskable)):
+        found = _checks.value_failures(lab, p, slot, b, allow_neginf=neginf)
+        if found is None:
+            continue
+        mask, message = found
+        if inside:
+            raise ValueError(message + " Inside torch.func transforms such samples cannot be "
+                             "masked: filter them out before the transform.")
+        if on_failure == "raise":
+            raise ValueError(message + " Pass on_failure='mask' to mark such samples "
+                             "invalid_input (NaN outputs) instead.")
+        failed[k] = mask.to("cpu").expand(batch.size)
+    if not failed:
+        return params, batch, ()
+    bad = torch.stack(list(failed.values())).any(0)
+    return (stand_ins(params, layout, batch, bad, failed), batch,
+            tuple(bad.nonzero().flatten().tolist()))
+
+
+def stand_ins(params, layout, batch: _checks.BatchInfo, bad: torch.Tensor, failed: dict):
+    """Replace the values of the ``bad`` samples by values that pass every check.
+
+    Each bad sample takes every batched parameter's value from the first good
+    sample (the same problem, so no harder to solve); with no good sample, the
+    parameters that failed take `_checks.stand_in`. torch.where keeps autograd:
+    the replaced entries get zero gradient, and the stand-ins are detached.
+    """
+    good = (~bad).nonzero().flatten()
+    donor = int(good[0]) if good.numel() else None
+    out = []
+    for k, (p, slot, batched) in enumerate(zip(params, layout.slots, batch.per_input)):
+        if donor is not None and batched:
+            rows = bad.to(p.device).reshape((-1,) + (1,) * len(slot.value_shape))
+            out.append(torch.where(rows, p[donor].detach(), p))
+        elif donor is None and k in failed:
+            out.append(torch.where(torch.ones((), dtype=torch.bool, device=p.device),
+                                   _checks.stand_in(slot, p), p))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def mark_invalid(info: SolveInfo, invalid) -> SolveInfo:
+    """``info`` with the samples ``invalid`` reported invalid_input (no solve of theirs)."""
+    if not invalid:
+        return info
+    idx = list(invalid)
+    status = list(info.status)
+    for i in idx:
+        status[i] = Status.INVALID_INPUT
+    iterations = np.array(info.iterations, copy=True)
+    iterations[idx] = 0
+    residuals = np.array(info.residuals, dtype=np.float64, copy=True)
+    residuals[idx] = np.nan
+    return replace(info, status=tuple(status), iterations=iterations, residuals=residuals)
 
 
 def build_theta(params, batch: _checks.BatchInfo, log_space, dtype: torch.dtype) -> torch.Tensor:
@@ -97,8 +158,27 @@ def host(values) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def resolve_warm_start(warm_start, cache, backend: str, batch: int):
-    """The warm-start state for this call: from a `SolveInfo`, a dict, or the cache (True)."""
+def warm_shapes(meta: dict, tensors: dict | None = None) -> dict | None:
+    """{key: size} of the warm-start state a route takes, each (B, size); None: no state.
+
+    ``meta`` is a torch path's metadata (`_paths`) or {"kind": "conic", "n", "m"}.
+    """
+    kind = meta["kind"]
+    if kind == "qp":
+        return {"z": meta["n"], "lam": meta["p"], "s": meta["p"], "nu": meta["m"]}
+    if kind == "conic":
+        return {"x": meta["n"], "y": meta["m"], "s": meta["m"]}
+    if kind == "entropy" and meta.get("program_kind") != "softmax":
+        return {"nu": int(tensors["independent"].numel())}
+    return None
+
+
+def resolve_warm_start(warm_start, cache, backend: str, batch: int, shapes: dict | None):
+    """The warm-start state for this call: from a `SolveInfo`, a dict, or the cache (True).
+
+    ``shapes`` is this route's `warm_shapes`. A state from another layer or route
+    is refused naming what differs; the cache (True) is simply not used then.
+    """
     if warm_start is None or warm_start is False:
         return None
     if warm_start is True:
@@ -113,14 +193,30 @@ def resolve_warm_start(warm_start, cache, backend: str, batch: int):
     else:
         raise TypeError("warm_start must be True, False/None, a SolveInfo (return_info=True) "
                         f"or its .warm_start dict; got {type(warm_start).__name__}.")
-    if not state:
-        return None
-    sizes = {int(v.shape[0]) for v in state.values()}
-    if sizes != {batch}:
-        if warm_start is True:
-            return None  # the cache is from a call of another batch size: start cold
-        raise ValueError(f"{origin} has batch size {sizes.pop()}, this call {batch}.")
-    return state
+    if not state or shapes is None:
+        return None  # nothing to start from, or a route that takes no warm start
+    problem = _warm_mismatch(state, shapes, batch)
+    if problem is None:
+        return state
+    if warm_start is True:
+        return None  # the cache is from a call of another batch size or route: start cold
+    raise ValueError(f"{origin} does not fit this layer: {problem}. Pass the SolveInfo of "
+                     "a previous call of this same layer (return_info=True).")
+
+
+def _warm_mismatch(state, shapes: dict, batch: int) -> str | None:
+    if not isinstance(state, dict):
+        return f"expected a dict, got {type(state).__name__}"
+    if set(state) != set(shapes):
+        return f"it has keys {sorted(state)}, this route takes {sorted(shapes)}"
+    for key, size in shapes.items():
+        shape = getattr(state[key], "shape", None)
+        if shape is None:
+            return f"warm_start[{key!r}] is {type(state[key]).__name__}, expected a tensor"
+        if tuple(shape) != (batch, size):
+            return (f"warm_start[{key!r}] has shape {tuple(shape)}, this call needs "
+                    f"({batch}, {size})")
+    return None
 
 
 def check_on_failure(on_failure: str) -> None:

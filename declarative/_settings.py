@@ -21,10 +21,11 @@ QP_ALIASES = {"max_iters": "max_iter", "time_limit_secs": "time_limit"}
 def qp_settings(*arg_dicts) -> QPSettings:
     """QPSettings for the torch paths from the layer's and the call's solver_args.
 
-    QP keys are checked by name and type. Keys meant for the conic solvers
+    QP keys are checked by name and type. Settings of the conic solvers
     (SCS, ECOS, Clarabel, diffcp) are accepted and have no effect here, so code
-    written for cvxpylayers runs unchanged; anything else is an error that
-    lists the accepted keys. ``eps`` only tightens the default tolerance.
+    written for cvxpylayers runs unchanged; ``solve_method``, which would pick a
+    solver this path does not run, and anything else are errors (the latter
+    listing the accepted keys). ``eps`` only tightens the default tolerance.
     """
     from .backends.conic import DIFFCP_KEYS, SOLVER_KEYS
     from .backends.conic import _check_type as check_type
@@ -35,6 +36,11 @@ def qp_settings(*arg_dicts) -> QPSettings:
         if d:
             merged.update(d)
     changes = {"eps_tightens": True}
+    if "solve_method" in merged:
+        raise ValueError(
+            f"solver_args['solve_method']={merged['solve_method']!r} names a conic solver, but "
+            "this call runs a torch path (qp, entropy or simplex), which would ignore it. "
+            "Leave it out, or build the layer with backend='conic' to solve with it.")
     for key, value in merged.items():
         name = QP_ALIASES.get(key, key)
         if name in QP_KEYS:

@@ -34,12 +34,15 @@ from ._runtime import (
     check_params,
     handle_failures,
     host,
+    mark_invalid,
     shape_outputs,
 )
 from .backends.status import Box
-from .canon.parameters import ParameterSlot
+from .canon.parameters import ParameterSlot, default_checks
 
 FORMAT = 1
+META_KEYS = frozenset({"format", "backend", "path", "slots", "log_space", "maskable", "shapes",
+                       "exp", "solver", "solver_args", "on_failure", "strict"})
 
 
 class _Layout:
@@ -75,7 +78,7 @@ class ExportedLayer(torch.nn.Module):
             "backend": layer.backend,
             "path": path_meta,
             "slots": [dict(name=s.name, shape=list(s.shape), offset=s.offset, size=s.size,
-                           attributes=_plain(s.attributes),
+                           attributes=_plain(s.attributes), checks=list(s.checks),
                            sparse_index=None if s.sparse_index is None else
                            [s.sparse_index[0].tolist(), s.sparse_index[1].tolist()])
                       for s in layout.slots],
@@ -103,6 +106,10 @@ class ExportedLayer(torch.nn.Module):
     def set_extra_state(self, state):
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a declarative ExportedLayer state (format mismatch).")
+        missing = sorted(META_KEYS - set(state))
+        if missing:
+            raise ValueError(f"ExportedLayer state is incomplete: its '_extra_state' lacks "
+                             f"{missing}. Save it again with layer.export().state_dict().")
         self._meta = state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -115,6 +122,18 @@ class ExportedLayer(torch.nn.Module):
                     self.register_buffer(name, torch.empty_like(value))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # Refuse an incomplete state now, not with a KeyError at the first call.
+        # (error_msgs make load_state_dict raise, with strict=False too.)
+        if self._meta is None:
+            error_msgs.append(f"ExportedLayer: the state has no '{prefix}_extra_state' (the "
+                              "layer's metadata). Save it with layer.export().state_dict().")
+            return
+        missing = [prefix + _key(n) for n in required_buffers(self._meta)
+                   if _key(n) not in self._buffers]
+        if missing:
+            self._meta = None
+            error_msgs.append(f"ExportedLayer: the state lacks the buffers {missing}. Save it "
+                              "again with layer.export().state_dict().")
 
     # ---- calls ------------------------------------------------------------
     def _tensors(self) -> dict:
@@ -130,7 +149,10 @@ class ExportedLayer(torch.nn.Module):
         strict = meta["strict"] if strict is None else bool(strict)
         layout = self._layout()
         labels = tuple(f"parameter {i} ('{s.name}')" for i, s in enumerate(layout.slots))
-        params, batch = check_params(params, layout, labels, meta["maskable"])
+        if solver_args is not None and not isinstance(solver_args, dict):
+            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
+        params, batch, invalid = check_params(params, layout, labels, meta["maskable"],
+                                              on_failure)
         if meta["backend"] == "conic":
             flat, info = self._conic(params, batch, layout, solver_args)
         else:
@@ -138,12 +160,13 @@ class ExportedLayer(torch.nn.Module):
 
             path = make_path(self._tensors(), meta["path"])
             settings = (qp_settings(meta["solver_args"], solver_args)
-                        if meta["backend"] == "qp" else None)
+                        if meta["backend"] == "qp" or solver_args else None)
             theta = build_theta(params, batch, layout.log_space, batch.dtype)
             flat, result = path.solve(theta, settings)
             info = SolveInfo(tuple(result.status), host(result.iterations),
                              host(result.residuals), meta["backend"],
                              result.warm_start())
+        info = mark_invalid(info, invalid)
         flat = handle_failures(flat, info, on_failure, strict)
         outputs = shape_outputs(flat, meta["shapes"], meta["exp"], batch)
         return (outputs, info) if return_info else outputs
@@ -154,11 +177,14 @@ class ExportedLayer(torch.nn.Module):
         if cached is not None and cached[0] is self._meta:
             return cached[1]
         slots = []
-        for s in self._meta["slots"]:
+        for s, log in zip(self._meta["slots"], self._meta["log_space"]):
             index = s.get("sparse_index")
             index = None if index is None else tuple(np.asarray(i, dtype=np.int64) for i in index)
+            checks = s.get("checks")  # states saved before checks were recorded: all of them
+            if checks is None:
+                checks = default_checks(s["attributes"], log)
             slots.append(ParameterSlot(s["name"], tuple(s["shape"]), s["offset"], s["size"],
-                                       s["attributes"], index))
+                                       s["attributes"], index, checks=tuple(checks)))
         layout = _Layout(slots, self._meta["log_space"])
         self._layout_cache = (self._meta, layout)
         return layout
@@ -230,6 +256,25 @@ def _conic_form(tensors: dict, meta: dict):
 
 
 # ---------------------------------------------------------------------------
+
+
+def required_buffers(meta: dict) -> list[str]:
+    """Names of the arrays a state with metadata ``meta`` must hold (see `_paths`)."""
+    path = meta["path"]
+    kind = path["kind"]
+    maps = [f"out{i}" for i in range(len(path["outputs"]))]
+    arrays = []
+    if kind == "qp":
+        maps += ["Q", "q", "G", "h", "A", "b"]
+    elif kind == "simplex":
+        maps += ["y", "r"]
+    elif kind == "entropy":
+        maps += ["theta", "b"]
+        arrays += ["A", "independent"]
+    elif kind == "conic":
+        maps += ["c_map", "A_map", "b_map", "offset_map"]
+        arrays += ["indices", "indptr"]
+    return [f"{m}.{part}" for m in maps for part in ("rows", "cols", "vals")] + arrays
 
 
 def _key(name: str) -> str:

@@ -26,8 +26,10 @@ from ._runtime import (
     check_params,
     handle_failures,
     host,
+    mark_invalid,
     resolve_warm_start,
     shape_outputs,
+    warm_shapes,
 )
 from ._settings import qp_settings
 from .backends import conic
@@ -47,12 +49,16 @@ class CvxpyLayer(torch.nn.Module):
         parameters: the problem's Parameters, in the order tensors are passed.
         variables: Variables (or constraints' dual variables) to return, in order.
         solver: conic solver run through diffcp: ``None``/"SCS" (default), "ECOS" or
-            "CLARABEL". Naming one asks for the conic path.
+            "CLARABEL". Naming one asks for the conic path; naming one where that path
+            cannot run (a parametric quad_form, or a forced torch backend) is an error.
         gp: the problem is a disciplined geometric program.
         verbose: print solver output.
         solver_args: default solver arguments; a call's ``solver_args`` override them.
         on_failure: "raise" (default) raises `SolverError` when a sample has no
-            solution; "mask" returns NaN for those samples (zero gradient).
+            solution, and ValueError when a sample's value is invalid (NaN, ±inf, or
+            a value the problem's convexity cannot take: see `declarative._checks`);
+            "mask" returns NaN for those samples (zero gradient), reporting the
+            latter as invalid_input.
         strict: also count samples that stopped at the iteration/time limit
             (max_iter) or solved inaccurately as failures; by default they are
             returned with a UserWarning.
@@ -69,6 +75,9 @@ class CvxpyLayer(torch.nn.Module):
         super().__init__()
         self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
         layout = self._compiled.layout
+        if solver_args is not None and not isinstance(solver_args, dict):
+            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
+        self._requested = backend
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
         form = self._compiled.form(self.backend)
         if self.backend == "conic":
@@ -85,8 +94,6 @@ class CvxpyLayer(torch.nn.Module):
         self.solver = solver
         self.gp = gp
         self.verbose = verbose
-        if solver_args is not None and not isinstance(solver_args, dict):
-            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         self.solver_args = dict(solver_args or {})
         if verbose:
             self.solver_args.setdefault("verbose", True)
@@ -122,6 +129,8 @@ class CvxpyLayer(torch.nn.Module):
         ``warm_start``: True starts from the layer's previous solution (when the batch
         size matches, as cvxpylayers' flag does), or pass a previous call's `SolveInfo`
         (``return_info=True``). The QP and entropy paths and SCS use it.
+        ``solver_args={"solve_method": ...}`` on a layer whose ``backend="auto"`` chose
+        a torch path solves this call on the conic path with that solver.
         """
         if solver_args is not None and not isinstance(solver_args, dict):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
@@ -129,9 +138,14 @@ class CvxpyLayer(torch.nn.Module):
         check_on_failure(on_failure)
         strict = self.strict if strict is None else bool(strict)
         layout = self._compiled.layout
-        params, batch = check_params(params, layout, self._labels, self._maskable)
-        warm = resolve_warm_start(warm_start, self._warm_cache, self.backend, batch.size)
-        if self._path is not None:
+        route = self._route(solver_args)
+        maskable = self._maskable if route == self.backend else (False,) * len(layout)
+        params, batch, invalid = check_params(params, layout, self._labels, maskable, on_failure)
+        warm = resolve_warm_start(warm_start, self._warm_cache, route, batch.size,
+                                  self._warm_shapes(route))
+        if route == "conic":
+            flat, info = self._solve_conic(params, batch, solver_args, warm)
+        else:
             # Checked on every torch path (a misspelt key must never pass silently);
             # only the QP engine has settings to take from it.
             settings = (qp_settings(self.solver_args, solver_args)
@@ -141,22 +155,47 @@ class CvxpyLayer(torch.nn.Module):
             info = SolveInfo(tuple(result.status), host(result.iterations),
                              host(result.residuals), self.backend,
                              result.warm_start())
-        else:
-            refuse_functorch(params)
-            settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
-            form = self._compiled.form("conic")
-            conic.check_cones(form.program.cone_dict, settings.solve_method)
-            theta = build_theta(params, batch, layout.log_space, torch.float64)
-            need_derivative = torch.is_grad_enabled() and theta.requires_grad
-            box = Box()
-            flat = ConicSolve.apply(theta, form, settings, need_derivative, box, warm)
-            result = box.result
-            info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic",
-                             {"x": result.x, "y": result.y, "s": result.s})
+        info = mark_invalid(info, invalid)
         self._warm_cache = info.warm_start
         flat = handle_failures(flat, info, on_failure, strict)
         outputs = shape_outputs(flat, self._shapes, self._exp, batch)
         return (outputs, info) if return_info else outputs
+
+    def _route(self, solver_args) -> str:
+        """The path this call runs: the layer's, or conic when the call names a conic solver."""
+        if self._path is None or not solver_args or "solve_method" not in solver_args:
+            return self.backend
+        method = solver_args["solve_method"]
+        if self._requested != "auto":
+            raise ValueError(
+                f"solver_args['solve_method']={method!r} asks for a conic solver, but this "
+                f"layer was built with backend={self._requested!r}. Build it with "
+                "backend='auto' or 'conic' to solve with that solver.")
+        if "conic" not in self._compiled.kinds:
+            raise ValueError(
+                f"solver_args['solve_method']={method!r} asks for a conic solver, but "
+                f"{_NO_CONIC} Leave solve_method out; the layer runs the torch QP engine.")
+        return "conic"
+
+    def _warm_shapes(self, route: str):
+        if route == "conic":
+            cone = self._compiled.form("conic").program
+            return warm_shapes({"kind": "conic", "n": cone.n, "m": cone.m})
+        return warm_shapes(self._spec[1], self._path.t)
+
+    def _solve_conic(self, params, batch, solver_args, warm):
+        refuse_functorch(params)
+        settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
+        form = self._compiled.form("conic")
+        conic.check_cones(form.program.cone_dict, settings.solve_method)
+        theta = build_theta(params, batch, self._compiled.layout.log_space, torch.float64)
+        need_derivative = torch.is_grad_enabled() and theta.requires_grad
+        box = Box()
+        flat = ConicSolve.apply(theta, form, settings, need_derivative, box, warm)
+        result = box.result
+        info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic",
+                         {"x": result.x, "y": result.y, "s": result.s})
+        return flat, info
 
     def export(self):
         """A standalone torch module for this layer (see `declarative.export`)."""
@@ -165,14 +204,27 @@ class CvxpyLayer(torch.nn.Module):
         return ExportedLayer.from_layer(self)
 
 
+# Why a problem has no conic form (the only case: see `CompiledProblem.form`).
+_NO_CONIC = ("this problem has quad_form(x, P) with a Parameter P, which only the QP path "
+             "takes (the conic path would need CVXPY to rewrite it into cones, which is not "
+             "DPP).")
+
+
 def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_args) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     kinds = compiled.kinds
+    # Naming a conic solver (solver=... or solver_args['solve_method']) asks for it.
+    named = (f"solver={solver!r}" if solver is not None else
+             f"solver_args['solve_method']={solver_args['solve_method']!r}"
+             if "solve_method" in (solver_args or {}) else None)
     if backend == "auto":
-        # Naming a conic solver (solver=... or solver_args['solve_method']) asks for it.
-        wants_conic = solver is not None or "solve_method" in (solver_args or {})
-        return "conic" if wants_conic and "conic" in kinds else kinds[0]
+        if named is None:
+            return kinds[0]
+        if "conic" not in kinds:
+            raise ValueError(f"{named} names a conic solver, but {_NO_CONIC} Leave it out: "
+                             "the layer then runs the torch QP engine.")
+        return "conic"
     if backend == "conic":
         compiled.form("conic")  # raises the specific reason when there is none
     if backend not in kinds:
@@ -181,4 +233,7 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
             f"{kinds}. The QP path needs a quadratic (or linear) objective and affine "
             "constraints."
         )
+    if named is not None and backend != "conic":
+        raise ValueError(f"{named} names a conic solver, which backend={backend!r} does not "
+                         "use. Leave it out, or use backend='conic' (or 'auto').")
     return backend

@@ -22,6 +22,10 @@ Deviations from qpth, each deliberate:
 - An infeasible or unbounded sample raises `declarative.SolverError` with its
   batch index (``on_failure="mask"`` returns NaN for it instead); qpth returns
   a wrong point silently.
+- A NaN or ±inf entry (+inf in h means "no constraint" and is fine) raises a
+  ValueError naming the argument and batch index; with ``on_failure="mask"``
+  that sample is reported invalid_input (NaN output, zero gradient) and the
+  others are solved as they would be alone.
 - ``eps`` is a tolerance on scaled residuals (default 1e-10 in float64, 1e-5 in
   float32), ``maxIter`` defaults to 50 and ``notImprovedLim`` to 8; qpth's
   defaults (1e-12 absolute, 20, 3) stop some well-posed batches early.
@@ -30,13 +34,17 @@ Deviations from qpth, each deliberate:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from enum import Enum
+from types import SimpleNamespace
 
 import torch
 
 from . import _checks
 from ._runtime import failed_samples, mask_samples, warn_imperfect
 from .backends.qp import QPSettings, solve_qp
+from .backends.qp.ipm import IPMResult
+from .backends.status import Status
 from .errors import SolverError
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
@@ -80,8 +88,11 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
 
     def qp_function(Q, p, G, h, A, b, return_info: bool = False, warm_start=None):
         inputs, batch = check_qp_inputs(Q, p, G, h, A, b)
-        warm = warm_start.warm_start() if hasattr(warm_start, "warm_start") else warm_start
+        inputs, invalid = _invalid_samples(inputs, batch, on_failure)
+        warm = _check_warm(warm_start, inputs, batch)
         (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings, warm=warm)
+        if invalid:
+            result = QPResult.marking(result, invalid)
         status = result.status
         if verbose and verbose > 0:
             its = result.iterations.tolist()
@@ -119,6 +130,9 @@ def check_qp_inputs(Q, p, G, h, A, b):
     if Q.dim() not in (2, 3) or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q must have shape (nz, nz) or (nBatch, nz, nz), got {tuple(Q.shape)}.")
     nz = Q.shape[-1]
+    if nz == 0:
+        raise ValueError(f"Q has shape {tuple(Q.shape)}: nz = 0, a QP without variables. "
+                         "Pass at least one variable.")
 
     def matrix(name, M, v):
         if M.numel() == 0 and v.numel() == 0:
@@ -146,6 +160,92 @@ def check_qp_inputs(Q, p, G, h, A, b):
     batch = next(iter(sizes.values())) if sizes else 1
     if batch == 0:
         raise ValueError("Empty batch: nBatch is 0.")
-    for name, t, d in zip(NAMES, (Q, p, G, h, A, b), (3, 2, 3, 2, 3, 2)):
-        _checks.check_finite(name, t, t.dim() == d, allow_posinf=(name == "h"))
     return (Q, p, G, h, A, b), batch
+
+
+# Trailing dimensions of each input (an extra leading one is the batch).
+_NDIM = (2, 1, 2, 1, 2, 1)
+
+
+def _invalid_samples(inputs, batch: int, on_failure: str):
+    """Non-finite samples (+inf in h drops a row and is fine): raise, or stand in for them.
+
+    With ``on_failure="mask"`` each bad sample solves the first good sample's
+    QP instead (detached, so it has zero gradient) and is reported
+    invalid_input; with no good sample, a QP that is always solvable.
+    Returns (inputs, invalid sample indices).
+    """
+    failed = {}
+    for k, (name, t, nd) in enumerate(zip(NAMES, inputs, _NDIM)):
+        slot = SimpleNamespace(value_shape=tuple(t.shape[-nd:]), checks=(), attributes={})
+        found = _checks.value_failures(name, t, slot, t.dim() > nd, allow_posinf=(name == "h"))
+        if found is None:
+            continue
+        mask, message = found
+        if on_failure == "raise" or _checks.functorch_active(t):
+            raise ValueError(message + " Pass on_failure='mask' to mark such samples "
+                             "invalid_input (NaN outputs) instead.")
+        failed[k] = mask.to("cpu").expand(batch)
+    if not failed:
+        return inputs, ()
+    bad = torch.stack(list(failed.values())).any(0)
+    good = (~bad).nonzero().flatten()
+    neutral = _always_solvable(inputs)
+    out = []
+    for k, (t, nd) in enumerate(zip(inputs, _NDIM)):
+        if good.numel() and t.dim() > nd:
+            rows = bad.to(t.device).reshape((-1,) + (1,) * nd)
+            t = torch.where(rows, t[int(good[0])].detach(), t)
+        elif not good.numel() and k in failed:
+            t = torch.where(torch.ones((), dtype=torch.bool, device=t.device), neutral[k], t)
+        out.append(t)
+    return tuple(out), tuple(bad.nonzero().flatten().tolist())
+
+
+def _always_solvable(inputs):
+    """Q = I, p = 0, G = 0, h = 1, A = [I 0], b = 0: feasible and bounded for rows ≤ nz."""
+    Q, p, G, h, A, b = inputs
+    nz = Q.shape[-1]
+    like = {"dtype": Q.dtype, "device": Q.device}
+    A0 = torch.eye(A.shape[-2], nz, **like)
+    return (torch.eye(nz, **like), torch.zeros(nz, **like), torch.zeros(G.shape[-2:], **like),
+            torch.ones(h.shape[-1], **like), A0, torch.zeros(b.shape[-1], **like))
+
+
+def _check_warm(warm_start, inputs, batch: int):
+    """A previous call's result (or its warm_start() dict), checked against this QP."""
+    if warm_start is None:
+        return None
+    warm = warm_start.warm_start() if hasattr(warm_start, "warm_start") else warm_start
+    Q, _, G, _, A, _ = inputs
+    shapes = {"z": Q.shape[-1], "lam": G.shape[-2], "s": G.shape[-2], "nu": A.shape[-2]}
+    if not isinstance(warm, dict) or set(warm) != set(shapes):
+        keys = sorted(warm) if isinstance(warm, dict) else type(warm).__name__
+        raise ValueError(f"warm_start must be a previous call's result (return_info=True) "
+                         f"or its warm_start() dict with keys {sorted(shapes)}; got {keys}.")
+    for key, size in shapes.items():
+        shape = tuple(getattr(warm[key], "shape", ()))
+        if shape != (batch, size):
+            raise ValueError(f"warm_start[{key!r}] has shape {shape}, this QP needs "
+                             f"({batch}, {size}): pass the result of a call with the same "
+                             "sizes and batch.")
+    return warm
+
+
+@dataclass
+class QPResult(IPMResult):
+    """The engine's result with the samples QPFunction refused marked invalid_input."""
+
+    invalid: tuple = ()
+
+    @classmethod
+    def marking(cls, result: IPMResult, invalid) -> QPResult:
+        return cls(**{f.name: getattr(result, f.name) for f in fields(result)},
+                   invalid=tuple(invalid))
+
+    @property
+    def status(self) -> list[Status]:
+        status = super().status
+        for i in self.invalid:
+            status[i] = Status.INVALID_INPUT
+        return status

@@ -112,3 +112,40 @@ def test_reloaded_in_a_fresh_process_without_cvxpy(problems, kind, tmp_path):
     assert np.allclose(result["out"], ref.detach().numpy(), atol=1e-12, rtol=0)
     for got, want in zip(result["grads"], g_ref):
         assert np.allclose(got, want.numpy(), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qp", "entropy", "simplex", "conic"])
+def test_incomplete_state_is_refused_at_load_naming_what_is_missing(problems, kind):
+    layer, _ = problems[kind]
+    state = layer.export().state_dict()
+    dropped = sorted(k for k in state if k != "_extra_state")[0]
+    partial = {k: v for k, v in state.items() if k != dropped}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=rf"lacks the buffers \['{dropped}'\]"):
+            ExportedLayer().load_state_dict(partial, strict=strict)
+    no_meta = {k: v for k, v in state.items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="no '_extra_state'"):
+        ExportedLayer().load_state_dict(no_meta, strict=False)
+    meta = dict(state["_extra_state"])
+    del meta["shapes"]
+    with pytest.raises(ValueError, match=r"'_extra_state' lacks \['shapes'\]"):
+        ExportedLayer().load_state_dict({**state, "_extra_state": meta})
+    module = ExportedLayer()
+    module.load_state_dict(state)  # the complete state loads
+
+
+@pytest.mark.parametrize("kind", ["qp", "entropy", "simplex", "conic"])
+def test_exported_layer_masks_a_non_finite_sample_as_the_layer_does(problems, kind):
+    layer, inputs = problems[kind]
+    exported = layer.export()
+    ins = [torch.tensor(v, dtype=DT, requires_grad=True) for v in inputs]
+    with torch.no_grad():
+        ins[0][1].view(-1)[0] = float("nan")
+    (ref,), info_ref = layer(*ins, on_failure="mask", return_info=True)
+    (got,), info = exported(*ins, on_failure="mask", return_info=True)
+    assert info.status == info_ref.status and info.status[1] == "invalid_input"
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[1]).all()
+    keep = [i for i in range(got.shape[0]) if i != 1]
+    assert torch.allclose(got[keep], ref[keep], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"parameter 0 .* contains NaN at batch index 1"):
+        exported(*ins)

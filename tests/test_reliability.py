@@ -508,6 +508,171 @@ def test_structured_paths_check_call_time_solver_args(kind):
         _layer(kind)(*[as_tensor(a) for a in _batch(kind)], solver_args={"epsilon": 1e-6})
 
 
+# Invalid values: one bad sample is invalid_input on every path, the rest untouched.
+
+FIRST_PARAM = {"simplex": "y", "softmax": "theta", "entropy": "theta", "qp": "p", "conic": "p"}
+# Solo-vs-batch agreement: the paths compute in the input's dtype (conic: float64, cast).
+TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 1e-4)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_sample_raises_or_is_masked_as_invalid_input(kind, dtype):
+    layer = _layer(kind)
+    raw = _batch(kind)
+    raw[0][1, 0] = np.nan
+    args = [as_tensor(a, grad=True, dtype=dtype) for a in raw]
+    with pytest.raises(ValueError, match=rf"^parameter 0 \('{FIRST_PARAM[kind]}'\) contains "
+                                         r"NaN at batch index 1"):
+        layer(*args)
+    (x,), info = layer(*args, on_failure="mask", return_info=True)
+    assert info.status == (Status.OPTIMAL, Status.INVALID_INPUT, Status.OPTIMAL)
+    assert info.iterations[1] == 0 and np.isnan(info.residuals[1]).all()
+    assert torch.isnan(x[1]).all() and torch.isfinite(x[[0, 2]]).all()
+    w = _weights(x.shape).to(dtype)
+    grads = torch.autograd.grad(x, args, w)
+    for g in grads:
+        assert torch.isfinite(g).all() and (g[1] == 0).all()
+    tol_x, tol_g = TOL[dtype]
+    for i in (0, 2):
+        solo = [as_tensor(a[i], grad=True, dtype=dtype) for a in raw]
+        (xi,) = layer(*solo)
+        gi = torch.autograd.grad(xi, solo, w[i])
+        assert (xi - x[i]).abs().max() < tol_x
+        for g, g_solo in zip(grads, gi):
+            assert g_solo.abs().max() > 0
+            assert (g_solo - g[i]).abs().max() < tol_g
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_sample_invalid_is_masked_without_a_solve_error(kind):
+    """No good sample to stand in: a neutral value is solved, and all are invalid_input."""
+    layer = _layer(kind)
+    raw = [a[:1] for a in _batch(kind)]
+    raw[0][0, -1] = np.inf
+    args = [as_tensor(a, grad=True) for a in raw]
+    (x,), info = layer(*args, on_failure="mask", return_info=True)
+    assert info.status == (Status.INVALID_INPUT,)
+    assert torch.isnan(x).all()
+    for g in torch.autograd.grad(x, args, torch.ones_like(x)):
+        assert (g == 0).all()
+
+
+def _needs_sign():
+    y = cp.Variable(2, name="y")
+    a = cp.Parameter(nonneg=True, name="a")
+    c = cp.Parameter(2, name="c")
+    return cp.Problem(cp.Minimize(cp.sum_squares(y - c) + a * cp.norm1(y))), [a, c], [y]
+
+
+@pytest.mark.parametrize("backend", ["qp", "conic"])
+def test_a_sample_breaking_a_needed_sign_is_masked_as_invalid_input(backend):
+    prob, params, outs = _needs_sign()
+    kw = {"solver_args": SCS_ARGS} if backend == "conic" else {}
+    layer = CvxpyLayer(prob, params, outs, backend=backend, **kw)
+    a = as_tensor([0.5, -1.0, 0.0], grad=True)
+    c = as_tensor([[1.0, -2.0], [0.3, 0.1], [0.2, -0.4]], grad=True)
+    with pytest.raises(ValueError, match=r"'a'\) was declared nonneg=True.*batch index 1"):
+        layer(a, c)
+    (y,), info = layer(a, c, on_failure="mask", return_info=True)
+    assert info.status == (Status.OPTIMAL, Status.INVALID_INPUT, Status.OPTIMAL)
+    # Soft-thresholding: y = sign(c)·max(|c| − a/2, 0).
+    exact = torch.sign(c) * torch.clamp(c.abs() - a[:, None] / 2, min=0)
+    assert (y[[0, 2]] - exact[[0, 2]]).abs().max() < 1e-6 and torch.isnan(y[1]).all()
+    ga, gc = torch.autograd.grad(y, [a, c], torch.ones_like(y))
+    assert ga[1] == 0 and (gc[1] == 0).all() and torch.isfinite(ga).all()
+
+
+def test_qpfunction_non_finite_sample_raises_or_is_masked_as_invalid_input():
+    Q, p, G, h, A, b = _qpfunction_batch(fail=())
+    h = h.detach().clone()
+    h[1, 0] = np.nan
+    h.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"^h contains NaN at batch index 1"):
+        QPFunction(verbose=-1)(Q, p, G, h, A, b)
+    z, info = QPFunction(verbose=-1, on_failure="mask")(Q, p, G, h, A, b, return_info=True)
+    assert info.status == [Status.OPTIMAL, Status.INVALID_INPUT, Status.OPTIMAL]
+    assert torch.isnan(z[1]).all() and torch.isfinite(z[[0, 2]]).all()
+    w = _weights(z.shape)
+    (gh,) = torch.autograd.grad(z, h, w)
+    assert torch.isfinite(gh).all() and (gh[1] == 0).all()
+    for i in (0, 2):
+        hi = h[i].detach().clone().requires_grad_(True)
+        zi = QPFunction(verbose=-1)(Q, p, G, hi, A, b)
+        (gi,) = torch.autograd.grad(zi, hi, w[i:i + 1])
+        assert gi.abs().max() > 0
+        assert (zi[0] - z[i]).abs().max() < 1e-12 and (gi - gh[i]).abs().max() < 1e-9
+    # A broadcast Q with NaN spoils every sample: all invalid, zero gradient, no solve error.
+    Qn = Q.clone().requires_grad_(True)
+    with torch.no_grad():
+        Qn[0, 0] = np.nan
+    z, info = QPFunction(verbose=-1, on_failure="mask")(Qn, p, G, h, A, b, return_info=True)
+    assert info.status == [Status.INVALID_INPUT] * 3 and torch.isnan(z).all()
+    (gQ,) = torch.autograd.grad(z, Qn, w)
+    assert (gQ == 0).all()
+
+
+@pytest.mark.cuda
+def test_masking_invalid_samples_keeps_the_device():
+    layer = _layer("qp")
+    raw = _batch("qp")
+    raw[0][1, 0] = np.nan
+    p = as_tensor(raw[0]).cuda().requires_grad_(True)
+    (x,), info = layer(p, on_failure="mask", return_info=True)
+    assert x.device.type == "cuda" and info.status[1] is Status.INVALID_INPUT
+    (g,) = torch.autograd.grad(x, p, torch.ones_like(x))
+    assert g.device.type == "cuda" and (g[1] == 0).all() and torch.isfinite(g).all()
+    z, info = QPFunction(verbose=-1, on_failure="mask")(
+        *[t.detach().cuda() if t.numel() else t for t in _qpfunction_batch(fail=())[:3]],
+        torch.where(torch.arange(3)[:, None] == 1, float("nan"),
+                    _qpfunction_batch(fail=())[3].detach()).cuda(), E, E, return_info=True)
+    assert z.device.type == "cuda" and info.status[1] is Status.INVALID_INPUT
+
+
+def _vmap_layers():
+    prob, params, outs = _needs_sign()
+    D = cp.Parameter((2, 2), diag=True, name="D")
+    y = cp.Variable(2)
+    diag = cp.Problem(cp.Minimize(cp.sum_squares(y - D @ np.array([1.0, 2.0]))), [y <= 5])
+    P, q, x = cp.Parameter((2, 2), PSD=True, name="P"), cp.Parameter(2), cp.Variable(2)
+    with cp.utilities.scopes.quad_form_dpp_scope():
+        quad = cp.Problem(cp.Minimize(cp.quad_form(x, P) + q @ x), [x >= -1, x <= 1])
+    return (CvxpyLayer(prob, params, outs), CvxpyLayer(diag, [D], [y]),
+            CvxpyLayer(quad, [P, q], [x]))
+
+
+def test_value_checks_run_under_torch_func_transforms():
+    sign, diag, quad = _vmap_layers()
+    c = as_tensor([1.0, -2.0])
+    f = torch.func.vmap(lambda a: sign(a, c)[0])
+    good = as_tensor([0.5, 1.0])
+    assert (f(good) - sign(good, c)[0]).abs().max() < 1e-9
+    msg = r"'a'\) was declared nonneg=True.*in a sample of a torch.func transform"
+    with pytest.raises(ValueError, match=msg):
+        f(as_tensor([0.5, -5.0]))
+    with pytest.raises(ValueError, match=msg):
+        torch.func.jacrev(lambda a: sign(a, c)[0])(as_tensor(-5.0))
+    with pytest.raises(ValueError, match=r"'a'\) contains NaN in a sample"):
+        f(as_tensor([np.nan, 1.0]))
+    # Nested vmap over a batched call, with the mapped dimension last.
+    bad = torch.diag(as_tensor([1.0, 2.0])).expand(3, 2, 2).clone()
+    bad[2, 0, 1] = 5.0
+    g = torch.func.vmap(torch.func.vmap(lambda d: diag(d)[0]), in_dims=4)
+    ok = torch.diag(as_tensor([1.0, 2.0])).expand(3, 2, 2)
+    assert (g(torch.stack([ok, 2 * ok], dim=-1)[None])[:, 0]
+            - as_tensor([[[1.0, 4.0]] * 3, [[2.0, 5.0]] * 3])).abs().max() < 1e-8
+    with pytest.raises(ValueError, match=r"'D'\) was declared diag=True.*torch.func"):
+        g(torch.stack([ok, bad], dim=-1)[None])
+    # PSD: the eigenvalue check sees the matrices whatever dimension vmap maps.
+    Ps = torch.stack([torch.eye(2, dtype=DT), as_tensor([[2.0, 0.5], [0.5, 1.0]])], dim=-1)
+    h = torch.func.vmap(lambda P: quad(P, c)[0], in_dims=2)
+    ref = quad(Ps.permute(2, 0, 1), c)[0]
+    assert (h(Ps) - ref).abs().max() < 1e-9
+    Ps[..., 1] = as_tensor([[1.0, 2.0], [2.0, 1.0]])
+    with pytest.raises(ValueError, match=r"'P'\) was declared PSD=True.*torch.func"):
+        h(Ps)
+
+
 # ----------------------------------------------------------------------------
 # 3. Solver outcomes
 # ----------------------------------------------------------------------------
