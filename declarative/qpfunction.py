@@ -43,7 +43,7 @@ import torch
 from . import _checks
 from ._runtime import failed_samples, mask_samples, warn_imperfect
 from .backends.qp import QPSettings, solve_qp
-from .backends.qp.ipm import IPMResult
+from .backends.qp.engine import QPResult
 from .backends.status import Status
 from .errors import SolverError
 
@@ -92,7 +92,7 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
         warm = _check_warm(warm_start, inputs, batch)
         (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings, warm=warm)
         if invalid:
-            result = QPResult.marking(result, invalid)
+            result = MarkedResult.marking(result, invalid)
         status = result.status
         if verbose and verbose > 0:
             its = result.iterations.tolist()
@@ -104,7 +104,7 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
             raise SolverError(bad, [status[i] for i in bad])
         if bad:
             (z,) = mask_samples([z], bad)
-        if not strict and verbose != -1:
+        if not strict:  # verbose governs printing only: warnings stay warnings
             warn_imperfect(status)
         return (z, result) if return_info else z
 
@@ -233,13 +233,13 @@ def _check_warm(warm_start, inputs, batch: int):
 
 
 @dataclass
-class QPResult(IPMResult):
+class MarkedResult(QPResult):
     """The engine's result with the samples QPFunction refused marked invalid_input."""
 
     invalid: tuple = ()
 
     @classmethod
-    def marking(cls, result: IPMResult, invalid) -> QPResult:
+    def marking(cls, result: QPResult, invalid) -> MarkedResult:
         return cls(**{f.name: getattr(result, f.name) for f in fields(result)},
                    invalid=tuple(invalid))
 

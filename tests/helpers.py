@@ -164,7 +164,7 @@ def qp_polished_reference(Q, q, G, h, A, b, tol=1e-8):
     each relative to its terms, within ``tol``); RuntimeError if it fails.
     """
     Q, q, G, h, A, b = (np.asarray(t, dtype=np.float64) for t in (Q, q, G, h, A, b))
-    n, p, m = q.size, h.size, b.size
+    p, m = h.size, b.size
     rg = np.maximum(np.abs(G).max(axis=1, initial=0.0), 1e-300) if p else np.ones(0)
     ra = np.maximum(np.abs(A).max(axis=1, initial=0.0), 1e-300) if m else np.ones(0)
     Gs, hs, As, bs = G / rg[:, None], h / rg, A / ra[:, None], b / ra

@@ -92,7 +92,7 @@ def _saved_bytes(fn):
 
 
 def _tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a dict (an `IPMResult.factor`), 0 for None."""
+    """Bytes of the tensors in a dict (an `QPResult.factor`), 0 for None."""
     if not obj:
         return 0
     return sum(v.numel() * v.element_size() for v in obj.values() if torch.is_tensor(v))
@@ -766,7 +766,7 @@ def _qp_weights(data, seed):
 
 
 def _qp_grads(data, weights, **options):
-    """∇ of Σ weights·(z, λ, ν) in all six inputs, and the solve's IPMResult."""
+    """∇ of Σ weights·(z, λ, ν) in all six inputs, and the solve's QPResult."""
     inputs = [t.clone().requires_grad_() for t in data]
     outs, result = solve_qp(*inputs, batch=data[1].shape[0], settings=QPSettings(**options))
     loss = sum((w * o).sum() for w, o in zip(weights, outs))

@@ -68,7 +68,7 @@ def _batch(data) -> int:
 
 
 def _solve(data, settings=None):
-    """((z, λ, ν), IPMResult) of the engine on a batch."""
+    """((z, λ, ν), QPResult) of the engine on a batch."""
     return solve_qp(*data, batch=_batch(data), settings=settings)
 
 

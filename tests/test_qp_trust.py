@@ -14,12 +14,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from declarative.backends.qp import solve_qp
 from helpers import qp_kkt_error, qp_polished_reference
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from declarative import QPFunction, Status
-from declarative.backends.qp import QPSettings, solve_qp
 
 DT = torch.float64
 E = torch.Tensor()
@@ -288,7 +288,7 @@ def test_a_far_finite_bound_is_as_good_as_an_infinite_one():
 def test_the_silent_flag_silences_printing_not_warnings():
     """verbose=-1 (the qpth spelling) keeps a max_iter sample's warning."""
     data = optnet_family(2, 10, 20, 0, 2, 1e-4, row_decades=0.0)
-    f = QPFunction(verbose=-1, maxIter=2)
+    f = QPFunction(verbose=-1, maxIter=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         f(*data[:4], E, E)

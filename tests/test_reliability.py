@@ -534,14 +534,16 @@ def test_non_finite_sample_raises_or_is_masked_as_invalid_input(kind, dtype):
     for g in grads:
         assert torch.isfinite(g).all() and (g[1] == 0).all()
     tol_x, tol_g = TOL[dtype]
+    largest = 0.0
     for i in (0, 2):
         solo = [as_tensor(a[i], grad=True, dtype=dtype) for a in raw]
         (xi,) = layer(*solo)
         gi = torch.autograd.grad(xi, solo, w[i])
         assert (xi - x[i]).abs().max() < tol_x
         for g, g_solo in zip(grads, gi):
-            assert g_solo.abs().max() > 0
+            largest = max(largest, float(g_solo.abs().max()))
             assert (g_solo - g[i]).abs().max() < tol_g
+    assert largest > 0  # a real derivative (on the qp zoo, sample 0's is exactly 0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -596,12 +598,14 @@ def test_qpfunction_non_finite_sample_raises_or_is_masked_as_invalid_input():
     w = _weights(z.shape)
     (gh,) = torch.autograd.grad(z, h, w)
     assert torch.isfinite(gh).all() and (gh[1] == 0).all()
+    largest = 0.0
     for i in (0, 2):
         hi = h[i].detach().clone().requires_grad_(True)
         zi = QPFunction(verbose=-1)(Q, p, G, hi, A, b)
         (gi,) = torch.autograd.grad(zi, hi, w[i:i + 1])
-        assert gi.abs().max() > 0
+        largest = max(largest, float(gi.abs().max()))
         assert (zi[0] - z[i]).abs().max() < 1e-12 and (gi - gh[i]).abs().max() < 1e-9
+    assert largest > 0  # a real derivative (sample 0 has no active bound: its is 0)
     # A broadcast Q with NaN spoils every sample: all invalid, zero gradient, no solve error.
     Qn = Q.clone().requires_grad_(True)
     with torch.no_grad():

@@ -131,8 +131,10 @@ def _active(it: ipm.Iterates, kkt: KKTSystem) -> torch.Tensor:
     return active_rows(it.s, it.lam, torch.where(torch.isinf(h), 0.0, h), it.free)
 
 
-# Codes whose samples have a point worth polishing.
-POLISHABLE = (ipm.OPTIMAL, ipm.INACCURATE, ipm.MAX_ITER)
+# Codes whose samples are polished: those the interior point brought to its test,
+# and those stalled at the accuracy floor. Not max_iter: the cap the caller set
+# cut that solve short, and its best iterate is what the status promises.
+POLISHABLE = (ipm.OPTIMAL, ipm.INACCURATE)
 
 
 def POLISH_ROUNDS(eps: float) -> list:

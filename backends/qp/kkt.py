@@ -323,11 +323,12 @@ class ReducedKKT(KKTSystem):
     dir_to_original = to_original
 
 
-# A Q whose Cholesky fails is still semidefinite when Q + δI factors, δ relative
-# to its largest diagonal entry and to the precision the data came in: a low-rank
-# Q = LLᵀ formed in float32 has eigenvalues near −1e-7·‖Q‖ (round-off, not
-# indefiniteness), where float64 data give −1e-16·‖Q‖.
-PSD_SLACK = 100.0  # δ = PSD_SLACK · n · eps(input dtype) · max diag(Q)
+# A Q whose Cholesky fails is still taken as semidefinite when Q + δI factors, δ
+# relative to its largest diagonal entry and to the precision the data came in: a
+# low-rank Q = LLᵀ formed in float32 has eigenvalues near −1e-7·‖Q‖ (round-off,
+# not indefiniteness), a Gram matrix assembled in float64 near −1e-13·‖Q‖. The
+# bound √eps of the input dtype (1.5e-8 in float64, 3.5e-4 in float32) is the one
+# the layer's PSD parameter check uses, so a value it lets through is solved.
 
 
 def indefinite(Q: torch.Tensor, info: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
@@ -336,7 +337,7 @@ def indefinite(Q: torch.Tensor, info: torch.Tensor, input_dtype: torch.dtype) ->
     if not bool(failed.any()):
         return failed
     n = Q.shape[-1]
-    delta = PSD_SLACK * n * torch.finfo(input_dtype).eps
+    delta = torch.finfo(input_dtype).eps ** 0.5
     scale = Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)
     eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
     shifted = Q + (delta * scale)[..., None, None] * eye
