@@ -12,6 +12,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from declarative.backends.cone_derivative import power_projection
 from helpers import (
     CLARABEL_ARGS,
     SCS_EXP,
@@ -373,14 +374,128 @@ def test_sdp_clarabel_agrees_with_scs_including_the_psd_dual():
     assert res[0][1].abs().max() > 1e-2  # the PSD constraint is active
 
 
-def test_power_cone_is_refused_at_construction():
-    """diffcp cannot differentiate power cones: a clear error, before any solve."""
+def _power_projection_problem(alpha):
+    """Projection onto the power cone x₀^α x₁^(1−α) ≥ |x₂|: its solution is Π(p)."""
     p = cp.Parameter(3)
     x = cp.Variable(3)
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - p)),
-                      [cp.constraints.PowCone3D(x[0], x[1], x[2], 0.3)])
-    with pytest.raises(ValueError, match="power"):
-        conic_layer(prob, [p], [x], solver_args=SCS_TIGHT)
+    con = cp.PowCone3D(x[0], x[1], x[2], alpha)
+    return cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [con]), p, x, con
+
+
+def _power_projection_reference(alpha, v):
+    """x and the duals at Π(v), by CVXPY + SCS at tight tolerance (SCS projects onto the
+    power cone exactly; Clarabel's barrier stops near 1e-6 by the cone's edge)."""
+    prob, p, x, con = _power_projection_problem(alpha)
+    p.value = np.asarray(v, dtype=np.float64)
+    prob.solve(solver=cp.SCS, eps=1e-12, max_iters=100_000)
+    assert prob.status == "optimal"
+    return [np.asarray(o.value, dtype=np.float64) for o in [x] + list(con.dual_variables)]
+
+
+def _in_power_cone(p, alpha, dual=False, tol=1e-12):
+    a, b = (alpha, 1 - alpha)
+    x, y = (p[0] / a, p[1] / b) if dual else (p[0], p[1])
+    return x >= -tol and y >= -tol and max(x, 0) ** a * max(y, 0) ** b >= abs(p[2]) - tol
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_power_cone_projection_and_jacobian_match_central_differences(alpha):
+    """`power_projection`: Moreau's characterization, SCS, central differences.
+
+    p = Π(v) exactly when p ∈ K, q = p − v ∈ K* and pᵀq = 0.
+    """
+    rng = np.random.default_rng(int(10 * alpha))
+    v = np.vstack([rng.standard_normal((6, 3)), [[0.5, 0.5, 2.0], [-1.0, 2.0, 0.3]]])
+    p, D = power_projection(v, np.full(len(v), alpha))
+    h = 1e-6
+    for vi, pi, Di in zip(v, p, D):
+        q = pi - vi
+        assert _in_power_cone(pi, alpha) and _in_power_cone(q, alpha, dual=True)
+        assert abs(pi @ q) < 1e-12
+        assert np.abs(pi - _power_projection_reference(alpha, vi)[0]).max() < 1e-8
+        fd = np.stack([(power_projection(vi + h * e, [alpha])[0][0]
+                        - power_projection(vi - h * e, [alpha])[0][0]) / (2 * h)
+                       for e in np.eye(3)], axis=1)
+        assert np.abs(Di - fd).max() < 1e-6
+    assert np.abs(D - np.eye(3)).max() > 0.1  # some points lie outside the cone
+
+
+def test_dual_power_cone_projection_is_moreaus_complement():
+    """SCS's α < 0 (the dual cone K_α*): Π_K*(v) = v + Π_K(−v), checked by Moreau too."""
+    from declarative.backends.cone_derivative import _dual_power_blocks
+
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((8, 3))
+    alpha = 0.35
+    for signed in (alpha, -alpha):  # K_α (its dual K_α*), or K_α* (its dual K_α)
+        proj, D = _dual_power_blocks(v, np.full(len(v), signed))
+        for vi, pi in zip(v, proj):
+            q = pi - vi  # in the dual of the projection's cone, orthogonal to pi
+            assert _in_power_cone(pi, alpha, dual=signed > 0)
+            assert _in_power_cone(q, alpha, dual=signed < 0) and abs(pi @ q) < 1e-12
+        h = 1e-6
+        for vi, Di in zip(v, D):
+            fd = np.stack([(_dual_power_blocks((vi + h * e)[None], [signed])[0][0]
+                            - _dual_power_blocks((vi - h * e)[None], [signed])[0][0]) / (2 * h)
+                           for e in np.eye(3)], axis=1)
+            assert np.abs(Di - fd).max() < 1e-6
+
+
+def test_power_cone_layer_values_duals_and_gradients():
+    """Power cones (SCS): values and duals are CVXPY's, gradients central differences'."""
+    alpha = 0.3
+    prob, p, x, con = _power_projection_problem(alpha)
+    outputs = [x] + list(con.dual_variables)
+    layer = conic_layer(prob, [p], outputs, solver_args=SCS_TIGHT)
+    rng = np.random.default_rng(3)
+    v = np.array([[0.5, -0.3, 1.2], [1.0, 2.0, -3.0], [-0.4, 0.9, 0.2]])  # outside K and K°
+    vt = as_tensor(v, grad=True)
+    out = layer(vt)
+    for i in range(len(v)):
+        ref = _power_projection_reference(alpha, v[i])
+        for got, r in zip(out, ref):
+            assert np.abs(got[i].detach().numpy() - r).max() < 1e-6
+    weights = [torch.tensor(rng.standard_normal(o.shape), dtype=DT) for o in out]
+    (g,) = weighted_grads(out, [vt], weights)
+
+    def solve(v_):
+        return _power_projection_reference(alpha, v_)
+
+    fd = np.zeros_like(v)
+    h = 1e-6
+    for i in range(len(v)):
+        for j in range(3):
+            e = np.zeros(3)
+            e[j] = h
+            fp, fm = solve(v[i] + e), solve(v[i] - e)
+            fd[i, j] = sum(float((w[i].numpy() * (a - b)).sum())
+                           for w, a, b in zip(weights, fp, fm)) / (2 * h)
+    assert np.abs(g.numpy() - fd).max() < 1e-5
+    assert np.abs(fd).max() > 0.1
+
+
+def test_power_cone_gradient_at_default_settings_and_in_float32():
+    """The closed-form Jacobian of the projection, at SCS's default tolerance."""
+    alpha = 0.6
+    prob, p, x, _ = _power_projection_problem(alpha)
+    layer = conic_layer(prob, [p], [x])
+    v = np.array([0.5, -0.3, 1.2])
+    _, D = power_projection(v, [alpha])
+    for dtype in (torch.float64, torch.float32):
+        vt = as_tensor(v, grad=True, dtype=dtype)
+        (xs,) = layer(vt)
+        assert xs.dtype == dtype
+        J = torch.stack([torch.autograd.grad(xs[k], vt, retain_graph=True)[0]
+                         for k in range(3)])
+        assert np.abs(J.double().numpy() - D[0]).max() < 1e-3
+    assert np.abs(D[0] - np.eye(3)).max() > 0.1
+
+
+def test_power_cones_are_refused_by_solvers_that_drop_them():
+    prob, p, x, _ = _power_projection_problem(0.5)
+    for solver in ("CLARABEL", "ECOS"):
+        with pytest.raises(ValueError, match="power"):
+            conic_layer(prob, [p], [x], solver=solver)
 
 
 # ----------------------------------------------------------------------------
@@ -720,9 +835,10 @@ def test_call_solver_args_override_the_layer_defaults():
     Q, q = as_tensor(rng.standard_normal((m, n))), as_tensor(3 * rng.standard_normal(m))
     (x_full, _), info = layer(Q, q, return_info=True)
     assert info.status == (Status.OPTIMAL,) and info.iterations[0] > 3
+    # 175 of SCS's 200 iterations: an iterate within max_iter's limits.
     with pytest.warns(UserWarning, match="max_iter"):
-        (x_cut, _), info = layer(Q, q, solver_args={"max_iters": 3}, return_info=True)
-    assert info.status == (Status.MAX_ITER,) and info.iterations[0] == 3
+        (x_cut, _), info = layer(Q, q, solver_args={"max_iters": 175}, return_info=True)
+    assert info.status == (Status.MAX_ITER,) and info.iterations[0] == 175
     assert (x_cut - x_full).abs().max() > 1e-6  # the cut-short iterate really differs
     (x_again, _) = layer(Q, q)  # the override did not stick to the layer
     assert torch.equal(x_again, x_full)
