@@ -34,6 +34,7 @@ import functools
 import importlib.util
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -350,13 +351,27 @@ def _run(fn, batch: int, n_jobs: int) -> None:
             for i in range(batch):
                 fn(i)
             return
+        # After an exception (Ctrl-C included) no further sample starts: a queued
+        # one would begin a fresh solve that the interrupt no longer reaches.
+        stop = threading.Event()
+
+        def guarded(i):
+            if stop.is_set():
+                return
+            try:
+                fn(i)
+            except BaseException:
+                stop.set()
+                raise
+
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            for future in [pool.submit(fn, i) for i in range(batch)]:
+            for future in [pool.submit(guarded, i) for i in range(batch)]:
                 future.result()
+        except BaseException:
+            stop.set()
+            raise
         finally:
-            # On an exception (Ctrl-C included) drop the samples not yet started
-            # rather than solving the rest of the batch first.
             pool.shutdown(wait=True, cancel_futures=True)
 
 

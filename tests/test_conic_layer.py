@@ -6,6 +6,10 @@ re-solving, or ``torch.autograd.gradcheck`` in float64.
 """
 
 import functools
+import os
+import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cvxpy as cp
@@ -883,3 +887,51 @@ def test_solvers_agree_with_scs(kw):
     g_o = weighted_grads([x_o], vals, [w])
     for u, v in zip(g_scs, g_o):
         assert (u - v).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Ctrl-C
+# ----------------------------------------------------------------------------
+
+
+def _endless_problem():
+    """x ≥ p, Σx ≤ r with Σp = r − 1e-9 and eps = 1e-14: SCS iterates until stopped."""
+    n = 6
+    p, r, x = cp.Parameter(n), cp.Parameter(), cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= p, cp.sum(x) <= r])
+    # The time limit only bounds a failing test; the interrupt comes long before.
+    args = {"eps": 1e-14, "max_iters": 10**9, "time_limit": 60.0}
+    pv = np.linspace(-1.0, 1.0, n) / 3 + 1.0 / n
+    return conic_layer(prob, [p, r], [x], solver_args=args), pv, pv.sum() - 1e-9
+
+
+def _interrupt_after(seconds):
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.watchdog(90)
+@pytest.mark.parametrize("batch", [1, 3], ids=["serial", "thread-pool"])
+@pytest.mark.parametrize("on_failure", ["raise", "mask"])
+def test_ctrl_c_during_a_solve_raises_keyboard_interrupt(batch, on_failure):
+    """SCS catches SIGINT and stops with status 'interrupted': that is the user's Ctrl-C,
+    never a per-sample failure that on_failure='mask' would swallow."""
+    layer, pv, r = _endless_problem()
+    p = as_tensor(np.tile(pv, (batch, 1)) if batch > 1 else pv, grad=True)
+    rt = as_tensor(np.full(batch, r) if batch > 1 else r)
+    timer = _interrupt_after(0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            layer(p, rt, on_failure=on_failure)
+    finally:
+        timer.cancel()
+    # The process still takes Ctrl-C the Python way, and the layer still solves.
+    timer = _interrupt_after(0.05)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(5)
+    finally:
+        timer.cancel()
+    (x,), info = layer(p, rt + 1.0, solver_args={"eps": 1e-8}, return_info=True)
+    assert info.ok and torch.isfinite(x).all()
