@@ -10,12 +10,15 @@ import os
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import cvxpy as cp
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
+from declarative.backends import conic
 from declarative.backends.cone_derivative import power_projection
 from helpers import (
     CLARABEL_ARGS,
@@ -31,7 +34,7 @@ from helpers import (
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from declarative import Status
+from declarative import SolverError, Status
 
 DT = torch.float64
 
@@ -549,6 +552,126 @@ def test_dual_variable_gradients_match_central_differences():
 
 
 # ----------------------------------------------------------------------------
+# Derivatives at the solver's default tolerance
+# ----------------------------------------------------------------------------
+
+
+def _soc_dual_problem():
+    """min cᵀx + 0.1‖x‖² s.t. ‖x‖ ≤ t. With ‖c‖ > 0.2t the ball is active:
+    x = −t c/‖c‖ and its dual λ = ‖c‖ − 0.2t, so dλ/dt = −0.2 and dλ/dc = c/‖c‖."""
+    n = 3
+    c, t, x = cp.Parameter(n), cp.Parameter(nonneg=True), cp.Variable(n)
+    ball = cp.norm(x) <= t
+    prob = cp.Problem(cp.Minimize(c @ x + 0.1 * cp.sum_squares(x)), [ball])
+    return prob, [c, t], [x, ball.dual_variables[0]]
+
+
+@pytest.mark.parametrize("mode", ["auto", "dense", "lsqr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("scale", [1.0, 1e3], ids=["unit", "c-1e3"])
+def test_soc_dual_derivative_at_default_tolerance_matches_the_closed_form(mode, dtype, scale):
+    """SCS at its default 1e-4: the dual's derivative within 1e-3 (relative) of the closed
+    form. An exact solve of diffcp's singular residual-map system gave dλ/dt = −0.08."""
+    prob, params, outputs = _soc_dual_problem()
+    layer = conic_layer(prob, params, outputs, solver_args={"mode": mode})
+    c = scale * np.array([[0.5, 0.3, -0.2], [-0.4, 0.9, 0.1], [0.2, 0.2, 0.7]])
+    t = np.array([2.0, 1.5, 0.5])
+    ct, tt = as_tensor(c, grad=True, dtype=dtype), as_tensor(t, grad=True, dtype=dtype)
+    x, lam = layer(ct, tt)
+    norm = np.linalg.norm(c, axis=1)
+    assert (norm > 0.2 * t).all()
+    assert np.abs(lam.detach().double().numpy() - (norm - 0.2 * t)).max() < 1e-3 * norm.max()
+    gc, gt = torch.autograd.grad(lam.sum(), [ct, tt], retain_graph=True)
+    assert np.abs(gt.double().numpy() + 0.2).max() < 1e-3
+    assert np.abs(gc.double().numpy() - c / norm[:, None]).max() < 1e-3
+    gc, gt = torch.autograd.grad(x.sum(), [ct, tt])  # x = −t c/‖c‖
+    assert np.abs(gt.double().numpy() + c.sum(1) / norm).max() < 1e-3
+
+
+def _isotonic(y):
+    """Pool-adjacent-violators: the isotonic regression of y and its Jacobian."""
+    blocks = []
+    for i, v in enumerate(y):
+        blocks.append([v, 1, [i]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, idx = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+            blocks[-1][2] += idx
+    x, J = np.zeros(len(y)), np.zeros((len(y), len(y)))
+    for total, count, idx in blocks:
+        x[idx] = total / count
+        J[np.ix_(idx, idx)] = 1.0 / count
+    return x, J
+
+
+def test_isotonic_regression_gradient_at_default_tolerance_is_as_good_as_lsqr():
+    """Default settings against the closed form (PAVA), and no worse than diffcp's LSQR
+    adjoint (cvxpylayers' method) on the same forward solve."""
+    n, B = 20, 4
+    y, x = cp.Parameter(n), cp.Variable(n)
+    layer = conic_layer(cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [cp.diff(x) >= 0]),
+                        [y], [x])
+    rng = np.random.default_rng(0)
+    yv = np.cumsum(rng.standard_normal((B, n)), axis=1) * 0.3 + rng.standard_normal((B, n))
+    w = rng.standard_normal((B, n))
+    refs = [_isotonic(v) for v in yv]
+    assert max(np.count_nonzero(np.diag(J) < 1) for _, J in refs) > 3  # pooled blocks
+    errs = {}
+    for mode in ("auto", "lsqr"):
+        yt = as_tensor(yv, grad=True)
+        (xs,) = layer(yt, solver_args={"mode": mode})
+        (g,) = torch.autograd.grad(xs, yt, torch.from_numpy(w))
+        errs[mode] = max(np.abs(g[i].numpy() - J.T @ w[i]).max() for i, (_, J) in enumerate(refs))
+    assert errs["auto"] < 1e-3
+    assert errs["auto"] <= 1.01 * errs["lsqr"] + 1e-9
+
+
+def test_lp_point_inside_a_nearly_optimal_face_gives_a_bounded_gradient():
+    """c₃ = −1 + 1e-6: the vertex x = (1, 1, 0.5, 0) is optimal and x is locally constant
+    in c, but SCS stops inside the nearly optimal face (x₃ ≈ 0.83). The residual map is
+    singular there; its unresolved direction is dropped, not divided by ~1e-16."""
+    n = 4
+    c, x = cp.Parameter(n), cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(c @ x), [x >= 0, x <= 1, cp.sum(x) <= 2.5])
+    layer = conic_layer(prob, [c], [x])
+    ct = as_tensor([-1.0, -1.0, -1.0 + 1e-6, 0.5], grad=True)
+    (xs,), info = layer(ct, return_info=True)
+    assert info.ok and abs(float(xs[2]) - 0.5) > 0.1  # SCS's point is not the vertex
+    (g,) = torch.autograd.grad(xs @ torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT), ct)
+    assert torch.isfinite(g).all() and g.abs().max() < 1e-3
+
+
+def test_adjoint_methods_agree_with_each_other_and_with_diffcp_at_tight_tolerance():
+    """Dense (deflated LU), LSQR and LSMR (deflated operator) give one adjoint; at an
+    accurate point it is diffcp's own (its dense mode is exact there)."""
+    from declarative.backends.cone_derivative import ConeAdjoint
+    from diffcp.cone_program import solve_and_derivative_internal
+
+    prob, params, _ = _soc_dual_problem()
+    params[0].value, params[1].value = np.array([0.5, 0.3, -0.2]), 2.0
+    data, _, _ = prob.get_problem_data(cp.DIFFCP)
+    from cvxpy.reductions.solvers.conic_solvers.scs_conif import dims_to_solver_dict
+
+    A, b, c = data["A"].tocsc(), data["b"], data["c"]
+    cone_dict = dims_to_solver_dict(data["dims"])
+    ref = solve_and_derivative_internal(A.copy(), b, c, cone_dict, solve_method="SCS",
+                                        mode="dense", eps_abs=1e-12, eps_rel=1e-12,
+                                        max_iters=100_000)
+    x, y, s = ref["x"], ref["y"], ref["s"]
+    rows, cols = A.indices, np.repeat(np.arange(A.shape[1]), np.diff(A.indptr))
+    rng = np.random.default_rng(2)
+    dx, dy = rng.standard_normal(x.size), rng.standard_normal(y.size)
+    gA, gb, gc = ref["DT"](dx, dy, np.zeros(y.size))
+    for method in ("dense", "lsqr", "lsmr"):
+        adjoint = ConeAdjoint.at(A, b, c, cone_dict, x, y, s, rows, cols, method)
+        dA, db, dc = adjoint(dx, dy, np.zeros(y.size))
+        assert np.abs(dA - gA.toarray()[rows, cols]).max() < 1e-6, method
+        assert np.abs(db - gb).max() < 1e-6 and np.abs(dc - gc).max() < 1e-6, method
+    assert np.abs(gb).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------
 # Batching
 # ----------------------------------------------------------------------------
 
@@ -827,6 +950,70 @@ def test_geometric_program_parameter_as_coefficient_and_exponent():
     assert np.abs(got.numpy() - ref).max() < 1e-6
 
 
+def _gp_dual_problem():
+    """Two active constraints, so both duals are nonzero."""
+    x, y, z = (cp.Variable(pos=True) for _ in range(3))
+    a, b, c = (cp.Parameter(pos=True) for _ in range(3))
+    area = a * (x * y + x * z + y * z) <= b
+    ratio = x <= c * y
+    prob = cp.Problem(cp.Minimize(1 / (x * y * z)), [area, ratio, z <= 2 * x])
+    assert prob.is_dgp(dpp=True)
+    return prob, [a, b, c], [x, area.dual_variables[0], ratio.dual_variables[0]]
+
+
+def test_geometric_program_duals_are_cvxpys_and_their_gradients_central_differences():
+    """A GP's dual variables are, as CVXPY defines them, its log-space problem's duals."""
+    prob, params, outputs = _gp_dual_problem()
+    layer = conic_layer(prob, params, outputs, gp=True, solver_args=SCS_EXP)
+    vals = np.array([2.0, 3.0, 0.8])
+    ts = [as_tensor(v, grad=True) for v in vals]
+    got = torch.stack(layer(*ts))
+    ref = _gp_reference(prob, params, outputs, vals)
+    assert np.abs(got.detach().numpy() - ref).max() < 1e-6
+    assert (np.abs(ref[1:]) > 0.05).all()  # both constraints active
+    w = np.array([0.7, -1.1, 0.9])
+    grads = torch.autograd.grad((torch.from_numpy(w) * got).sum(), ts)
+    h = 1e-5
+    for k in range(3):
+        e = np.zeros(3)
+        e[k] = h
+        fd = (w @ _gp_reference(prob, params, outputs, vals + e)
+              - w @ _gp_reference(prob, params, outputs, vals - e)) / (2 * h)
+        assert abs(float(grads[k]) - fd) < 1e-4 * max(1.0, abs(fd)), (k, float(grads[k]), fd)
+
+
+def test_geometric_program_duals_with_auxiliary_log_space_constraints():
+    """pf_eigenvalue adds a constraint in log space: the duals still line up."""
+    X = cp.Variable((2, 2), pos=True)
+    a = cp.Parameter(pos=True)
+    cons = [X[0, 0] >= a, X[0, 1] * X[1, 0] >= 0.5, X[1, 1] >= 0.3 * a]
+    prob = cp.Problem(cp.Minimize(cp.pf_eigenvalue(X)), cons)
+    target, _ = cp.reductions.Dgp2Dcp(prob).apply(prob)
+    assert len(target.constraints) > len(cons)
+    outputs = [X] + [con.dual_variables[0] for con in cons]
+    layer = conic_layer(prob, [a], outputs, gp=True, solver_args=SCS_EXP)
+    got = layer(as_tensor(1.5))
+    a.value = 1.5
+    try:
+        prob.solve(gp=True, solver=cp.SCS, **SCS_EXP)
+        ref = [X.value] + [con.dual_value for con in cons]
+    finally:
+        a.value = None
+    for g, r in zip(got, ref):
+        assert np.abs(g.numpy() - r).max() < 1e-6
+    assert min(abs(float(con.dual_value)) for con in cons) > 1e-2
+
+
+def test_geometric_program_batched_duals_at_default_settings():
+    prob, params, outputs = _gp_dual_problem()
+    layer = conic_layer(prob, params, outputs, gp=True)
+    vals = np.array([[2.0, 3.0, 0.8], [1.0, 4.0, 0.5], [3.0, 2.0, 0.9]])
+    got = torch.stack(layer(*[as_tensor(vals[:, k]) for k in range(3)]), dim=1)
+    for i in range(3):
+        ref = _gp_reference(prob, params, outputs, vals[i])
+        assert np.abs(got[i].numpy() - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+
+
 # ----------------------------------------------------------------------------
 # Solver choice
 # ----------------------------------------------------------------------------
@@ -887,6 +1074,108 @@ def test_solvers_agree_with_scs(kw):
     g_o = weighted_grads([x_o], vals, [w])
     for u, v in zip(g_scs, g_o):
         assert (u - v).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Status policy: a returned point is within its status's limits, or a failure
+# ----------------------------------------------------------------------------
+
+
+def _box_projection_layer():
+    y, z = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(z - y)), [z >= 0, z <= 1])
+    return conic_layer(prob, [y], [z]), y
+
+
+def _sqrt_layer():
+    a, u = cp.Parameter(), cp.Variable()
+    return conic_layer(cp.Problem(cp.Minimize(-cp.sqrt(u)), [u >= a]), [a], [u])
+
+
+UNUSABLE = {
+    # SCS stops at max_iters on (−663545, 1.001): 1e3 times suboptimal.
+    "huge-data": (lambda: _box_projection_layer()[0], [1e30, 0.5], {}),
+    # Unbounded below without a ray: SCS returned u = 6.7e6 as optimal_inaccurate.
+    "unbounded-no-ray": (_sqrt_layer, 1.0, {}),
+    # Five iterations: 74 % infeasible, reported max_iter.
+    "five-iterations": (lambda: _box_projection_layer()[0], [2.0, -0.5], {"max_iters": 5}),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_an_unusable_point_is_a_failure_never_a_warning(case):
+    make, value, args = UNUSABLE[case]
+    layer = make()
+    v = as_tensor(value, grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no max_iter/inaccurate warning of ours
+        warnings.filterwarnings("ignore", message="Solved/Inaccurate")  # diffcp's own
+        (out,), info = layer(v, solver_args=args, on_failure="mask", return_info=True)
+        with pytest.raises(SolverError):
+            layer(v, solver_args=args)
+    status = info.status[0]
+    assert status in (Status.NUMERICAL_ERROR, Status.UNBOUNDED), status
+    assert torch.isnan(out).all()
+    measures = info.residuals[0]
+    limits = conic.ACCURACY[Status.MAX_ITER]
+    assert max(measures[:2]) > limits.residual or measures[2] > limits.suboptimality
+    (g,) = torch.autograd.grad(torch.nan_to_num(out).sum(), v)
+    assert (g == 0).all()
+
+
+def _judged(status, A, b, c, x, y, s):
+    A = sp.csc_matrix(np.asarray(A, dtype=np.float64))
+    b, c, x, y, s = (np.asarray(v, dtype=np.float64) for v in (b, c, x, y, s))
+    return conic.judge(status, conic._residuals(A, b, c, x, y, s), A, b, c, x, y, s)
+
+
+def test_status_judgement_per_status_and_certificates():
+    """`judge` on hand-made points (SCS form: Ax + s = b, s ≥ 0; Aᵀy + c = 0)."""
+    # min x s.t. x ≥ −1: x = −1, s = 0, y = 1 is optimal.
+    one = ([[-1.0]], [1.0], [1.0])
+    assert _judged(Status.OPTIMAL, *one, [-1], [1], [0]) is Status.OPTIMAL
+    # y 0.5 % off: beyond optimal's limits, within the usable ones.
+    assert _judged(Status.OPTIMAL, *one, [-1], [1.005], [0]) is Status.OPTIMAL_INACCURATE
+    assert _judged(Status.MAX_ITER, *one, [-1], [1.005], [0]) is Status.MAX_ITER
+    # y 50 % off: no approximate solution, and no certificate either.
+    assert _judged(Status.MAX_ITER, *one, [-1], [1.5], [0]) is Status.NUMERICAL_ERROR
+    # min x₁ s.t. x₁ + x₂ ≥ −1 is unbounded: x = (−1e8, 1e8 − 1) is a ray.
+    ray = ([[-1.0, -1.0]], [1.0], [1.0, 0.0])
+    assert _judged(Status.OPTIMAL_INACCURATE, *ray, [-1e8, 1e8 - 1], [1], [0]) \
+        is Status.UNBOUNDED
+    # x ≥ 1 and x ≤ 0 is infeasible: y = (1e8, 1e8) ≥ 0 has Aᵀy = 0, bᵀy < 0.
+    clash = ([[-1.0], [1.0]], [-1.0, 0.0], [0.0])
+    assert _judged(Status.MAX_ITER, *clash, [0.5], [1e8, 1e8], [0, 0]) is Status.INFEASIBLE
+
+
+def test_the_documented_status_limits_are_the_ones_applied():
+    doc = conic.__doc__
+    for status, limits in conic.ACCURACY.items():
+        def short(v):
+            return f"{v:.0e}".replace("e-0", "e-")
+
+        line = (f"{status.value:<20}residuals ≤ {short(limits.residual)}, "
+                f"suboptimality bound ≤ {short(limits.suboptimality)}")
+        assert line in doc, line
+
+
+# ----------------------------------------------------------------------------
+# Optional solvers
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver, package", [("ECOS", "ecos"), ("CLARABEL", "clarabel")])
+def test_a_missing_solver_package_is_named_at_construction_and_at_call(monkeypatch, solver,
+                                                                        package):
+    monkeypatch.setattr(conic, "_importable", lambda name: name != package)
+    prob, params, outputs = _soc_dual_problem()
+    with pytest.raises(ImportError, match=rf"(?i){solver}'.*pip install {package}") as err:
+        conic_layer(prob, params, outputs, solver=solver)
+    assert "not installed" in str(err.value)
+    layer = conic_layer(prob, params, outputs)
+    with pytest.raises(ImportError, match=rf"pip install {package}"):
+        layer(as_tensor([0.5, 0.3, -0.2]), as_tensor(2.0),
+              solver_args={"solve_method": solver.capitalize()})
 
 
 # ----------------------------------------------------------------------------
