@@ -93,12 +93,13 @@ SOLVER_KEYS = {
     },
 }
 
-# Largest KKT dimension N = n + m + 1 for which `mode="auto"` picks diffcp's dense
-# adjoint: exact, and accurate where LSQR stops at a few percent (NOTES.md).
-# diffcp builds the dense N×N matrix in the forward pass and factors MMᵀ in the
-# backward; measured here (benchmarks/bench_conic.py, B = 1) dense beats LSQR
-# up to N ≈ 250 (N = 202: 8.8 vs 10.5 ms; N = 302: 16.5 vs 13.7 ms).
-DENSE_MODE_MAX_DIM = 250
+# Largest KKT dimension N = n + m + 1 for which `mode="auto"` picks the dense
+# adjoint (`cone_derivative`: one LU of the deflated N×N matrix in the first
+# backward): exact, and accurate where LSQR stops at a few percent (NOTES.md).
+# Measured here (box-constrained ridge least squares, B = 1, forward + backward,
+# one BLAS thread): dense vs LSQR 13 vs 19 ms at N = 227, 25 vs 34 at N = 327,
+# 60 vs 72 at N = 447, 265 vs 112 at N = 647.
+DENSE_MODE_MAX_DIM = 400
 
 
 
