@@ -36,6 +36,9 @@ is nonsingular with conditioning set by the rest of M's spectrum, and any
 solution of M̃ᵀ r = g solves Mᵀ r = g up to a multiple of p when g ⟂ z (take
 the inner product with z: zᵀMᵀ = 0, so β‖z‖ pᵀr = zᵀg). At a not-quite-optimal
 point the error is then of the order of the residuals, as it should be.
+Where M̃ has a further direction weaker than the point's accuracy (SCS stopped
+inside a nearly optimal face of a degenerate LP), the dense solve drops it
+(truncated SVD) instead of dividing by it; see `ConeAdjoint._dense_solver`.
 
 Methods: "dense" factors M̃ once (LU; small programs); "lsqr" runs diffcp's
 LSQR on M itself (a least-squares method never resolves the near-null
@@ -56,8 +59,6 @@ import scipy.sparse.linalg as spla
 from diffcp import cones as diffcp_cones
 from scipy.linalg import lapack
 
-# scipy's LSQR/LSMR on the deflated operator (power cones, or mode "lsmr"); it is
-# nonsingular, so a tight tolerance converges.
 ADJOINT_METHODS = ("dense", "lsqr", "lsmr")
 # The accuracy assumed of even an exact point: M̃'s directions weaker than this
 # (relative to its largest singular value) are treated as null.
@@ -67,9 +68,12 @@ ACCURACY_FLOOR = 1e-12
 # SVD_TRIGGER_MARGIN × accuracy (the estimate of σ_min converges from above).
 SINGULAR_VALUE_ITERATIONS = 6
 SVD_TRIGGER_MARGIN = 2.0
+# scipy's LSQR/LSMR on the deflated operator (power cones, or mode "lsmr"): it is
+# nonsingular, so a tight tolerance converges.
 LSQR_TOL = 1e-12
 LSQR_MAX_ITER_FACTOR = 10  # iterations at most this many times N
-# Power-cone projection: bisection on the boundary's |z| to this relative width.
+# Power-cone projection: halvings of the bracket [0, |z₀|] for the boundary's |z|
+# (100 take it below double precision).
 POWER_BISECTION_ITERS = 100
 
 

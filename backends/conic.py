@@ -334,9 +334,37 @@ def _workers(n_jobs: int, batch: int) -> int:
     return max(1, min(n_jobs, batch))
 
 
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    return ThreadpoolController()  # scanning the loaded BLAS libraries costs ~1 ms: once
+class _OneBlasThread:
+    """BLAS limited to one thread while any conic solve or backward runs.
+
+    Reference-counted under a lock: threadpoolctl's limits are process-wide, so
+    two layers called from two threads, each saving and restoring the limit,
+    could leave BLAS at one thread for good.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter = None
+        self._controller = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                if self._controller is None:  # scanning the loaded libraries costs ~1 ms
+                    self._controller = ThreadpoolController()
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
 
 
 def _run(fn, batch: int, n_jobs: int) -> None:
@@ -347,7 +375,7 @@ def _run(fn, batch: int, n_jobs: int) -> None:
     two BLAS threads on a busy two-core machine, 1.3 ms with one).
     """
     workers = _workers(n_jobs, batch)
-    with _blas_controller().limit(limits=1):
+    with _ONE_BLAS_THREAD:
         if workers == 1:
             for i in range(batch):
                 fn(i)
