@@ -1,20 +1,40 @@
-"""Conic backend: solve a batch of cone programs and differentiate it with diffcp.
+"""Conic backend: solve a batch of cone programs and differentiate them.
 
 Problem convention: `declarative.canon.cone` (SCS form, Ax + s = b, s ∈ K).
 
-The forward pass calls diffcp's per-program routine
-(``solve_and_derivative_internal`` with ``raise_on_error=False``) over the
-batch in a thread pool, exactly as diffcp's ``solve_and_derivative_batch``
-does, but keeps each sample's status, iteration count and residuals instead
-of aborting the whole batch at the first infeasible sample. The backward
-pass applies each sample's adjoint derivative (diffcp's ``DT``) and maps the
-result to θ with the cone program's adjoint data map.
+The forward pass calls diffcp's per-program solve routine (``solve_internal``,
+``raise_on_error=False``: SCS, ECOS or Clarabel) over the batch in a thread
+pool, as diffcp's ``solve_and_derivative_batch`` does, but keeps each sample's
+status, iteration count and residuals instead of aborting the whole batch at
+the first infeasible sample. The backward pass applies each sample's adjoint
+(`cone_derivative.ConeAdjoint`: the residual map's derivative with its null
+directions deflated; diffcp's own for the LPGD modes) and maps the result to
+θ with the cone program's adjoint data map.
+
+Status policy (one criterion, applied to every returned point). A solver's
+point is measured by `_residuals`: the scaled primal and dual residuals and a
+weak-duality bound on the relative suboptimality, (cᵀx − p*)/(1 + |cᵀx|).
+Each status that returns a point allows these limits (`ACCURACY`):
+
+    optimal             residuals ≤ 1e-3, suboptimality bound ≤ 1e-2
+    optimal_inaccurate  residuals ≤ 1e-2, suboptimality bound ≤ 1e-1
+    max_iter            residuals ≤ 1e-2, suboptimality bound ≤ 1e-1
+
+A point the solver calls optimal that misses the first line is
+optimal_inaccurate. A point that misses its status's line is not returned: the
+sample is infeasible or unbounded where the point is a certificate of it (a
+ray, `_certificate`), numerical_error otherwise. Infeasible and unbounded
+reported by the solver stand as they are. A Ctrl-C (SIGINT) that stops a solve
+raises KeyboardInterrupt; it is never a per-sample status.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,8 +42,9 @@ from typing import TYPE_CHECKING
 import diffcp
 import numpy as np
 from diffcp.cone_program import solve_and_derivative_internal, solve_internal
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
+from .cone_derivative import ConeAdjoint
 from .status import Status
 
 if TYPE_CHECKING:  # canon's cone module is CVXPY-free, but keep the backend standalone
@@ -31,6 +52,9 @@ if TYPE_CHECKING:  # canon's cone module is CVXPY-free, but keep the backend sta
 
 SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel", "DIFFCP": "SCS"}
 DIFF_MODES = ("auto", "dense", "lsqr", "lsmr", "lpgd", "lpgd_left", "lpgd_right")
+LPGD_MODES = ("lpgd", "lpgd_left", "lpgd_right")  # diffcp's own adjoint (re-solves)
+# The Python package each solve method imports, for a clear error when it is missing.
+SOLVER_PACKAGES = {"SCS": "scs", "ECOS": "ecos", "Clarabel": "clarabel"}
 
 # Keys of solver_args that diffcp itself takes (the rest go to the solver).
 DIFFCP_KEYS = {
@@ -69,18 +93,44 @@ SOLVER_KEYS = {
     },
 }
 
-# Largest KKT dimension N = n + m + 1 for which `mode="auto"` picks diffcp's dense
-# adjoint: exact, and accurate where LSQR stops at a few percent (NOTES.md).
-# diffcp builds the dense N×N matrix in the forward pass and factors MMᵀ in the
-# backward; measured here (benchmarks/bench_conic.py, B = 1) dense beats LSQR
-# up to N ≈ 250 (N = 202: 8.8 vs 10.5 ms; N = 302: 16.5 vs 13.7 ms).
-DENSE_MODE_MAX_DIM = 250
+# Largest KKT dimension N = n + m + 1 for which `mode="auto"` picks the dense
+# adjoint (`cone_derivative`: one LU of the deflated N×N matrix in the first
+# backward): exact, and accurate where LSQR stops at a few percent (NOTES.md).
+# Measured here (box-constrained ridge least squares, B = 1, forward + backward,
+# one BLAS thread): dense vs LSQR 13 vs 19 ms at N = 227, 25 vs 34 at N = 327,
+# 60 vs 72 at N = 447, 265 vs 112 at N = 647.
+DENSE_MODE_MAX_DIM = 400
 
-# A sample reported "solved" whose scaled residuals exceed RESIDUAL_CHECK, or
-# whose suboptimality bound (see `_residuals`) exceeds SUBOPTIMALITY_CHECK, is
-# downgraded to optimal_inaccurate: SCS can stop on a wrong point at large scale.
-RESIDUAL_CHECK = 1e-3
-SUBOPTIMALITY_CHECK = 1e-2
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How far from optimal a returned point may be (the measures of `_residuals`)."""
+
+    residual: float  # scaled primal and dual residuals, each at most this
+    suboptimality: float  # the relative suboptimality bound at most this
+
+    def holds(self, measures) -> bool:
+        primal, dual, bound = measures
+        return max(primal, dual) <= self.residual and bound <= self.suboptimality
+
+
+# The status policy of the module docstring. OPTIMAL's limits sit an order of
+# magnitude above SCS's default tolerance (1e-4), measured our way; a point
+# beyond the usable limits is not an approximate solution (SCS returned
+# (−663545, 1.001) as max_iter for a projection onto [0, 1]², and 6.7e6 as
+# optimal_inaccurate for min −√x, x ≥ 1).
+ACCURACY = {
+    Status.OPTIMAL: Accuracy(residual=1e-3, suboptimality=1e-2),
+    Status.OPTIMAL_INACCURATE: Accuracy(residual=1e-2, suboptimality=1e-1),
+    Status.MAX_ITER: Accuracy(residual=1e-2, suboptimality=1e-1),
+}
+# A failed point is a certificate of unboundedness (infeasibility) when its ray
+# satisfies the constraints to this fraction of its objective (see `_certificate`).
+CERTIFICATE_TOL = 1e-4
+# Objectives smaller than this (∞-norm) are solved lifted to this size (see
+# `objective_scale`): below it SCS's absolute tolerance is a large relative error.
+OBJECTIVE_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -105,6 +155,7 @@ class ConicSettings:
         """
         defaults, call = dict(defaults or {}), dict(call or {})
         method = _solve_method(solver, defaults, call)
+        require_solver(method)
         accepted = SOLVER_KEYS[method]
         out = dict(solve_method=method)
         kwargs = {}
@@ -169,30 +220,42 @@ def _known(key: str) -> bool:
     return any(key in keys for keys in SOLVER_KEYS.values())
 
 
-# What diffcp can differentiate, and which cones each solver takes through it.
-DIFFERENTIABLE_CONES = {"z", "f", "l", "q", "s", "ep", "ed"}
+# Which cones each solver takes through diffcp (diffcp's Clarabel and ECOS
+# interfaces drop power cones). Every one of them is differentiated here
+# (`cone_derivative`: diffcp's projections, and our own for power cones).
 SOLVER_CONES = {
     "SCS": {"z", "f", "l", "q", "s", "ep", "ed", "p"},
     "ECOS": {"z", "f", "l", "q", "ep"},
     "Clarabel": {"z", "f", "l", "q", "s", "ep"},
 }
 CONE_NAMES = {"z": "zero", "f": "zero", "l": "nonnegative", "q": "second-order",
-              "s": "PSD", "ep": "exponential", "ed": "dual exponential", "p": "power"}
+              "s": "PSD", "ep": "exponential", "ed": "dual exponential", "p": "power",
+              "pnd": "n-dimensional power"}
 
 
 def check_cones(cone_dict: dict, solve_method: str) -> None:
-    """Refuse, before any solve, cones that the solver or diffcp's derivative lacks."""
+    """Refuse, before any solve, cones that the solver (through diffcp) lacks."""
     present = {k for k, v in cone_dict.items() if (v if not isinstance(v, list) else len(v))}
     missing = present - SOLVER_CONES[solve_method]
     if missing:
-        names = ", ".join(sorted(CONE_NAMES[k] for k in missing))
+        names = ", ".join(sorted(CONE_NAMES.get(k, k) for k in missing))
         able = [m for m, cones in SOLVER_CONES.items() if present <= cones]
         raise ValueError(f"solve_method {solve_method!r} does not support the {names} cone(s) "
                          f"of this problem; use one of {able or ['none']}.")
-    if present - DIFFERENTIABLE_CONES:
-        names = ", ".join(sorted(CONE_NAMES[k] for k in present - DIFFERENTIABLE_CONES))
-        raise ValueError(f"This problem needs {names} cone(s), which diffcp cannot "
-                         "differentiate; rewrite the constraint with supported atoms.")
+
+
+@functools.cache
+def _importable(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def require_solver(method: str) -> None:
+    """Raise a clear ImportError when the solve method's package is not installed."""
+    package = SOLVER_PACKAGES[method]
+    if not _importable(package):
+        raise ImportError(f"solver {method!r} needs the Python package {package!r}, which is "
+                          f"not installed; install it with `pip install {package}`, or "
+                          "choose another solver (SCS is always available).")
 
 
 def _check_type(where: str, key: str, value, types) -> None:
@@ -233,10 +296,10 @@ class ConicResult:
     status: list[Status]
     iterations: np.ndarray  # (B,)
     residuals: np.ndarray  # (B, 3): primal, dual residual, suboptimality bound (scaled)
-    adjoints: list  # per sample: diffcp's DT or None
+    adjoints: list  # per sample: (dx, dy, ds) -> (dA values, db, dc) of the solver's data, or None
     cone: ConeProgram
     n_jobs_backward: int = 1
-    # Per-sample objective scale σ: the solver saw c/σ (see `solve`).
+    # Per-sample objective scale σ: the solver saw c/σ (see `objective_scale`).
     sigma: np.ndarray | None = None
 
     def vjp(self, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
@@ -246,22 +309,15 @@ class ConicResult:
         dA = np.zeros((B, cone.nnz))
         db = np.zeros((B, cone.m))
         dc = np.zeros((B, cone.n))
-        rows, cols = _nonzero_coordinates(cone)
 
         def one(i):
-            DT = self.adjoints[i]
-            if DT is None or not (np.any(dx[i]) or np.any(dy[i])):
+            adjoint = self.adjoints[i]
+            if adjoint is None or not (np.any(dx[i]) or np.any(dy[i])):
                 return
             sigma = 1.0 if self.sigma is None else self.sigma[i]
             # The solver's problem had c' = c/σ and dual y' = y/σ.
-            gA, gb, gc = DT(dx[i], sigma * dy[i], np.zeros(cone.m))
-            gc = gc / sigma
-            if gA.nnz == cone.nnz:
-                dA[i] = gA.data
-            else:  # explicit zeros dropped somewhere: read by coordinates
-                dA[i] = np.asarray(gA.tocsr()[rows, cols]).ravel()
-            db[i] = gb
-            dc[i] = gc
+            dA[i], db[i], gc = adjoint(dx[i], sigma * dy[i], np.zeros(cone.m))
+            dc[i] = gc / sigma
 
         _run(one, B, self.n_jobs_backward)
         return self.cone.data_adjoint(dc, dA, db)
@@ -278,15 +334,100 @@ def _workers(n_jobs: int, batch: int) -> int:
     return max(1, min(n_jobs, batch))
 
 
+class _OneBlasThread:
+    """BLAS limited to one thread while any conic solve or backward runs.
+
+    Reference-counted under a lock: threadpoolctl's limits are process-wide, so
+    two layers called from two threads, each saving and restoring the limit,
+    could leave BLAS at one thread for good.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter = None
+        self._controller = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                if self._controller is None:  # scanning the loaded libraries costs ~1 ms
+                    self._controller = ThreadpoolController()
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
 def _run(fn, batch: int, n_jobs: int) -> None:
+    """fn(i) for each sample; the first exception (a KeyboardInterrupt too) propagates.
+
+    One BLAS thread per program, as diffcp does: the parallelism is across
+    samples, and a sample's matrices are small (a 250 × 250 LU took 27 ms with
+    two BLAS threads on a busy two-core machine, 1.3 ms with one).
+    """
     workers = _workers(n_jobs, batch)
-    if workers == 1:
-        for i in range(batch):
-            fn(i)
-        return
-    # One BLAS thread per program, as diffcp does: the parallelism is across samples.
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(fn, range(batch)))
+    with _ONE_BLAS_THREAD:
+        if workers == 1:
+            for i in range(batch):
+                fn(i)
+            return
+        # After an exception (Ctrl-C included) no further sample starts: a queued
+        # one would begin a fresh solve that the interrupt no longer reaches.
+        stop = threading.Event()
+
+        def guarded(i):
+            if stop.is_set():
+                return
+            try:
+                fn(i)
+            except BaseException:
+                stop.set()
+                raise
+
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            for future in [pool.submit(guarded, i) for i in range(batch)]:
+                future.result()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def objective_scale(c: np.ndarray) -> np.ndarray:
+    """σ (B,) with which each sample's objective is solved as c/σ.
+
+    Solvers stop on absolute tolerances too (SCS: 1e-4), so an objective of
+    size 1e-4 was "solved" 30 % off. Objectives smaller than OBJECTIVE_FLOOR
+    (∞-norm) are lifted to that size; larger ones are left as written, where
+    the relative tolerances govern (a rescaled problem is another solver run,
+    no more accurate). The solution x is unchanged and the dual scales back
+    as y = σ·y'.
+    """
+    size = np.abs(c).max(axis=1) if c.shape[1] else np.ones(c.shape[0])
+    sigma = np.minimum(size / OBJECTIVE_FLOOR, 1.0)
+    return np.where((sigma > 0) & np.isfinite(sigma), sigma, 1.0)
+
+
+@dataclass
+class _Sample:
+    """One sample's outcome (the solution in the solver's scaling, c/σ)."""
+
+    status: Status
+    iterations: int = 0
+    point: tuple | None = None  # (x, y, s)
+    residuals: tuple | None = None
+    adjoint: object = None
 
 
 def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
@@ -295,6 +436,7 @@ def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
 
     ``warm`` ({"x", "y", "s"}, each (B, ·)) warm-starts SCS from a previous
     solution, per sample where it is finite; other solvers ignore it.
+    Raises KeyboardInterrupt when the user interrupts a solve.
     """
     B = theta.shape[0]
     c, A_vals, b = cone.data(theta)
@@ -305,69 +447,150 @@ def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
     iterations = np.zeros(B, dtype=np.int64)
     residuals = np.full((B, 3), np.nan)
     adjoints: list = [None] * B
-    mode = settings.mode_for(cone)
-    kwargs = dict(settings.solver_kwargs)
-    if settings.derivative_kwargs:
-        kwargs["derivative_kwargs"] = dict(settings.derivative_kwargs)
-    if settings.solve_method == "SCS" and "time_limit_secs" in kwargs:
-        # diffcp re-runs SCS without acceleration when it stops inaccurate unless
-        # acceleration_lookback is given; at a time limit that doubles the wall time.
-        kwargs.setdefault("acceleration_lookback", 10)
-    # Objective scaling: solvers stop on absolute tolerances, so an objective of
-    # size 1e-4 was "solved" 30% off. Each sample is solved with c/σ, σ = ‖c‖∞; the
-    # solution x is unchanged and the dual scales back as y = σ·y'.
-    sigma = np.abs(c).max(axis=1) if c.shape[1] else np.ones(B)
-    sigma = np.where((sigma > 0) & np.isfinite(sigma), sigma, 1.0)
+    sigma = objective_scale(c)
+    run = _SampleSolver(cone, settings, need_derivative)
 
     def one(i):
-        if not (np.all(np.isfinite(c[i])) and np.all(np.isfinite(A_vals[i]))
-                and np.all(np.isfinite(b[i]))):
-            status[i] = Status.INVALID_INPUT
-            return
-        A = cone.matrix(A_vals[i])
-        ci = c[i] / sigma[i]
         start = None
         if warm is not None and settings.solve_method == "SCS":
             xs, ys, ss = (np.asarray(warm[k][i], dtype=np.float64) for k in ("x", "y", "s"))
             if np.isfinite(xs).all() and np.isfinite(ys).all() and np.isfinite(ss).all():
                 start = (xs.copy(), ys / sigma[i], ss.copy())
-        try:
-            if need_derivative:
-                result = solve_and_derivative_internal(
-                    A, b[i].copy(), ci.copy(), cone.cone_dict, warm_start=start,
-                    solve_method=settings.solve_method, mode=mode, raise_on_error=False,
-                    **dict(kwargs))
-            else:
-                kw = dict(kwargs)
-                kw.pop("derivative_kwargs", None)
-                result = solve_internal(A, b[i].copy(), ci.copy(), cone.cone_dict,
-                                        solve_method=settings.solve_method, warm_start=start,
-                                        raise_on_error=False, **kw)
-        except diffcp.SolverError as err:  # ECOS raises instead of reporting
-            status[i] = status_from_diffcp(str(err).rsplit("status", 1)[-1].strip())
-            return
-        except (ArithmeticError, np.linalg.LinAlgError):
-            status[i] = Status.NUMERICAL_ERROR
-            return
-        info = result["info"]
-        st = status_from_diffcp(str(info.get("status", "failure")))
-        iterations[i] = int(info.get("iter", 0))
-        if not st.has_solution:
-            status[i] = st
-            return
-        xi, yi, si = (np.asarray(result[k], dtype=np.float64) for k in ("x", "y", "s"))
-        res = _residuals(A, b[i], ci, xi, yi, si)
-        residuals[i] = res
-        if st is Status.OPTIMAL and (max(res[:2]) > RESIDUAL_CHECK or res[2] > SUBOPTIMALITY_CHECK):
-            st = Status.OPTIMAL_INACCURATE
-        x[i], y[i], s[i] = xi, yi * sigma[i], si
-        status[i] = st
-        if need_derivative:
-            adjoints[i] = result.get("DT")
+        out = run(c[i] / sigma[i], A_vals[i], b[i], start)
+        status[i], iterations[i], adjoints[i] = out.status, out.iterations, out.adjoint
+        if out.residuals is not None:
+            residuals[i] = out.residuals
+        if out.point is not None:
+            x[i], y[i], s[i] = out.point[0], out.point[1] * sigma[i], out.point[2]
 
     _run(one, B, settings.n_jobs_forward)
     return ConicResult(x, y, s, status, iterations, residuals, adjoints, cone,
                        n_jobs_backward=settings.n_jobs_backward, sigma=sigma)
+
+
+class _SampleSolver:
+    """Solve one sample with the settings' solver; judge its point; build its adjoint."""
+
+    def __init__(self, cone: ConeProgram, settings: ConicSettings, need_derivative: bool):
+        self.cone, self.settings, self.need_derivative = cone, settings, need_derivative
+        self.mode = settings.mode_for(cone)
+        self.rows, self.cols = _nonzero_coordinates(cone)
+        kwargs = dict(settings.solver_kwargs)
+        if settings.solve_method == "SCS" and "time_limit_secs" in kwargs:
+            # diffcp re-runs SCS without acceleration when it stops inaccurate unless
+            # acceleration_lookback is given; at a time limit that doubles the wall time.
+            kwargs.setdefault("acceleration_lookback", 10)
+        self.kwargs = kwargs
+
+    def __call__(self, c, A_vals, b, start) -> _Sample:
+        if not (np.all(np.isfinite(c)) and np.all(np.isfinite(A_vals))
+                and np.all(np.isfinite(b))):
+            return _Sample(Status.INVALID_INPUT)
+        A = self.cone.matrix(A_vals)  # the fixed pattern, explicit zeros kept
+        result, failed = self._call_solver(A, b, c, start)
+        if failed is not None:
+            return _Sample(failed)
+        info = result["info"]
+        text = str(info.get("status", "failure"))
+        if "interrupt" in text.lower():  # SCS caught Ctrl-C (SIGINT) and stopped
+            raise KeyboardInterrupt(f"the {self.settings.solve_method} solve was interrupted")
+        status = status_from_diffcp(text)
+        iterations = int(info.get("iter", 0))
+        if not status.has_solution:
+            return _Sample(status, iterations)
+        point = tuple(np.asarray(result[k], dtype=np.float64) for k in ("x", "y", "s"))
+        res = _residuals(A, b, c, *point)
+        status = judge(status, res, A, b, c, *point)
+        if not status.has_solution:
+            return _Sample(status, iterations, residuals=res)
+        # The point's accuracy for the adjoint: its residuals (the suboptimality
+        # bound overstates how far x, y, s are from a solution).
+        adjoint = (self._adjoint(result, A, b, c, point, max(res[:2])) if self.need_derivative
+                   else None)
+        return _Sample(status, iterations, point, res, adjoint)
+
+    def _call_solver(self, A, b, c, start):
+        """(diffcp's result, None), or (None, the failure status) when the solver raised."""
+        method = self.settings.solve_method
+        solver_A = A.copy()
+        solver_A.eliminate_zeros()
+        try:
+            if self.need_derivative and self.mode in LPGD_MODES:
+                kwargs = dict(self.kwargs)
+                if self.settings.derivative_kwargs:
+                    kwargs["derivative_kwargs"] = dict(self.settings.derivative_kwargs)
+                result = solve_and_derivative_internal(
+                    solver_A, b.copy(), c.copy(), self.cone.cone_dict, warm_start=start,
+                    solve_method=method, mode=self.mode, raise_on_error=False, **kwargs)
+            else:
+                result = solve_internal(solver_A, b.copy(), c.copy(), self.cone.cone_dict,
+                                        solve_method=method, warm_start=start,
+                                        raise_on_error=False, **dict(self.kwargs))
+        except diffcp.SolverError as err:  # ECOS raises instead of reporting
+            return None, status_from_diffcp(str(err).rsplit("status", 1)[-1].strip())
+        except (ArithmeticError, np.linalg.LinAlgError):
+            return None, Status.NUMERICAL_ERROR
+        return result, None
+
+    def _adjoint(self, result, A, b, c, point, accuracy):
+        if self.mode in LPGD_MODES:
+            return _diffcp_adjoint(result.get("DT"), self.cone, self.rows, self.cols)
+        x, y, s = point
+        return ConeAdjoint.at(A, b, c, self.cone.cone_dict, x, y, s, self.rows, self.cols,
+                              method=self.mode, accuracy=accuracy)
+
+
+def _diffcp_adjoint(DT, cone: ConeProgram, rows, cols):
+    """diffcp's own adjoint (the LPGD modes), with dA read on our pattern."""
+    if DT is None:
+        return None
+
+    def adjoint(dx, dy, ds):
+        gA, gb, gc = DT(dx, dy, ds)
+        if gA.nnz == cone.nnz:
+            values = gA.data
+        else:  # explicit zeros dropped somewhere: read by coordinates
+            values = np.asarray(gA.tocsr()[rows, cols]).ravel()
+        return values, gb, gc
+
+    return adjoint
+
+
+# ---------------------------------------------------------------------------
+# The status policy
+# ---------------------------------------------------------------------------
+
+def judge(status: Status, measures, A, b, c, x, y, s) -> Status:
+    """The status a returned point earns under `ACCURACY` (see the module docstring).
+
+    ``measures`` are `_residuals`' (primal, dual, suboptimality bound). An
+    "optimal" point beyond OPTIMAL's limits is optimal_inaccurate; a point
+    beyond its status's limits is no solution: infeasible or unbounded where
+    it is a certificate of that (`_certificate`), numerical_error otherwise.
+    """
+    if status is Status.OPTIMAL and not ACCURACY[Status.OPTIMAL].holds(measures):
+        status = Status.OPTIMAL_INACCURATE
+    if ACCURACY[status].holds(measures):
+        return status
+    return _certificate(A, b, c, x, y, s) or Status.NUMERICAL_ERROR
+
+
+def _certificate(A, b, c, x, y, s) -> Status | None:
+    """Infeasible or unbounded when the diverging point proves it (SCS's tests).
+
+    Unbounded: x is a ray (Ax + s ≈ 0 for s ∈ K, since the point's s is the
+    solver's) of strictly decreasing objective, ‖Ax + s‖∞ ≤ tol·(−cᵀx)/‖c‖∞.
+    Infeasible: y ∈ K* with Aᵀy ≈ 0 and bᵀy < 0, ‖Aᵀy‖∞ ≤ tol·(−bᵀy)/‖b‖∞.
+    """
+    def inf(v):
+        return float(np.linalg.norm(v, np.inf)) if v.size else 0.0
+
+    cx, by = float(c @ x), float(b @ y)
+    if cx < 0 and inf(A @ x + s) * inf(c) <= CERTIFICATE_TOL * -cx:
+        return Status.UNBOUNDED
+    if by < 0 and inf(A.T @ y) * inf(b) <= CERTIFICATE_TOL * -by:
+        return Status.INFEASIBLE
+    return None
 
 
 def _residuals(A, b, c, x, y, s) -> tuple[float, float, float]:
@@ -388,4 +611,5 @@ def _residuals(A, b, c, x, y, s) -> tuple[float, float, float]:
     cx, by = float(c @ x), float(b @ y)
     bound = (abs(cx + by) + float(np.linalg.norm(r_d) * np.linalg.norm(x))
              + float(np.linalg.norm(r_p) * np.linalg.norm(y))) / (1.0 + abs(cx))
-    return primal, dual, bound if math.isfinite(bound) else np.inf
+    measures = (primal, dual, bound)
+    return tuple(v if math.isfinite(v) else np.inf for v in measures)

@@ -17,8 +17,9 @@ ECOS for problems without PSD or dual-exponential cones, so without it the
 two would not run the same solver. Settings:
 
     default    {"solve_method": "SCS"}: SCS's tolerances (1e-4); the
-               differentiation modes differ: ours "auto" (diffcp's dense
-               adjoint at these sizes), cvxpylayers diffcp's "lsqr"
+               differentiation modes differ: ours "auto" (the deflated dense
+               adjoint of `cone_derivative` at these sizes, softmax-100 is
+               LSQR), cvxpylayers diffcp's "lsqr"
     eps=1e-8   as default with {"eps": 1e-8}
     lsqr       {"mode": "lsqr"}: the same adjoint in both, apples to apples
     dense      {"mode": "dense"} (not run unless named in --settings)

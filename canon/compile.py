@@ -245,9 +245,34 @@ def _conic_form(problem, parameters, variables, compiled) -> Form:
     data, param_prob, S, ids = _canonical(
         problem, parameters, compiled, lambda t: t.get_problem_data(cp.DIFFCP))
     cone = from_param_cone_prog(param_prob, S, cone_dict_from_dims(data["dims"]))
+    gp_constraints = (_gp_constraint_ids(problem, compiled._dcp[0])
+                      if compiled.gp and _wants_duals(problem, variables) else None)
     outputs = tuple(_recoveries(problem, variables, param_prob, ids, cone.n, cone.m,
-                                compiled.gp))
+                                compiled.gp, gp_constraints))
     return Form("conic", cone, outputs)
+
+
+def _wants_duals(problem, variables) -> bool:
+    primal = set(problem.variables())
+    return any(v not in primal for v in variables)
+
+
+def _gp_constraint_ids(problem, target) -> dict:
+    """User constraint id -> id of its log-space constraint in ``target`` (Dgp2Dcp's output).
+
+    The geometric program's dual variables are, by CVXPY's definition, the duals
+    of the log-space problem's constraints (``Dgp2Dcp.invert`` passes them through
+    unchanged). The reduction that built ``target`` is not kept, so it is applied
+    again: it is deterministic, and its constraint list lines up with ``target``'s
+    position by position (auxiliary constraints included).
+    """
+    again, inverse = cp.reductions.Dgp2Dcp(problem).apply(problem)
+    if len(again.constraints) != len(target.constraints):
+        raise ProblemError("the log-space reformulation of this geometric program is not "
+                           "reproducible; its dual variables cannot be located.")
+    position = {con.id: k for k, con in enumerate(again.constraints)}
+    return {cid: target.constraints[position[log_id]].id
+            for cid, log_id in inverse.cons_id_map.items() if log_id in position}
 
 
 # The QP engine works on dense blocks (Q is n×n per sample, the Schur system
@@ -293,7 +318,13 @@ def _structured_forms(problem, parameters, variables, compiled) -> dict:
     return forms
 
 
-def _recoveries(problem, variables, param_prob, ids, x_size, y_size, gp):
+def _recoveries(problem, variables, param_prob, ids, x_size, y_size, gp,
+                gp_constraints: dict | None = None):
+    """A `Recovery` per requested variable: a primal column block of x or dual rows of y.
+
+    ``gp_constraints`` maps a geometric program's constraints to their log-space
+    ones (`_gp_constraint_ids`), whose duals are the program's duals.
+    """
     var_ids, gp_var_ids, constr_ids = ids
     primal = set(problem.variables())
     owner = {dv.id: con for con in problem.constraints for dv in con.dual_variables}
@@ -308,14 +339,9 @@ def _recoveries(problem, variables, param_prob, ids, x_size, y_size, gp):
             vid = var_ids.get(vid, vid)
             yield primal_recovery(v, param_prob.var_id_to_col[vid], x_size)
             continue
-        if gp:
-            raise NotImplementedError(
-                f"dual variable '{v.name()}' requested with gp=True: the log-space "
-                "reformulation changes the constraints, so their duals are not the geometric "
-                "program's. Request primal variables only."
-            )
         con = owner[v.id]
-        cid = constr_ids.get(con.id, con.id)
+        cid = gp_constraints.get(con.id, con.id) if gp else con.id
+        cid = constr_ids.get(cid, cid)
         if cid not in rows:
             raise NotImplementedError(
                 f"the dual of constraint {con} is not available: CVXPY eliminated or "

@@ -6,12 +6,20 @@ re-solving, or ``torch.autograd.gradcheck`` in float64.
 """
 
 import functools
+import os
+import signal
+import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import cvxpy as cp
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
+from declarative.backends import conic
+from declarative.backends.cone_derivative import power_projection
 from helpers import (
     CLARABEL_ARGS,
     SCS_EXP,
@@ -26,7 +34,7 @@ from helpers import (
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from declarative import Status
+from declarative import SolverError, Status
 
 DT = torch.float64
 
@@ -373,14 +381,128 @@ def test_sdp_clarabel_agrees_with_scs_including_the_psd_dual():
     assert res[0][1].abs().max() > 1e-2  # the PSD constraint is active
 
 
-def test_power_cone_is_refused_at_construction():
-    """diffcp cannot differentiate power cones: a clear error, before any solve."""
+def _power_projection_problem(alpha):
+    """Projection onto the power cone x₀^α x₁^(1−α) ≥ |x₂|: its solution is Π(p)."""
     p = cp.Parameter(3)
     x = cp.Variable(3)
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - p)),
-                      [cp.constraints.PowCone3D(x[0], x[1], x[2], 0.3)])
-    with pytest.raises(ValueError, match="power"):
-        conic_layer(prob, [p], [x], solver_args=SCS_TIGHT)
+    con = cp.PowCone3D(x[0], x[1], x[2], alpha)
+    return cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [con]), p, x, con
+
+
+def _power_projection_reference(alpha, v):
+    """x and the duals at Π(v), by CVXPY + SCS at tight tolerance (SCS projects onto the
+    power cone exactly; Clarabel's barrier stops near 1e-6 by the cone's edge)."""
+    prob, p, x, con = _power_projection_problem(alpha)
+    p.value = np.asarray(v, dtype=np.float64)
+    prob.solve(solver=cp.SCS, eps=1e-12, max_iters=100_000)
+    assert prob.status == "optimal"
+    return [np.asarray(o.value, dtype=np.float64) for o in [x] + list(con.dual_variables)]
+
+
+def _in_power_cone(p, alpha, dual=False, tol=1e-12):
+    a, b = (alpha, 1 - alpha)
+    x, y = (p[0] / a, p[1] / b) if dual else (p[0], p[1])
+    return x >= -tol and y >= -tol and max(x, 0) ** a * max(y, 0) ** b >= abs(p[2]) - tol
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_power_cone_projection_and_jacobian_match_central_differences(alpha):
+    """`power_projection`: Moreau's characterization, SCS, central differences.
+
+    p = Π(v) exactly when p ∈ K, q = p − v ∈ K* and pᵀq = 0.
+    """
+    rng = np.random.default_rng(int(10 * alpha))
+    v = np.vstack([rng.standard_normal((6, 3)), [[0.5, 0.5, 2.0], [-1.0, 2.0, 0.3]]])
+    p, D = power_projection(v, np.full(len(v), alpha))
+    h = 1e-6
+    for vi, pi, Di in zip(v, p, D):
+        q = pi - vi
+        assert _in_power_cone(pi, alpha) and _in_power_cone(q, alpha, dual=True)
+        assert abs(pi @ q) < 1e-12
+        assert np.abs(pi - _power_projection_reference(alpha, vi)[0]).max() < 1e-8
+        fd = np.stack([(power_projection(vi + h * e, [alpha])[0][0]
+                        - power_projection(vi - h * e, [alpha])[0][0]) / (2 * h)
+                       for e in np.eye(3)], axis=1)
+        assert np.abs(Di - fd).max() < 1e-6
+    assert np.abs(D - np.eye(3)).max() > 0.1  # some points lie outside the cone
+
+
+def test_dual_power_cone_projection_is_moreaus_complement():
+    """SCS's α < 0 (the dual cone K_α*): Π_K*(v) = v + Π_K(−v), checked by Moreau too."""
+    from declarative.backends.cone_derivative import _dual_power_blocks
+
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((8, 3))
+    alpha = 0.35
+    for signed in (alpha, -alpha):  # K_α (its dual K_α*), or K_α* (its dual K_α)
+        proj, D = _dual_power_blocks(v, np.full(len(v), signed))
+        for vi, pi in zip(v, proj):
+            q = pi - vi  # in the dual of the projection's cone, orthogonal to pi
+            assert _in_power_cone(pi, alpha, dual=signed > 0)
+            assert _in_power_cone(q, alpha, dual=signed < 0) and abs(pi @ q) < 1e-12
+        h = 1e-6
+        for vi, Di in zip(v, D):
+            fd = np.stack([(_dual_power_blocks((vi + h * e)[None], [signed])[0][0]
+                            - _dual_power_blocks((vi - h * e)[None], [signed])[0][0]) / (2 * h)
+                           for e in np.eye(3)], axis=1)
+            assert np.abs(Di - fd).max() < 1e-6
+
+
+def test_power_cone_layer_values_duals_and_gradients():
+    """Power cones (SCS): values and duals are CVXPY's, gradients central differences'."""
+    alpha = 0.3
+    prob, p, x, con = _power_projection_problem(alpha)
+    outputs = [x] + list(con.dual_variables)
+    layer = conic_layer(prob, [p], outputs, solver_args=SCS_TIGHT)
+    rng = np.random.default_rng(3)
+    v = np.array([[0.5, -0.3, 1.2], [1.0, 2.0, -3.0], [-0.4, 0.9, 0.2]])  # outside K and K°
+    vt = as_tensor(v, grad=True)
+    out = layer(vt)
+    for i in range(len(v)):
+        ref = _power_projection_reference(alpha, v[i])
+        for got, r in zip(out, ref):
+            assert np.abs(got[i].detach().numpy() - r).max() < 1e-6
+    weights = [torch.tensor(rng.standard_normal(o.shape), dtype=DT) for o in out]
+    (g,) = weighted_grads(out, [vt], weights)
+
+    def solve(v_):
+        return _power_projection_reference(alpha, v_)
+
+    fd = np.zeros_like(v)
+    h = 1e-6
+    for i in range(len(v)):
+        for j in range(3):
+            e = np.zeros(3)
+            e[j] = h
+            fp, fm = solve(v[i] + e), solve(v[i] - e)
+            fd[i, j] = sum(float((w[i].numpy() * (a - b)).sum())
+                           for w, a, b in zip(weights, fp, fm)) / (2 * h)
+    assert np.abs(g.numpy() - fd).max() < 1e-5
+    assert np.abs(fd).max() > 0.1
+
+
+def test_power_cone_gradient_at_default_settings_and_in_float32():
+    """The closed-form Jacobian of the projection, at SCS's default tolerance."""
+    alpha = 0.6
+    prob, p, x, _ = _power_projection_problem(alpha)
+    layer = conic_layer(prob, [p], [x])
+    v = np.array([0.5, -0.3, 1.2])
+    _, D = power_projection(v, [alpha])
+    for dtype in (torch.float64, torch.float32):
+        vt = as_tensor(v, grad=True, dtype=dtype)
+        (xs,) = layer(vt)
+        assert xs.dtype == dtype
+        J = torch.stack([torch.autograd.grad(xs[k], vt, retain_graph=True)[0]
+                         for k in range(3)])
+        assert np.abs(J.double().numpy() - D[0]).max() < 1e-3
+    assert np.abs(D[0] - np.eye(3)).max() > 0.1
+
+
+def test_power_cones_are_refused_by_solvers_that_drop_them():
+    prob, p, x, _ = _power_projection_problem(0.5)
+    for solver in ("CLARABEL", "ECOS"):
+        with pytest.raises(ValueError, match="power"):
+            conic_layer(prob, [p], [x], solver=solver)
 
 
 # ----------------------------------------------------------------------------
@@ -427,6 +549,126 @@ def test_dual_variable_gradients_match_central_differences():
     for g, f in zip(got, fd):
         assert (g - f).abs().max() < 1e-4
     assert max(float(g.abs().max()) for g in got) > 1e-2
+
+
+# ----------------------------------------------------------------------------
+# Derivatives at the solver's default tolerance
+# ----------------------------------------------------------------------------
+
+
+def _soc_dual_problem():
+    """min cᵀx + 0.1‖x‖² s.t. ‖x‖ ≤ t. With ‖c‖ > 0.2t the ball is active:
+    x = −t c/‖c‖ and its dual λ = ‖c‖ − 0.2t, so dλ/dt = −0.2 and dλ/dc = c/‖c‖."""
+    n = 3
+    c, t, x = cp.Parameter(n), cp.Parameter(nonneg=True), cp.Variable(n)
+    ball = cp.norm(x) <= t
+    prob = cp.Problem(cp.Minimize(c @ x + 0.1 * cp.sum_squares(x)), [ball])
+    return prob, [c, t], [x, ball.dual_variables[0]]
+
+
+@pytest.mark.parametrize("mode", ["auto", "dense", "lsqr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("scale", [1.0, 1e3], ids=["unit", "c-1e3"])
+def test_soc_dual_derivative_at_default_tolerance_matches_the_closed_form(mode, dtype, scale):
+    """SCS at its default 1e-4: the dual's derivative within 1e-3 (relative) of the closed
+    form. An exact solve of diffcp's singular residual-map system gave dλ/dt = −0.08."""
+    prob, params, outputs = _soc_dual_problem()
+    layer = conic_layer(prob, params, outputs, solver_args={"mode": mode})
+    c = scale * np.array([[0.5, 0.3, -0.2], [-0.4, 0.9, 0.1], [0.2, 0.2, 0.7]])
+    t = np.array([2.0, 1.5, 0.5])
+    ct, tt = as_tensor(c, grad=True, dtype=dtype), as_tensor(t, grad=True, dtype=dtype)
+    x, lam = layer(ct, tt)
+    norm = np.linalg.norm(c, axis=1)
+    assert (norm > 0.2 * t).all()
+    assert np.abs(lam.detach().double().numpy() - (norm - 0.2 * t)).max() < 1e-3 * norm.max()
+    gc, gt = torch.autograd.grad(lam.sum(), [ct, tt], retain_graph=True)
+    assert np.abs(gt.double().numpy() + 0.2).max() < 1e-3
+    assert np.abs(gc.double().numpy() - c / norm[:, None]).max() < 1e-3
+    gc, gt = torch.autograd.grad(x.sum(), [ct, tt])  # x = −t c/‖c‖
+    assert np.abs(gt.double().numpy() + c.sum(1) / norm).max() < 1e-3
+
+
+def _isotonic(y):
+    """Pool-adjacent-violators: the isotonic regression of y and its Jacobian."""
+    blocks = []
+    for i, v in enumerate(y):
+        blocks.append([v, 1, [i]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, idx = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+            blocks[-1][2] += idx
+    x, J = np.zeros(len(y)), np.zeros((len(y), len(y)))
+    for total, count, idx in blocks:
+        x[idx] = total / count
+        J[np.ix_(idx, idx)] = 1.0 / count
+    return x, J
+
+
+def test_isotonic_regression_gradient_at_default_tolerance_is_as_good_as_lsqr():
+    """Default settings against the closed form (PAVA), and no worse than diffcp's LSQR
+    adjoint (cvxpylayers' method) on the same forward solve."""
+    n, B = 20, 4
+    y, x = cp.Parameter(n), cp.Variable(n)
+    layer = conic_layer(cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [cp.diff(x) >= 0]),
+                        [y], [x])
+    rng = np.random.default_rng(0)
+    yv = np.cumsum(rng.standard_normal((B, n)), axis=1) * 0.3 + rng.standard_normal((B, n))
+    w = rng.standard_normal((B, n))
+    refs = [_isotonic(v) for v in yv]
+    assert max(np.count_nonzero(np.diag(J) < 1) for _, J in refs) > 3  # pooled blocks
+    errs = {}
+    for mode in ("auto", "lsqr"):
+        yt = as_tensor(yv, grad=True)
+        (xs,) = layer(yt, solver_args={"mode": mode})
+        (g,) = torch.autograd.grad(xs, yt, torch.from_numpy(w))
+        errs[mode] = max(np.abs(g[i].numpy() - J.T @ w[i]).max() for i, (_, J) in enumerate(refs))
+    assert errs["auto"] < 1e-3
+    assert errs["auto"] <= 1.01 * errs["lsqr"] + 1e-9
+
+
+def test_lp_point_inside_a_nearly_optimal_face_gives_a_bounded_gradient():
+    """c₃ = −1 + 1e-6: the vertex x = (1, 1, 0.5, 0) is optimal and x is locally constant
+    in c, but SCS stops inside the nearly optimal face (x₃ ≈ 0.83). The residual map is
+    singular there; its unresolved direction is dropped, not divided by ~1e-16."""
+    n = 4
+    c, x = cp.Parameter(n), cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(c @ x), [x >= 0, x <= 1, cp.sum(x) <= 2.5])
+    layer = conic_layer(prob, [c], [x])
+    ct = as_tensor([-1.0, -1.0, -1.0 + 1e-6, 0.5], grad=True)
+    (xs,), info = layer(ct, return_info=True)
+    assert info.ok and abs(float(xs[2]) - 0.5) > 0.1  # SCS's point is not the vertex
+    (g,) = torch.autograd.grad(xs @ torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT), ct)
+    assert torch.isfinite(g).all() and g.abs().max() < 1e-3
+
+
+def test_adjoint_methods_agree_with_each_other_and_with_diffcp_at_tight_tolerance():
+    """Dense (deflated LU), LSQR and LSMR (deflated operator) give one adjoint; at an
+    accurate point it is diffcp's own (its dense mode is exact there)."""
+    from declarative.backends.cone_derivative import ConeAdjoint
+    from diffcp.cone_program import solve_and_derivative_internal
+
+    prob, params, _ = _soc_dual_problem()
+    params[0].value, params[1].value = np.array([0.5, 0.3, -0.2]), 2.0
+    data, _, _ = prob.get_problem_data(cp.DIFFCP)
+    from cvxpy.reductions.solvers.conic_solvers.scs_conif import dims_to_solver_dict
+
+    A, b, c = data["A"].tocsc(), data["b"], data["c"]
+    cone_dict = dims_to_solver_dict(data["dims"])
+    ref = solve_and_derivative_internal(A.copy(), b, c, cone_dict, solve_method="SCS",
+                                        mode="dense", eps_abs=1e-12, eps_rel=1e-12,
+                                        max_iters=100_000)
+    x, y, s = ref["x"], ref["y"], ref["s"]
+    rows, cols = A.indices, np.repeat(np.arange(A.shape[1]), np.diff(A.indptr))
+    rng = np.random.default_rng(2)
+    dx, dy = rng.standard_normal(x.size), rng.standard_normal(y.size)
+    gA, gb, gc = ref["DT"](dx, dy, np.zeros(y.size))
+    for method in ("dense", "lsqr", "lsmr"):
+        adjoint = ConeAdjoint.at(A, b, c, cone_dict, x, y, s, rows, cols, method)
+        dA, db, dc = adjoint(dx, dy, np.zeros(y.size))
+        assert np.abs(dA - gA.toarray()[rows, cols]).max() < 1e-6, method
+        assert np.abs(db - gb).max() < 1e-6 and np.abs(dc - gc).max() < 1e-6, method
+    assert np.abs(gb).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------
@@ -708,6 +950,70 @@ def test_geometric_program_parameter_as_coefficient_and_exponent():
     assert np.abs(got.numpy() - ref).max() < 1e-6
 
 
+def _gp_dual_problem():
+    """Two active constraints, so both duals are nonzero."""
+    x, y, z = (cp.Variable(pos=True) for _ in range(3))
+    a, b, c = (cp.Parameter(pos=True) for _ in range(3))
+    area = a * (x * y + x * z + y * z) <= b
+    ratio = x <= c * y
+    prob = cp.Problem(cp.Minimize(1 / (x * y * z)), [area, ratio, z <= 2 * x])
+    assert prob.is_dgp(dpp=True)
+    return prob, [a, b, c], [x, area.dual_variables[0], ratio.dual_variables[0]]
+
+
+def test_geometric_program_duals_are_cvxpys_and_their_gradients_central_differences():
+    """A GP's dual variables are, as CVXPY defines them, its log-space problem's duals."""
+    prob, params, outputs = _gp_dual_problem()
+    layer = conic_layer(prob, params, outputs, gp=True, solver_args=SCS_EXP)
+    vals = np.array([2.0, 3.0, 0.8])
+    ts = [as_tensor(v, grad=True) for v in vals]
+    got = torch.stack(layer(*ts))
+    ref = _gp_reference(prob, params, outputs, vals)
+    assert np.abs(got.detach().numpy() - ref).max() < 1e-6
+    assert (np.abs(ref[1:]) > 0.05).all()  # both constraints active
+    w = np.array([0.7, -1.1, 0.9])
+    grads = torch.autograd.grad((torch.from_numpy(w) * got).sum(), ts)
+    h = 1e-5
+    for k in range(3):
+        e = np.zeros(3)
+        e[k] = h
+        fd = (w @ _gp_reference(prob, params, outputs, vals + e)
+              - w @ _gp_reference(prob, params, outputs, vals - e)) / (2 * h)
+        assert abs(float(grads[k]) - fd) < 1e-4 * max(1.0, abs(fd)), (k, float(grads[k]), fd)
+
+
+def test_geometric_program_duals_with_auxiliary_log_space_constraints():
+    """pf_eigenvalue adds a constraint in log space: the duals still line up."""
+    X = cp.Variable((2, 2), pos=True)
+    a = cp.Parameter(pos=True)
+    cons = [X[0, 0] >= a, X[0, 1] * X[1, 0] >= 0.5, X[1, 1] >= 0.3 * a]
+    prob = cp.Problem(cp.Minimize(cp.pf_eigenvalue(X)), cons)
+    target, _ = cp.reductions.Dgp2Dcp(prob).apply(prob)
+    assert len(target.constraints) > len(cons)
+    outputs = [X] + [con.dual_variables[0] for con in cons]
+    layer = conic_layer(prob, [a], outputs, gp=True, solver_args=SCS_EXP)
+    got = layer(as_tensor(1.5))
+    a.value = 1.5
+    try:
+        prob.solve(gp=True, solver=cp.SCS, **SCS_EXP)
+        ref = [X.value] + [con.dual_value for con in cons]
+    finally:
+        a.value = None
+    for g, r in zip(got, ref):
+        assert np.abs(g.numpy() - r).max() < 1e-6
+    assert min(abs(float(con.dual_value)) for con in cons) > 1e-2
+
+
+def test_geometric_program_batched_duals_at_default_settings():
+    prob, params, outputs = _gp_dual_problem()
+    layer = conic_layer(prob, params, outputs, gp=True)
+    vals = np.array([[2.0, 3.0, 0.8], [1.0, 4.0, 0.5], [3.0, 2.0, 0.9]])
+    got = torch.stack(layer(*[as_tensor(vals[:, k]) for k in range(3)]), dim=1)
+    for i in range(3):
+        ref = _gp_reference(prob, params, outputs, vals[i])
+        assert np.abs(got[i].numpy() - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+
+
 # ----------------------------------------------------------------------------
 # Solver choice
 # ----------------------------------------------------------------------------
@@ -720,9 +1026,10 @@ def test_call_solver_args_override_the_layer_defaults():
     Q, q = as_tensor(rng.standard_normal((m, n))), as_tensor(3 * rng.standard_normal(m))
     (x_full, _), info = layer(Q, q, return_info=True)
     assert info.status == (Status.OPTIMAL,) and info.iterations[0] > 3
+    # 175 of SCS's 200 iterations: an iterate within max_iter's limits.
     with pytest.warns(UserWarning, match="max_iter"):
-        (x_cut, _), info = layer(Q, q, solver_args={"max_iters": 3}, return_info=True)
-    assert info.status == (Status.MAX_ITER,) and info.iterations[0] == 3
+        (x_cut, _), info = layer(Q, q, solver_args={"max_iters": 175}, return_info=True)
+    assert info.status == (Status.MAX_ITER,) and info.iterations[0] == 175
     assert (x_cut - x_full).abs().max() > 1e-6  # the cut-short iterate really differs
     (x_again, _) = layer(Q, q)  # the override did not stick to the layer
     assert torch.equal(x_again, x_full)
@@ -767,3 +1074,153 @@ def test_solvers_agree_with_scs(kw):
     g_o = weighted_grads([x_o], vals, [w])
     for u, v in zip(g_scs, g_o):
         assert (u - v).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Status policy: a returned point is within its status's limits, or a failure
+# ----------------------------------------------------------------------------
+
+
+def _box_projection_layer():
+    y, z = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(z - y)), [z >= 0, z <= 1])
+    return conic_layer(prob, [y], [z]), y
+
+
+def _sqrt_layer():
+    a, u = cp.Parameter(), cp.Variable()
+    return conic_layer(cp.Problem(cp.Minimize(-cp.sqrt(u)), [u >= a]), [a], [u])
+
+
+UNUSABLE = {
+    # SCS stops at max_iters on (−663545, 1.001): 1e3 times suboptimal.
+    "huge-data": (lambda: _box_projection_layer()[0], [1e30, 0.5], {}),
+    # Unbounded below without a ray: SCS returned u = 6.7e6 as optimal_inaccurate.
+    "unbounded-no-ray": (_sqrt_layer, 1.0, {}),
+    # Five iterations: 74 % infeasible, reported max_iter.
+    "five-iterations": (lambda: _box_projection_layer()[0], [2.0, -0.5], {"max_iters": 5}),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_an_unusable_point_is_a_failure_never_a_warning(case):
+    make, value, args = UNUSABLE[case]
+    layer = make()
+    v = as_tensor(value, grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no max_iter/inaccurate warning of ours
+        warnings.filterwarnings("ignore", message="Solved/Inaccurate")  # diffcp's own
+        (out,), info = layer(v, solver_args=args, on_failure="mask", return_info=True)
+        with pytest.raises(SolverError):
+            layer(v, solver_args=args)
+    status = info.status[0]
+    assert status in (Status.NUMERICAL_ERROR, Status.UNBOUNDED), status
+    assert torch.isnan(out).all()
+    measures = info.residuals[0]
+    limits = conic.ACCURACY[Status.MAX_ITER]
+    assert max(measures[:2]) > limits.residual or measures[2] > limits.suboptimality
+    (g,) = torch.autograd.grad(torch.nan_to_num(out).sum(), v)
+    assert (g == 0).all()
+
+
+def _judged(status, A, b, c, x, y, s):
+    A = sp.csc_matrix(np.asarray(A, dtype=np.float64))
+    b, c, x, y, s = (np.asarray(v, dtype=np.float64) for v in (b, c, x, y, s))
+    return conic.judge(status, conic._residuals(A, b, c, x, y, s), A, b, c, x, y, s)
+
+
+def test_status_judgement_per_status_and_certificates():
+    """`judge` on hand-made points (SCS form: Ax + s = b, s ≥ 0; Aᵀy + c = 0)."""
+    # min x s.t. x ≥ −1: x = −1, s = 0, y = 1 is optimal.
+    one = ([[-1.0]], [1.0], [1.0])
+    assert _judged(Status.OPTIMAL, *one, [-1], [1], [0]) is Status.OPTIMAL
+    # y 0.5 % off: beyond optimal's limits, within the usable ones.
+    assert _judged(Status.OPTIMAL, *one, [-1], [1.005], [0]) is Status.OPTIMAL_INACCURATE
+    assert _judged(Status.MAX_ITER, *one, [-1], [1.005], [0]) is Status.MAX_ITER
+    # y 50 % off: no approximate solution, and no certificate either.
+    assert _judged(Status.MAX_ITER, *one, [-1], [1.5], [0]) is Status.NUMERICAL_ERROR
+    # min x₁ s.t. x₁ + x₂ ≥ −1 is unbounded: x = (−1e8, 1e8 − 1) is a ray.
+    ray = ([[-1.0, -1.0]], [1.0], [1.0, 0.0])
+    assert _judged(Status.OPTIMAL_INACCURATE, *ray, [-1e8, 1e8 - 1], [1], [0]) \
+        is Status.UNBOUNDED
+    # x ≥ 1 and x ≤ 0 is infeasible: y = (1e8, 1e8) ≥ 0 has Aᵀy = 0, bᵀy < 0.
+    clash = ([[-1.0], [1.0]], [-1.0, 0.0], [0.0])
+    assert _judged(Status.MAX_ITER, *clash, [0.5], [1e8, 1e8], [0, 0]) is Status.INFEASIBLE
+
+
+def test_the_documented_status_limits_are_the_ones_applied():
+    doc = conic.__doc__
+    for status, limits in conic.ACCURACY.items():
+        def short(v):
+            return f"{v:.0e}".replace("e-0", "e-")
+
+        line = (f"{status.value:<20}residuals ≤ {short(limits.residual)}, "
+                f"suboptimality bound ≤ {short(limits.suboptimality)}")
+        assert line in doc, line
+
+
+# ----------------------------------------------------------------------------
+# Optional solvers
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver, package", [("ECOS", "ecos"), ("CLARABEL", "clarabel")])
+def test_a_missing_solver_package_is_named_at_construction_and_at_call(monkeypatch, solver,
+                                                                        package):
+    monkeypatch.setattr(conic, "_importable", lambda name: name != package)
+    prob, params, outputs = _soc_dual_problem()
+    with pytest.raises(ImportError, match=rf"(?i){solver}'.*pip install {package}") as err:
+        conic_layer(prob, params, outputs, solver=solver)
+    assert "not installed" in str(err.value)
+    layer = conic_layer(prob, params, outputs)
+    with pytest.raises(ImportError, match=rf"pip install {package}"):
+        layer(as_tensor([0.5, 0.3, -0.2]), as_tensor(2.0),
+              solver_args={"solve_method": solver.capitalize()})
+
+
+# ----------------------------------------------------------------------------
+# Ctrl-C
+# ----------------------------------------------------------------------------
+
+
+def _endless_problem():
+    """x ≥ p, Σx ≤ r with Σp = r − 1e-9 and eps = 1e-14: SCS iterates until stopped."""
+    n = 6
+    p, r, x = cp.Parameter(n), cp.Parameter(), cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= p, cp.sum(x) <= r])
+    # The time limit only bounds a failing test; the interrupt comes long before.
+    args = {"eps": 1e-14, "max_iters": 10**9, "time_limit": 60.0}
+    pv = np.linspace(-1.0, 1.0, n) / 3 + 1.0 / n
+    return conic_layer(prob, [p, r], [x], solver_args=args), pv, pv.sum() - 1e-9
+
+
+def _interrupt_after(seconds):
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.watchdog(90)
+@pytest.mark.parametrize("batch", [1, 3], ids=["serial", "thread-pool"])
+@pytest.mark.parametrize("on_failure", ["raise", "mask"])
+def test_ctrl_c_during_a_solve_raises_keyboard_interrupt(batch, on_failure):
+    """SCS catches SIGINT and stops with status 'interrupted': that is the user's Ctrl-C,
+    never a per-sample failure that on_failure='mask' would swallow."""
+    layer, pv, r = _endless_problem()
+    p = as_tensor(np.tile(pv, (batch, 1)) if batch > 1 else pv, grad=True)
+    rt = as_tensor(np.full(batch, r) if batch > 1 else r)
+    timer = _interrupt_after(0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            layer(p, rt, on_failure=on_failure)
+    finally:
+        timer.cancel()
+    # The process still takes Ctrl-C the Python way, and the layer still solves.
+    timer = _interrupt_after(0.05)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(5)
+    finally:
+        timer.cancel()
+    (x,), info = layer(p, rt + 1.0, solver_args={"eps": 1e-8}, return_info=True)
+    assert info.ok and torch.isfinite(x).all()

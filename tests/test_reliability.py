@@ -216,7 +216,9 @@ def test_mask_keeps_other_samples_equal_to_solo_solves_nan_and_zero_grad_in_fail
 
 CAPS = {
     "qp": {"max_iter": 2},
-    "conic": {"max_iters": 5},
+    # An iterate within the usable limits of the conic status policy; after 5
+    # iterations it is 74 % infeasible, which is a failure (test_conic_layer).
+    "conic": {"max_iters": 40},
 }
 
 
