@@ -45,6 +45,8 @@ from diffcp.cone_program import solve_and_derivative_internal, solve_internal
 from threadpoolctl import ThreadpoolController
 
 from .cone_derivative import ConeAdjoint
+from .solver_args import DIFFCP_KEYS, SOLVER_KEYS
+from .solver_args import check_type as _check_type
 from .status import Status
 
 if TYPE_CHECKING:  # canon's cone module is CVXPY-free, but keep the backend standalone
@@ -56,46 +58,11 @@ LPGD_MODES = ("lpgd", "lpgd_left", "lpgd_right")  # diffcp's own adjoint (re-sol
 # The Python package each solve method imports, for a clear error when it is missing.
 SOLVER_PACKAGES = {"SCS": "scs", "ECOS": "ecos", "Clarabel": "clarabel"}
 
-# Keys of solver_args that diffcp itself takes (the rest go to the solver).
-DIFFCP_KEYS = {
-    "solve_method": str,
-    "mode": str,
-    "n_jobs_forward": int,
-    "n_jobs_backward": int,
-    "derivative_kwargs": dict,
-    "warm_starts": (list, tuple),
-    "time_limit": (int, float),  # seconds; mapped to the solver's own setting
-}
 TIME_LIMIT_KEYS = {"SCS": "time_limit_secs", "Clarabel": "time_limit"}
-# Solver settings accepted per solve method, with their types (bool < int < float).
-_NUM = (int, float)
-SOLVER_KEYS = {
-    "SCS": {
-        "eps": _NUM, "eps_abs": _NUM, "eps_rel": _NUM, "eps_infeas": _NUM,
-        "max_iters": int, "time_limit_secs": _NUM, "acceleration_lookback": int,
-        "acceleration_interval": int, "normalize": bool, "scale": _NUM,
-        "adaptive_scale": bool, "rho_x": _NUM, "alpha": _NUM, "verbose": bool,
-    },
-    "ECOS": {
-        "abstol": _NUM, "reltol": _NUM, "feastol": _NUM, "abstol_inacc": _NUM,
-        "reltol_inacc": _NUM, "feastol_inacc": _NUM, "max_iters": int, "verbose": bool,
-    },
-    "Clarabel": {
-        "max_iter": int, "time_limit": _NUM, "verbose": bool, "tol_gap_abs": _NUM,
-        "tol_gap_rel": _NUM, "tol_feas": _NUM, "tol_infeas_abs": _NUM, "tol_infeas_rel": _NUM,
-        "tol_ktratio": _NUM, "reduced_tol_gap_abs": _NUM, "reduced_tol_gap_rel": _NUM,
-        "reduced_tol_feas": _NUM, "reduced_tol_infeas_abs": _NUM,
-        "reduced_tol_infeas_rel": _NUM, "reduced_tol_ktratio": _NUM,
-        "max_step_fraction": _NUM, "equilibrate_enable": bool, "equilibrate_max_iter": int,
-        "static_regularization_enable": bool, "static_regularization_constant": _NUM,
-        "dynamic_regularization_enable": bool, "iterative_refinement_enable": bool,
-        "presolve_enable": bool, "direct_solve_method": str, "max_threads": int,
-    },
-}
 
 # Largest KKT dimension N = n + m + 1 for which `mode="auto"` picks the dense
 # adjoint (`cone_derivative`: one LU of the deflated N×N matrix in the first
-# backward): exact, and accurate where LSQR stops at a few percent (NOTES.md).
+# backward): exact, and accurate where LSQR stops at a few percent.
 # Measured here (box-constrained ridge least squares, B = 1, forward + backward,
 # one BLAS thread): dense vs LSQR 13 vs 19 ms at N = 227, 25 vs 34 at N = 327,
 # 60 vs 72 at N = 447, 265 vs 112 at N = 647.
@@ -256,19 +223,6 @@ def require_solver(method: str) -> None:
         raise ImportError(f"solver {method!r} needs the Python package {package!r}, which is "
                           f"not installed; install it with `pip install {package}`, or "
                           "choose another solver (SCS is always available).")
-
-
-def _check_type(where: str, key: str, value, types) -> None:
-    if isinstance(value, np.generic):
-        value = value.item()  # numpy scalars are what many users pass
-    ok = isinstance(value, types) and not (isinstance(value, bool) and types in (_NUM, int))
-    if types is bool:
-        ok = isinstance(value, (bool, np.bool_))
-    if not ok:
-        expected = types.__name__ if isinstance(types, type) else " or ".join(
-            t.__name__ for t in types)
-        raise TypeError(f"{where}[{key!r}] must be {expected}, got {type(value).__name__} "
-                        f"({value!r}).")
 
 
 def status_from_diffcp(text: str) -> Status:

@@ -2,9 +2,14 @@
 
 Public names load lazily (PEP 562), so ``import declarative.canon`` stays
 free of torch: the compile stage is framework-free by design.
+
+A source checkout keeps ``canon/`` and ``backends/`` beside this folder; an
+installed wheel nests them. ``_layout`` makes both import the same way.
 """
 
 from importlib import import_module
+
+from ._layout import register as _register_checkout_stages
 
 __version__ = "0.1.0"
 
@@ -25,6 +30,8 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+_register_checkout_stages(__name__, __file__)
 
 
 def __getattr__(name):

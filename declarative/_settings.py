@@ -27,8 +27,7 @@ def qp_settings(*arg_dicts) -> QPSettings:
     solver this path does not run, and anything else are errors (the latter
     listing the accepted keys). ``eps`` only tightens the default tolerance.
     """
-    from .backends.conic import DIFFCP_KEYS, SOLVER_KEYS
-    from .backends.conic import _check_type as check_type
+    from .backends.solver_args import DIFFCP_KEYS, SOLVER_KEYS, check_type
 
     conic_keys = set(DIFFCP_KEYS).union(*SOLVER_KEYS.values())
     merged = {}

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import diffcp
-
 from .backends.status import Status
 
 
-class SolverError(diffcp.SolverError):
+def _solver_error_base() -> type[Exception]:
+    """``diffcp.SolverError`` where diffcp imports, else a plain ``Exception``.
+
+    Code written for cvxpylayers catches ``diffcp.SolverError`` (cvxpylayers let
+    diffcp's error through), so ours subclasses it whenever diffcp is there. An
+    exported layer on a torch route runs without diffcp (and without CVXPY, which
+    diffcp imports), so diffcp is no hard dependency of this module.
+    """
+    try:
+        from diffcp import SolverError as DiffcpSolverError
+    except ImportError:
+        return Exception
+    return DiffcpSolverError
+
+
+class SolverError(_solver_error_base()):
     """One or more samples of a batch have no usable solution.
 
-    A subclass of ``diffcp.SolverError`` so that code written for cvxpylayers
-    (which let diffcp's error through) keeps catching it. ``indices`` lists the
-    failing batch positions and ``statuses`` their `Status`, in the same order.
+    A subclass of ``diffcp.SolverError`` when diffcp is importable, so that code
+    written for cvxpylayers keeps catching it (of ``Exception`` otherwise).
+    ``indices`` lists the failing batch positions and ``statuses`` their
+    `Status`, in the same order.
     """
 
     def __init__(self, indices: Sequence[int], statuses: Sequence[Status], detail: str = ""):
