@@ -229,7 +229,7 @@ def test_a_huge_cost_on_one_variable_does_not_hide_another():
         assert res.status == [Status.OPTIMAL]
         assert torch.allclose(z.detach(), torch.ones(1, 2, dtype=DT), atol=1e-12)
         (g,) = torch.autograd.grad(z[0, 1], p)
-        assert g.abs().max() == 0
+        assert g.abs().max() <= 1e-15
         assert float(lam[0, 1]) == pytest.approx(1.0, abs=1e-9)
     z = QPFunction(verbose=-1)(Q, torch.tensor([-1e8, -2.0], dtype=DT), G, h, E, E)
     assert torch.allclose(z, torch.ones(1, 2, dtype=DT), atol=1e-12)

@@ -34,8 +34,8 @@ import torch
 from ..status import Status
 from . import ipm
 from .data import QPData
-from .kkt import KKTSystem, choose, indefinite, refuse_indefinite
-from .limit import LimitSystem, active_rows
+from .kkt import KKTSystem, ReducedKKT, choose, indefinite, refuse_indefinite
+from .limit import REFINE_STEPS, LimitSystem, active_rows
 from .scaling import Scaling, equilibrate
 from .settings import QPSettings
 
@@ -90,7 +90,9 @@ def prepare(Q, q, G, h, A, b, batch: int, settings: QPSettings) -> QPData:
 def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bool,
         warm: dict | None = None, with_limit: bool = True) -> QPResult:
     """Solve a batch (``data`` from `prepare`); ``factor``: keep the backward's factors."""
-    scaling = equilibrate(data)
+    # Rows and cost first: enough for the Schur elimination, which absorbs any
+    # column scaling; the reduced one gets Ruiz's column scaling too.
+    scaling = equilibrate(data, columns=False)
     sdata = scaling.apply(data)
     chol = torch.linalg.cholesky_ex(sdata.Q) if settings.kkt != "reduced" else None
     bad_q = indefinite(sdata.Q, chol[1] if chol else torch.linalg.cholesky_ex(sdata.Q)[1],
@@ -98,6 +100,10 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
     if settings.check_psd:
         refuse_indefinite(sdata.Q, bad_q)
     kkt = choose(sdata, settings, chol)
+    if kkt.name == "reduced":
+        scaling = equilibrate(data, columns=True)
+        sdata = scaling.apply(data)
+        kkt = ReducedKKT(sdata, settings)
     eps = settings.tolerance(sdata.dtype)
     warm_scaled = _scale_warm(scaling, warm)
     polish = settings.backward != "unroll" and not settings.fixed_iterations
@@ -151,10 +157,33 @@ def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float):
     that point passes the strict stopping test. Returns (the limit system, the
     indices of samples stopped at the tolerance whose polish failed, or None)."""
     limit = LimitSystem(kkt, _active(it, kkt), factor=True)
+    polishable = torch.isin(it.codes, torch.tensor(POLISHABLE, device=it.codes.device))
+    point, ok = _polished_point(limit, it, kkt, eps, steps=0)
+    if bool((polishable & ~ok).any()):  # more refinement where the entries miss
+        retry, ok2 = _polished_point(limit, it, kkt, eps, steps=REFINE_STEPS)
+        point = tuple(torch.where(ok2.unsqueeze(-1), b, a) for a, b in zip(point, retry))
+        ok = ok | ok2
+    ok = ok & polishable
+    if bool(ok.any()):
+        x, lam, s, nu, res = point
+        keep = ok.unsqueeze(-1)
+        it.x, it.lam = torch.where(keep, x, it.x), torch.where(keep, lam, it.lam)
+        it.s, it.nu = torch.where(keep, s, it.s), torch.where(keep, nu, it.nu)
+        it.residuals = torch.where(keep, res, it.residuals)
+        it.codes = torch.where(ok, ipm.OPTIMAL, it.codes)
+    again = ~ok & (it.codes == ipm.OPTIMAL)
+    limit.stale = bool(again.any())
+    return limit, (again.nonzero().flatten() if limit.stale else None)
+
+
+def _polished_point(limit: LimitSystem, it: ipm.Iterates, kkt: KKTSystem, eps: float,
+                    steps: int):
+    """The KKT point on each sample's active set and whether it passes the strict test
+    (feasible within eps, λ ≥ 0 within eps, residuals within eps)."""
     q, h, b = kkt.vec("q"), kkt.vec("h"), kkt.vec("b")
     free = it.free
     h0 = torch.where(torch.isinf(h), 0.0, h)
-    (x, lam, nu), _ = limit.solve_refined(-q, h0, b)
+    (x, lam, nu), _ = limit.solve_refined(-q, h0, b, steps=steps)
     s = h0 - kkt.G(x)
     if free is not None:
         s = torch.where(free, torch.ones_like(s), s)
@@ -164,18 +193,8 @@ def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float):
         feasible = ((s >= -eps * (1.0 + h0.abs())).all(-1)
                     & (lam >= -eps * scale_l).all(-1))
     s, lam = s.clamp_min(0.0), lam.clamp_min(0.0)
-    r = ipm.residuals(kkt, x, lam, s, nu, q, h0, b, free)
-    polishable = torch.isin(it.codes, torch.tensor(POLISHABLE, device=it.codes.device))
-    ok = feasible & (r["res"].amax(-1) <= eps) & polishable
-    if bool(ok.any()):
-        keep = ok.unsqueeze(-1)
-        it.x, it.lam = torch.where(keep, x, it.x), torch.where(keep, lam, it.lam)
-        it.s, it.nu = torch.where(keep, s, it.s), torch.where(keep, nu, it.nu)
-        it.residuals = torch.where(keep, r["res"], it.residuals)
-        it.codes = torch.where(ok, ipm.OPTIMAL, it.codes)
-    again = ~ok & (it.codes == ipm.OPTIMAL)
-    limit.stale = bool(again.any())
-    return limit, (again.nonzero().flatten() if limit.stale else None)
+    res = ipm.residuals(kkt, x, lam, s, nu, q, h0, b, free)["res"]
+    return (x, lam, s, nu, res), feasible & (res.amax(-1) <= eps)
 
 
 def _iterate_on(it: ipm.Iterates, kkt: KKTSystem, eps, idx, rows) -> None:

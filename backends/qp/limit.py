@@ -142,11 +142,27 @@ class LimitSystem:
         """The right-hand side with the inactive rows' entries removed."""
         return g_z, torch.where(self.active, g_l, torch.zeros_like(g_l)), g_n
 
-    # ---- the direct solve with the gathered factors ---------------------------
-    def solve(self, g_z, g_l, g_n):
+    # ---- gathered coordinates: (a_z, a_c), a_c on each sample's kept rows -----
+    def gather(self, g_l, g_n):
         f = self.factors
-        order, valid, C = f["order"], f["valid"], f["C"]
-        g_c = torch.cat([g_l, g_n], -1).gather(1, order) * valid
+        return torch.cat([g_l, g_n], -1).gather(1, f["order"]) * f["valid"]
+
+    def scatter(self, a_c, p: int):
+        f = self.factors
+        full = torch.zeros(a_c.shape[0], p + self.kkt.m, dtype=a_c.dtype, device=a_c.device)
+        full = full.scatter(1, f["order"], a_c * f["valid"])
+        return full[:, :p], full[:, p:]
+
+    def apply_gathered(self, a_z, a_c):
+        """[[Q, Cᵀ], [C, 0]] (a_z, a_c), padding rows as identity rows: reads only
+        the kept rows C, not all of G."""
+        C, valid = self.factors["C"], self.factors["valid"]
+        top = self.kkt.hess(a_z) + (C.mT @ a_c.unsqueeze(-1)).squeeze(-1)
+        bottom = torch.where(valid, (C @ a_z.unsqueeze(-1)).squeeze(-1), a_c)
+        return top, bottom
+
+    def solve_gathered(self, g_z, g_c):
+        f, C = self.factors, self.factors["C"]
         if self.kkt.name == "schur":
             a_c = _solve(f["L"], (C @ g_z.unsqueeze(-1)).squeeze(-1) - g_c)
             a_z = g_z - (C.mT @ a_c.unsqueeze(-1)).squeeze(-1)
@@ -155,28 +171,31 @@ class LimitSystem:
             u = _solve(f["L"], t)
             a_c = _solve(f["L_S"], (C @ u.unsqueeze(-1)).squeeze(-1) - g_c)
             a_z = _solve(f["L"], t - (C.mT @ a_c.unsqueeze(-1)).squeeze(-1))
-        full = torch.zeros_like(torch.cat([g_l, g_n], -1))
-        full = full.scatter(1, order, a_c * valid)
-        p = g_l.shape[-1]
-        return a_z, full[:, :p], full[:, p:]
+        return a_z, a_c
 
-    def solve_refined(self, g_z, g_l, g_n):
-        """`solve` plus iterative refinement with `apply`; returns (a, converged).
+    def solve(self, g_z, g_l, g_n):
+        """The direct solve in full coordinates (inactive rows' entries are dropped)."""
+        a_z, a_c = self.solve_gathered(g_z, self.gather(g_l, g_n))
+        return (a_z, *self.scatter(a_c, g_l.shape[-1]))
 
-        Refinement runs REFINE_STEPS steps even after the residual's norm is small:
-        a right-hand side with entries of very different sizes (a cost of 1e12 on
-        one variable) has a norm that hides the small entries' residuals, and
-        those keep improving after the norm has stopped.
-        """
-        rhs = self.rhs(g_z, g_l, g_n)
+    def solve_refined(self, g_z, g_l, g_n, steps: int = 1):
+        """`solve` plus at least ``steps`` (at most REFINE_STEPS) steps of iterative
+        refinement, until the residual's norm is within REFINE_TOL; returns
+        (a, converged). A caller that checks entries one by one (the polish) asks
+        for more steps where that check fails: a right-hand side with entries of
+        very different sizes (a cost of 1e12 on one variable) has a norm that
+        hides the small entries' residuals, which keep improving after it stops."""
+        rhs = (g_z, self.gather(g_l, g_n))
         tol = REFINE_TOL.get(g_z.dtype, 1e-12)
         scale = _norm(rhs).clamp_min(torch.finfo(g_z.dtype).tiny)
-        sol = self.solve(*rhs)
-        for _ in range(REFINE_STEPS):
-            resid = [r - a for r, a in zip(rhs, self.apply(*sol))]
-            sol = tuple(s + e for s, e in zip(sol, self.solve(*resid)))
-        err = _norm([r - a for r, a in zip(rhs, self.apply(*sol))]) / scale
-        return sol, err <= tol
+        sol = self.solve_gathered(*rhs)
+        for k in range(REFINE_STEPS + 1):
+            resid = [r - a for r, a in zip(rhs, self.apply_gathered(*sol))]
+            err = _norm(resid) / scale
+            if k == REFINE_STEPS or (k >= steps and bool((err <= tol).all())):
+                break
+            sol = tuple(s + e for s, e in zip(sol, self.solve_gathered(*resid)))
+        return (sol[0], *self.scatter(sol[1], g_l.shape[-1])), err <= tol
 
 
 def _rows(M: torch.Tensor, B: int) -> torch.Tensor:
