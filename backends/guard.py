@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .functorch import is_wrapped
+
 
 class _RefuseSecondOrder(torch.autograd.Function):
     """Identity on a gradient, anchored to the layer's outputs; its backward raises."""
@@ -35,7 +37,6 @@ def guard_second_order(where: str, grads, anchors):
     if not torch.is_grad_enabled():
         return grads
     anchors = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if not anchors or any(isinstance(g, torch.Tensor) and is_wrapped(g) for g in grads):
         return grads
     return tuple(None if g is None else _RefuseSecondOrder.apply(where, g, *anchors)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends.functorch import any_wrapped, unwrap
 from .errors import ParameterTypeError
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -63,11 +64,10 @@ class BatchInfo:
 def functorch_active(*tensors) -> bool:
     """Any tensor wrapped by a torch.func transform (vmap, grad, jacrev, ...)?
 
-    Host reads of such tensors fail: the value checks read through the wrappers
-    (`unwrap`), and the paths skip host-side status reads there.
+    Value checks then read the values through `backends.functorch.unwrap`, and
+    the paths skip host-side status reads there.
     """
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
+    return any_wrapped(*tensors)
 
 
 def describe(value) -> str:
@@ -200,23 +200,6 @@ def check_dense(label: str, value: torch.Tensor, slot) -> None:
 # ---------------------------------------------------------------------------
 # Value checks: non-finite entries and the attribute rule (module docstring)
 # ---------------------------------------------------------------------------
-
-
-def unwrap(value: torch.Tensor) -> torch.Tensor:
-    """The plain tensor under torch.func wrappers, each vmapped dimension moved first.
-
-    Inside vmap/grad/jacrev the layer sees wrapped tensors whose values cannot
-    be read on the host; the values themselves sit in the wrapped tensor. torch
-    has no public accessor for them, so this uses functorch's own unwrapping.
-    The result has shape (*vmapped dims, *logical shape).
-    """
-    F = torch._C._functorch
-    while F.is_functorch_wrapped_tensor(value):
-        bdim = F.maybe_get_bdim(value) if F.is_batchedtensor(value) else -1
-        value = F.get_unwrapped(value)
-        if bdim > 0:
-            value = value.movedim(bdim, 0)
-    return value.detach()
 
 
 def value_failures(label: str, value: torch.Tensor, slot, batched: bool,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .backends import conic
+from .backends.functorch import is_vmapped, is_wrapped
 from .backends.guard import guard_second_order
 
 
@@ -68,10 +69,10 @@ class ConicSolve(torch.autograd.Function):
 
 def refuse_functorch(params) -> None:
     """The conic path runs diffcp in numpy: torch.func transforms cannot see through it."""
-    wrapped = [p for p in params if torch._C._functorch.is_functorch_wrapped_tensor(p)]
+    wrapped = [p for p in params if is_wrapped(p)]
     if not wrapped:
         return
-    which = ("torch.func.vmap" if any(torch._C._functorch.is_batchedtensor(p) for p in wrapped)
+    which = ("torch.func.vmap" if any(is_vmapped(p) for p in wrapped)
              else "torch.func.grad/jacrev/jacfwd/jvp")
     raise NotImplementedError(
         f"{which} is not supported on the conic path: diffcp solves in numpy, outside "

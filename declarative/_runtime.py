@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import _checks
+from .backends.functorch import is_wrapped
 from .backends.status import Status
 from .errors import SolverError
 
@@ -151,7 +152,7 @@ def host(values) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values
     t = values.detach()
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+    if is_wrapped(t):
         # Inside torch.func transforms even bookkeeping tensors come wrapped and
         # have no storage to share; tolist() still reads their values.
         return np.asarray(t.tolist())
