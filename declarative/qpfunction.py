@@ -34,7 +34,6 @@ Deviations from qpth, each deliberate:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from enum import Enum
 from types import SimpleNamespace
 
@@ -42,9 +41,8 @@ import torch
 
 from . import _checks
 from ._runtime import failed_samples, mask_samples, warn_imperfect
+from .backends import solution
 from .backends.qp import QPSettings, solve_qp
-from .backends.qp.engine import QPResult
-from .backends.status import Status
 from .errors import SolverError
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
@@ -92,7 +90,8 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
         warm = _check_warm(warm_start, inputs, batch)
         (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings, warm=warm)
         if invalid:
-            result = MarkedResult.marking(result, invalid)
+            result.codes = result.codes.index_fill(
+                0, torch.tensor(invalid, device=result.codes.device), solution.INVALID)
         status = result.status
         if verbose and verbose > 0:
             its = result.iterations.tolist()
@@ -230,22 +229,3 @@ def _check_warm(warm_start, inputs, batch: int):
                              f"({batch}, {size}): pass the result of a call with the same "
                              "sizes and batch.")
     return warm
-
-
-@dataclass
-class MarkedResult(QPResult):
-    """The engine's result with the samples QPFunction refused marked invalid_input."""
-
-    invalid: tuple = ()
-
-    @classmethod
-    def marking(cls, result: QPResult, invalid) -> MarkedResult:
-        return cls(**{f.name: getattr(result, f.name) for f in fields(result)},
-                   invalid=tuple(invalid))
-
-    @property
-    def status(self) -> list[Status]:
-        status = super().status
-        for i in self.invalid:
-            status[i] = Status.INVALID_INPUT
-        return status

@@ -737,12 +737,17 @@ def test_qpfunction_return_info_and_max_iter_warning():
     Q, q, G, h, A, b = random_qp(19, B=2)
     z, res = QPFunction(verbose=-1)(Q, q, G, h, A, b, return_info=True)
     assert res.status == [Status.OPTIMAL] * 2
+    # Four iterations leave a usable point (residuals within 1e-2): max_iter.
     with pytest.warns(UserWarning, match="max_iter"):
-        z = QPFunction(verbose=0, maxIter=2)(Q, q, G, h, A, b)
+        z = QPFunction(verbose=0, maxIter=4)(Q, q, G, h, A, b)
     assert torch.isfinite(z).all()  # the best iterate, not a failure by default
     with pytest.raises(declarative.SolverError) as info:
-        QPFunction(verbose=-1, maxIter=2, strict=True)(Q, q, G, h, A, b)
+        QPFunction(verbose=-1, maxIter=4, strict=True)(Q, q, G, h, A, b)
     assert info.value.statuses == [Status.MAX_ITER] * 2
+    # One leaves residuals of 0.4: no solution, whatever the cap says.
+    with pytest.raises(declarative.SolverError) as info:
+        QPFunction(verbose=-1, maxIter=1)(Q, q, G, h, A, b)
+    assert info.value.statuses == [Status.NUMERICAL_ERROR] * 2
 
 
 def test_check_q_spd_refuses_indefinite_q_naming_q():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from declarative.backends.qp import solve_qp
-from helpers import qp_kkt_error, qp_polished_reference
+from helpers import qp_kkt_error, qp_polished_reference, random_qp
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -287,9 +287,10 @@ def test_a_far_finite_bound_is_as_good_as_an_infinite_one():
 
 def test_the_silent_flag_silences_printing_not_warnings():
     """verbose=-1 (the qpth spelling) keeps a max_iter sample's warning."""
-    data = optnet_family(2, 10, 20, 0, 2, 1e-4, row_decades=0.0)
-    f = QPFunction(verbose=-1, maxIter=1)
+    data = random_qp(19, B=2)
+    f = QPFunction(verbose=-1, maxIter=4)  # a usable point, not yet optimal
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        f(*data[:4], E, E)
+        z, res = f(*data, return_info=True)
+    assert res.status == [Status.MAX_ITER] * 2
     assert any("max_iter" in str(w.message) for w in caught)

@@ -2,6 +2,6 @@
 
 from .data import QPData as QPData
 from .engine import QPResult as QPResult
-from .function import QPSolve as QPSolve
+from .function import QPProblem as QPProblem
 from .function import solve_qp as solve_qp
 from .settings import QPSettings as QPSettings

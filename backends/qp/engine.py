@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..status import Status
+from .. import solution
+from ..solution import Solution
 from . import ipm
 from .data import QPData
 from .kkt import KKTSystem, ReducedKKT, choose, indefinite, refuse_indefinite
@@ -39,35 +40,30 @@ from .limit import REFINE_STEPS, LimitSystem, active_rows
 from .scaling import Scaling, equilibrate
 from .settings import QPSettings
 
-CODE_TO_STATUS = {
-    ipm.OPTIMAL: Status.OPTIMAL,
-    ipm.INFEASIBLE: Status.INFEASIBLE,
-    ipm.UNBOUNDED: Status.UNBOUNDED,
-    ipm.MAX_ITER: Status.MAX_ITER,
-    ipm.NUMERICAL: Status.NUMERICAL_ERROR,
-    ipm.INACCURATE: Status.OPTIMAL_INACCURATE,
-    ipm.RUNNING: Status.MAX_ITER,
-}
-# Codes whose samples carry no usable point.
-FAILED = (ipm.INFEASIBLE, ipm.UNBOUNDED, ipm.NUMERICAL)
+# The interior point's codes as the shared status codes (`solution.CODES`).
+_SHARED = torch.tensor([0] * 7)
+for _ipm, _code in ((ipm.RUNNING, solution.MAX_ITER), (ipm.OPTIMAL, solution.OPTIMAL),
+                    (ipm.INFEASIBLE, solution.INFEASIBLE), (ipm.UNBOUNDED, solution.UNBOUNDED),
+                    (ipm.MAX_ITER, solution.MAX_ITER), (ipm.NUMERICAL, solution.NUMERICAL),
+                    (ipm.INACCURATE, solution.INACCURATE)):
+    _SHARED[_ipm] = _code
 
 
 @dataclass
-class QPResult:
-    z: torch.Tensor  # (B, n) primal solution, user's units
-    lam: torch.Tensor  # (B, p) inequality multipliers
-    nu: torch.Tensor  # (B, m) equality multipliers
-    s: torch.Tensor  # (B, p) slacks h − Gz (+inf on h = +inf rows)
-    codes: torch.Tensor  # (B,) ipm codes
-    iterations: torch.Tensor  # (B,)
-    residuals: torch.Tensor  # (B, 3) scaled primal, dual, complementarity
-    kkt: KKTSystem  # the elimination (equilibrated problem)
-    scaling: Scaling
-    limit: LimitSystem | None  # the backward's system (None without a backward)
+class QPResult(Solution):
+    """The batch's solution (user's units) and what the backward needs.
 
-    @property
-    def status(self) -> list[Status]:
-        return [CODE_TO_STATUS[int(c)] for c in self.codes.tolist()]
+    ``residuals``: the interior point's scaled primal residual, dual residual and
+    complementarity (`ipm`), on the equilibrated problem.
+    """
+
+    z: torch.Tensor = None  # (B, n) primal solution
+    lam: torch.Tensor = None  # (B, p) inequality multipliers
+    nu: torch.Tensor = None  # (B, m) equality multipliers
+    s: torch.Tensor = None  # (B, p) slacks h − Gz (+inf on h = +inf rows)
+    kkt: KKTSystem = None  # the elimination (equilibrated problem)
+    scaling: Scaling = None
+    limit: LimitSystem | None = None  # the backward's system (None without a backward)
 
     @property
     def factor(self) -> dict | None:
@@ -129,7 +125,9 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
     z, s, lam, nu = scaling.solution(kkt.to_original(it.x), it.s, it.lam, it.nu)
     if it.free is not None:
         s = torch.where(it.free, torch.full_like(s, float("inf")), s)
-    return QPResult(z, lam, nu, s, it.codes, it.iterations, it.residuals, kkt, scaling, limit)
+    codes = solution.judge(_SHARED.to(it.codes.device)[it.codes], it.residuals)
+    return QPResult(codes, it.iterations, it.residuals, z=z, lam=lam, nu=nu, s=s, kkt=kkt,
+                    scaling=scaling, limit=limit)
 
 
 def _active(it: ipm.Iterates, kkt: KKTSystem) -> torch.Tensor:

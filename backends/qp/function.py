@@ -24,7 +24,8 @@ import warnings
 
 import torch
 
-from ..guard import guard_second_order
+from .. import solution
+from ..autograd import ImplicitSolve
 from ..krylov import minres
 from ..status import Box
 from . import engine
@@ -32,122 +33,40 @@ from .limit import min_norm
 from .settings import QPSettings
 
 
+class QPProblem:
+    """The QP solve as `autograd.ImplicitSolve` sees it: inputs (Q, q, G, h, A, b)."""
+
+    name = "QP layer"
+    ranks = (2, 1, 2, 1, 2, 1)
+
+    def __init__(self, batch: int, settings: QPSettings, warm: dict | None, need_grad: bool):
+        self.batch, self.settings, self.warm, self.need_grad = batch, settings, warm, need_grad
+
+    def solve(self, Q, q, G, h, A, b):
+        data = engine.prepare(Q, q, G, h, A, b, self.batch, self.settings)
+        # The implicit backward reuses the factorization of the system at the
+        # solution; the matrix-free one needs only the active set.
+        factor = self.need_grad and self.settings.backward == "implicit"
+        result = engine.run(data, self.settings, Q.dtype, factor=factor, warm=self.warm,
+                            with_limit=self.need_grad)
+        outputs = tuple(t.to(Q.dtype) for t in (result.z, result.lam, result.nu))
+        return outputs, _Solved(result, self.settings, Q.dtype)
+
+    def folded(self, V: int) -> QPProblem:
+        return QPProblem(V * self.batch, self.settings, None, self.need_grad)
+
+
 class _Solved:
     """What the backward needs from a forward solve (kept off the autograd graph)."""
 
     def __init__(self, result: engine.QPResult, settings, input_dtype):
         self.result, self.settings, self.input_dtype = result, settings, input_dtype
-        self.ok = ~torch.isin(result.codes, torch.tensor(engine.FAILED,
-                                                         device=result.codes.device))
-        self.ok = self.ok.unsqueeze(-1)
+        self.batch = result.z.shape[0]
+        with_point = torch.tensor(solution.WITH_POINT, device=result.codes.device)
+        self.ok = torch.isin(result.codes, with_point).unsqueeze(-1)
 
-
-class QPSolve(torch.autograd.Function):
-    """(Q, q, G, h, A, b) -> (z, λ, ν); ``box`` receives the `QPResult`.
-
-    Written for torch.func too: ``setup_context`` style, a ``vmap`` rule that
-    folds the mapped dimension into the solver's own batch, and a backward that
-    is itself a Function (`QPAdjoint`) with a vmap rule, so jacrev works.
-    """
-
-    @staticmethod
-    def forward(Q, q, G, h, A, b, batch: int, settings: QPSettings, box,
-                warm: dict | None, need_grad: bool):
-        data = engine.prepare(Q, q, G, h, A, b, batch, settings)
-        # The implicit backward reuses the factorization of the system at the
-        # solution; the matrix-free one needs only the active set.
-        factor = need_grad and settings.backward == "implicit"
-        result = engine.run(data, settings, Q.dtype, factor=factor, warm=warm,
-                            with_limit=need_grad)
-        box.result = result
-        box.solved = _Solved(result, settings, Q.dtype)
-        return tuple(t.to(Q.dtype) for t in (result.z, result.lam, result.nu))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.solved = inputs[8].solved
-        ctx.shared = tuple(t.dim() == d for t, d in zip(inputs[:6], (2, 1, 2, 1, 2, 1)))
-        # The solution is what the backward needs (the factorization rides on
-        # `solved`); saving it through autograd also gives the usual "backward
-        # through the graph a second time" error without retain_graph.
-        ctx.save_for_backward(*output)
-
-    @staticmethod
-    def backward(ctx, gz, gl, gn):
-        outputs = ctx.saved_tensors  # raises if the graph was already freed
-        solved = ctx.solved
-        r = solved.result
-        like = [torch.zeros_like(t) for t in (r.z, r.lam, r.nu)]
-        gz, gl, gn = (l if g is None else g for g, l in zip((gz, gl, gn), like))
-        grads = QPAdjoint.apply(gz, gl, gn, solved, ctx.needs_input_grad[:6], ctx.shared)
-        grads = guard_second_order("QP layer", grads, outputs)
-        return (*grads, None, None, None, None, None)
-
-    @staticmethod
-    def vmap(info, in_dims, Q, q, G, h, A, b, batch, settings, box, warm, need_grad):
-        """Fold the vmapped dimension V into the batch: one solve of V·batch samples."""
-        V = info.batch_size
-        folded = []
-        for t, d, nd in zip((Q, q, G, h, A, b), in_dims[:6], (2, 1, 2, 1, 2, 1)):
-            if d is None:
-                folded.append(t)  # shared by every mapped sample: stays shared
-                continue
-            t = t.movedim(d, 0)
-            if t.dim() == nd + 1:  # mapped but unbatched: one copy per batch sample
-                t = t.unsqueeze(1).expand((V, batch) + tuple(t.shape[1:]))
-            folded.append(t.reshape((V * batch,) + tuple(t.shape[2:])))
-        z, lam, nu = QPSolve.apply(*folded, V * batch, settings, box, None, need_grad)
-        out = tuple(o.reshape((V, batch) + tuple(o.shape[1:])) for o in (z, lam, nu))
-        return out, (0, 0, 0)
-
-
-class QPAdjoint(torch.autograd.Function):
-    """Cotangents (ḡ_z, ḡ_λ, ḡ_ν) -> gradients of (Q, q, G, h, A, b); see the module doc."""
-
-    @staticmethod
-    def forward(gz, gl, gn, solved: _Solved, needs, shared):
-        return _adjoint(gz, gl, gn, solved, needs, shared)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("Double backward through the QP layer is not supported: its "
-                           "backward is an implicit (KKT) solve, differentiated once.")
-
-    @staticmethod
-    def vmap(info, in_dims, gz, gl, gn, solved, needs, shared):
-        """A batch of V cotangents. Two cases, told apart by the solve's batch size:
-
-        - jacrev (the solve was not mapped): one adjoint solve per cotangent;
-        - vmap of grad (the forward's vmap rule folded V into the solve, so it holds
-          V·B samples): fold the cotangents the same way, solve once, and sum each
-          logically shared input's gradient over B but not over V.
-        """
-        V = info.batch_size
-        cot = [t if d is None else t.movedim(d, 0) for t, d in zip((gz, gl, gn), in_dims[:3])]
-        folded_batch = solved.result.z.shape[0]
-        B = next((c.shape[1] for c, d in zip(cot, in_dims[:3]) if d is not None), None)
-        if B is not None and folded_batch == V * B != B:
-            flat = [c.reshape((V * B,) + tuple(c.shape[2:])) if d is not None else
-                    c.unsqueeze(0).expand((V,) + tuple(c.shape)).reshape(
-                        (V * B,) + tuple(c.shape[1:]))
-                    for c, d in zip(cot, in_dims[:3])]
-            grads = _adjoint(*flat, solved, needs, (False,) * 6)
-            out = tuple(None if g is None else
-                        (lambda r, i: r.sum(1) if shared[i] else r)(
-                            g.reshape((V, B) + tuple(g.shape[1:])), i)
-                        for i, g in enumerate(grads))
-            return out, tuple(None if o is None else 0 for o in out)
-        rows = []
-        for v in range(V):
-            args = [t if d is None else c[v] for t, c, d in zip((gz, gl, gn), cot, in_dims[:3])]
-            rows.append(QPAdjoint.apply(*args, solved, needs, shared))
-        out = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
-                    for k in range(6))
-        return out, tuple(None if o is None else 0 for o in out)
+    def adjoint(self, cotangents, needs, shared):
+        return _adjoint(*cotangents, self, needs, shared)
 
 
 def _adjoint_solve(result: engine.QPResult, settings: QPSettings, gz, gl, gn):
@@ -254,5 +173,6 @@ def solve_qp(Q, q, G, h, A, b, batch: int, settings: QPSettings | None = None,
         return tuple(t.to(Q.dtype) for t in (result.z, result.lam, result.nu)), result
     need_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (Q, q, G, h, A, b))
-    z, lam, nu = QPSolve.apply(Q, q, G, h, A, b, batch, settings, box, warm, need_grad)
+    problem = QPProblem(batch, settings, warm, need_grad)
+    z, lam, nu = ImplicitSolve.apply(problem, box, Q, q, G, h, A, b)
     return (z, lam, nu), box.result
