@@ -3,23 +3,68 @@
 Conventions (see `canon.entropy`): per sample, x ∈ Rⁿ,
 
   entropy:  maximize θᵀx + τ Σ entr(xᵢ)  s.t.  Ax = b
-            Its optimum is x = exp(θ/τ − 1 − Aᵀν) for the scaled multiplier ν,
-            which minimizes the smooth convex dual  g(ν) = Σ exp(θ/τ − 1 − Aᵀν) + bᵀν
-            (size m, the number of equalities). Softmax (A = 1ᵀ, b = 1) is
-            x = softmax(θ/τ) in closed form.
+            Its optimum is x = exp(a − Aᵀν), a = θ/τ − 1, for the scaled
+            multiplier ν, which minimizes the smooth convex dual
+            g(ν) = Σ exp(a − Aᵀν) + bᵀν  (size m, the number of equalities).
+            Softmax (A = 1ᵀ, b = 1) is x = softmax(θ/τ) in closed form.
 
   simplex:  x = argmin ‖x − y‖²  s.t.  1ᵀx = r, x ≥ 0  (sparsemax for r = 1),
             x = max(y − t, 0) with t from a sort (Duchi et al. 2008).
 
 Backward passes, from the implicit function theorem on the KKT conditions:
 
-  entropy:  with H = A X Aᵀ (X = diag(x)) and κ = H⁻¹ A X ḡ,
+  entropy:  with H = A X Aᵀ (X = diag(x)) and κ = H⁺ A X ḡ,
             ∇θ = X(ḡ − Aᵀκ)/τ,  ∇b = κ           (a system of size m, not n)
             For softmax this is (diag(x) − x xᵀ)ḡ/τ, the seed's equation (9).
+            H⁺ is the inverse where every xᵢ > 0; on a face (below) it is the
+            pseudo-inverse, the minimum-norm choice along the b-directions that
+            would leave the face (there the solution map has no derivative).
   simplex:  with S the support (xᵢ > 0) and s its indicator,
             ∇y = s ∘ (ḡ − (sᵀḡ)/|S|),  ∇r = (sᵀḡ)/|S|.
             At ties (yᵢ = t exactly) the support excludes i: a valid element of
             the generalized Jacobian.
+
+How the entropy solve goes (all samples at once, in float64 whatever the
+input dtype: exp overflows float32 at 88):
+
+  1. Feasibility and the face. The minimizer ν exists only when some x > 0 has
+     Ax = b. Coordinates that every feasible x holds at 0 (1ᵀx = 1 with x₀ = 0,
+     a zero transport marginal, sum(x) = 0) are fixed at 0 and removed (logit
+     −inf), and the Hessian gets the projector on its structural null space
+     added, so Newton and the backward work on the face. Transport: read off the
+     marginals (zero ⇒ that row or column is 0; negative, or unequal totals ⇒
+     infeasible). General A: dependent rows must agree (else infeasible); a
+     sample whose solution has every xᵢ comfortably positive is certified by
+     it; the others are certified by the maximum-entropy point (θ = 0) or, if
+     that is not clear-cut either, decided by one LP (HiGHS through scipy,
+     per distinct b): max Σtᵢ s.t. Ax = s·b, 0 ≤ t ≤ x, t ≤ 1, s ≥ 1 is
+     infeasible exactly when the equalities are, and its optimal t is the
+     indicator of the coordinates that some feasible x makes positive.
+  2. Damped Newton on g: steps −H⁻¹∇g with an Armijo line search on the exact
+     decrease g(ν − t d) − g(ν) = Σ xᵢ expm1(t sᵢ) − t bᵀd (s = Aᵀd; no
+     cancellation between large values of g), the first trial step capped so
+     that no exponent grows by more than STEP_EXPONENT_CAP. Transport and 0/1
+     systems start from Sinkhorn sweeps. When the logits span more than
+     SPREAD_DIRECT (small τ), or a direct solve fails, the sample is solved by
+     continuation in τ: from τ₀ = τ·spread/SPREAD_DIRECT down by
+     CONTINUATION_RATIO per stage, each stage started from the last one's
+     unscaled multiplier λ = τν.
+
+Statuses are decided here as a tensor of small integer codes (no per-sample
+Python, one device-to-host copy per batch in `statuses`). The criterion, with
+dtype the input's:
+
+  entropy:  INFEASIBLE when step 1 finds no x ≥ 0 with Ax = b. Otherwise x is
+            stationary by construction (it is exp(a − Aᵀν)), so what is left is
+              r  = ‖Ax − b‖∞ / (1 + ‖b‖∞)             (all rows, dependent ones too)
+              δx = ‖X Aᵀ H⁺(b − Ax)‖∞ / (1 + ‖x‖∞)    (how far one more Newton step
+                                                         would move x: its error)
+            OPTIMAL when both are ≤ OPTIMAL_BOUND[dtype], OPTIMAL_INACCURATE when
+            both are ≤ INACCURATE_BOUND[dtype], NUMERICAL_ERROR (a failure) otherwise.
+  softmax:  OPTIMAL; INVALID_INPUT for a row with no finite logit or a +inf one.
+  simplex:  INFEASIBLE for r < 0, INVALID_INPUT for a non-finite y; otherwise
+            OPTIMAL when |1ᵀx − r| ≤ SIMPLEX_RESIDUAL·|S|·ε·(|r| + max x) (the
+            closed form's round-off), NUMERICAL_ERROR otherwise.
 """
 
 from __future__ import annotations
@@ -32,18 +77,34 @@ from .guard import guard_second_order
 from .linalg import chol_solve, cholesky
 from .status import Status
 
-NEWTON_MAX_ITER = 200
-# Stop when ‖Ax − b‖∞ ≤ NEWTON_TOL · (1 + ‖b‖∞); float64 reaches it in a few
-# Newton steps and the tests ask for 1e-10 on marginals.
-NEWTON_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}
-# Line search: the step t is the best of 1, ½, ¼, … (LINE_SEARCH_STEPS of them),
-# all evaluated at once. Far from the optimum exp() makes the Newton step wildly
-# too long (|θ/τ| ~ 1e2..1e4); an Armijo backtracking loop runs out of halvings
-# there, a grid of 60 does not.
-LINE_SEARCH_STEPS = 60
-# Near the optimum the dual's decrease (half the Newton decrement) falls below
-# its round-off: the full Newton step is taken (quadratic convergence region).
-FULL_STEP_DECREMENT = 1e-9
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+WORK_DTYPE = torch.float64
+# Newton stops when ‖Ax − b‖∞ ≤ NEWTON_TOL·(1 + ‖b‖∞) and the next step would
+# move x by at most NEWTON_TOL·(1 + ‖x‖∞); float64 gets there in a few steps.
+NEWTON_TOL = 1e-13
+NEWTON_MAX_ITER = 100  # per continuation stage
+# Status bounds on r and δx (see the module docstring), by the input's dtype.
+OPTIMAL_BOUND = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
+                 torch.bfloat16: 1e-2}
+INACCURATE_BOUND = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
+                    torch.bfloat16: 1e-1}
+# Armijo: accept t when the decrease is at least this fraction of the linear one.
+ARMIJO = 1e-4
+LINE_SEARCH_STEPS = 60  # halvings before a sample is declared stalled
+# The first trial step grows no exponent by more than this (exp(30) ≈ 1e13):
+# far from the optimum the Newton step is wildly long (exponents of θ/τ ~ 1e3).
+STEP_EXPONENT_CAP = 30.0
+# Logits spanning at most this are solved directly; wider ones (small τ) by
+# continuation in τ, the temperature falling by CONTINUATION_RATIO per stage.
+SPREAD_DIRECT = 30.0
+CONTINUATION_RATIO = 10.0
+MAX_STAGES = 20  # beyond CONTINUATION_RATIO**MAX_STAGES the ratio grows instead
+# A solution certifies that every coordinate can be positive (the face is the
+# whole orthant) when its smallest entry is at least this fraction of its largest.
+CERTIFY_MIN = 1e-6
 # Sinkhorn-style sweeps that initialize ν when A is a 0/1 matrix (sums of entries):
 # at least INIT_SWEEPS, then on while the residual shrinks by SINKHORN_CONTRACTION
 # every SINKHORN_CHECK sweeps, to the tolerance or SINKHORN_MAX_SWEEPS.
@@ -51,8 +112,32 @@ INIT_SWEEPS = 20
 SINKHORN_CHECK = 5
 SINKHORN_CONTRACTION = 0.5
 SINKHORN_MAX_SWEEPS = 500
-# The dual decreasing by this much relative to its start certifies infeasibility.
-UNBOUNDED_DUAL = 1e12
+# Transport: marginal totals must agree to this (relative to 1 + Σ|a|).
+TOTALS_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+# Rank decisions on the face (singular values relative to the largest).
+RANK_TOL = 1e-10
+# Simplex: the closed form's residual bound, in units of |S|·ε·(|r| + max x).
+SIMPLEX_RESIDUAL = 8.0
+
+
+# ---------------------------------------------------------------------------
+# Status codes
+# ---------------------------------------------------------------------------
+
+OPTIMAL, INACCURATE, INFEASIBLE, NUMERICAL, INVALID = range(5)
+STATUS_OF_CODE = (Status.OPTIMAL, Status.OPTIMAL_INACCURATE, Status.INFEASIBLE,
+                  Status.NUMERICAL_ERROR, Status.INVALID_INPUT)
+
+
+def statuses(codes: torch.Tensor | None, batch: int) -> tuple[Status, ...]:
+    """Status per sample from a code tensor (None: all optimal); one host copy."""
+    if codes is None:
+        return (Status.OPTIMAL,) * batch
+    return tuple(STATUS_OF_CODE[c] for c in codes.tolist())
+
+
+def _bound(table, dtype) -> float:
+    return table.get(dtype, table[torch.float32])
 
 
 # ---------------------------------------------------------------------------
@@ -63,10 +148,26 @@ UNBOUNDED_DUAL = 1e12
 class DenseEqualities:
     """A constant dense (m, n) matrix, restricted to its independent rows."""
 
+    kind = "general"
+
     def __init__(self, A: torch.Tensor, independent: torch.Tensor):
         self.full = A
         self.A = A[independent]
         self.independent = independent
+        keep = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+        keep[independent] = True
+        self.dependent = (~keep).nonzero().flatten()
+        # Dependent rows as combinations of the kept ones (A_dep = C A_ind): their b
+        # must follow by the same combination, or no x satisfies all rows.
+        if self.dependent.numel():
+            sol = torch.linalg.lstsq(self.A.T.double(), A[self.dependent].T.double())
+            self.combination = sol.solution.T.to(A.dtype)
+        else:
+            self.combination = None
+
+    def to(self, dtype):
+        return self if self.full.dtype == dtype else DenseEqualities(self.full.to(dtype),
+                                                                      self.independent)
 
     def matvec(self, x):
         return x @ self.A.T
@@ -77,11 +178,8 @@ class DenseEqualities:
     def full_matvec(self, x):
         return x @ self.full.T
 
-    def infeasible(self, b):
-        """Samples whose b no x ≥ 0 can meet, by sign: a 0/1 row needs bⱼ > 0."""
-        if self.binary():
-            return (b <= 0).any(-1)
-        return torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+    def dense(self):
+        return self.A
 
     def hessian(self, x):
         return (self.A * x.unsqueeze(1)) @ self.A.T
@@ -94,6 +192,13 @@ class DenseEqualities:
 
     def binary(self) -> bool:
         return bool(((self.A == 0) | (self.A == 1)).all()) and bool((self.A.sum(0) > 0).all())
+
+    def inconsistent(self, b, scale, bound):
+        """Samples whose dependent rows' b does not follow from the kept rows'."""
+        if self.combination is None:
+            return torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+        gap = b[:, self.dependent] - b[:, self.independent] @ self.combination.T
+        return gap.abs().amax(-1) > bound * scale
 
     def sweeper(self, log_b):
         """Damped Jacobi sweeps of exact row updates for 0/1 rows (Sinkhorn's step)."""
@@ -110,9 +215,15 @@ class DenseEqualities:
 class TransportEqualities:
     """Row and column sums of an r×c matrix stored column-major (x[i + j r] = X[i, j])."""
 
+    kind = "transport"
+
     def __init__(self, r: int, c: int, independent: torch.Tensor):
         self.r, self.c = r, c
         self.independent = independent
+        self._dense = None
+
+    def to(self, dtype):
+        return self
 
     def _X(self, x):
         return x.reshape(x.shape[0], self.c, self.r).transpose(1, 2)  # (B, r, c)
@@ -120,12 +231,6 @@ class TransportEqualities:
     def full_matvec(self, x):
         X = self._X(x)
         return torch.cat([X.sum(2), X.sum(1)], dim=1)
-
-    def infeasible(self, b):
-        """Marginals must be positive with equal totals."""
-        a_, b_ = b[:, : self.r], b[:, self.r:]
-        totals = (a_.sum(-1) - b_.sum(-1)).abs() > 1e-9 * (1 + a_.abs().sum(-1))
-        return (b <= 0).any(-1) | totals
 
     def matvec(self, x):
         return self.full_matvec(x)[:, self.independent]
@@ -135,6 +240,14 @@ class TransportEqualities:
         full[:, self.independent] = nu
         f, g = full[:, : self.r], full[:, self.r:]
         return (f.unsqueeze(2) + g.unsqueeze(1)).transpose(1, 2).reshape(nu.shape[0], -1)
+
+    def dense(self):
+        """The kept rows as a dense (m, r c) matrix (for faces only)."""
+        if self._dense is None:
+            eye = torch.eye(len(self.independent), dtype=WORK_DTYPE,
+                            device=self.independent.device)
+            self._dense = self.rmatvec(eye)
+        return self._dense
 
     def hessian(self, x):
         X = self._X(x)
@@ -152,6 +265,17 @@ class TransportEqualities:
 
     def binary(self) -> bool:
         return True
+
+    def marginal_face(self, b, scale, dtype):
+        """(infeasible (B,), held (B, n)): a negative marginal or unequal totals
+        leave nothing feasible; a zero marginal holds its row or column at 0."""
+        a_, c_ = b[:, : self.r], b[:, self.r:]
+        totals = (a_.sum(-1) - c_.sum(-1)).abs() > _bound(TOTALS_TOL, dtype) * (
+            1 + a_.abs().sum(-1))
+        negative = (b < 0).any(-1)
+        zero_rows, zero_cols = a_ <= 0, c_ <= 0
+        held = (zero_rows.unsqueeze(2) | zero_cols.unsqueeze(1)).transpose(1, 2)
+        return negative | totals, held.reshape(b.shape[0], -1)
 
     def sweeper(self, log_b):
         """Sinkhorn sweeps for these targets: make the row sums, then the column
@@ -208,149 +332,460 @@ class TransportEqualities:
 
 
 # ---------------------------------------------------------------------------
-# Entropy programs: dual Newton
+# Entropy programs: damped dual Newton
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """A batch for the dual Newton, in float64.
+
+    a (B, n): logits θ/τ − 1, −inf where x is held at 0; b (B, m): the kept rows'
+    targets; scale (B,): 1 + ‖b‖∞ over all rows; null (B, m, m) or None: the
+    projector on the Hessian's structural null space (nonzero on faces only),
+    added to the Hessian so that its inverse there is the pseudo-inverse.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: torch.Tensor
+    null: torch.Tensor | None = None
+
+    def rows(self, idx):
+        return _Data(self.a[idx], self.b[idx], self.scale[idx],
+                     None if self.null is None else self.null[idx])
+
+    def tempered(self, f):
+        """The same problem at temperature τ/f (f ∈ (0, 1], per sample)."""
+        return _Data((self.a + 1.0) * f.unsqueeze(-1) - 1.0, self.b, self.scale, self.null)
+
+
+@dataclass
+class _Iterate:
+    nu: torch.Tensor  # (B, m)
+    x: torch.Tensor  # (B, n)
+    res: torch.Tensor  # (B,) ‖b − Ax‖∞ / scale over the kept rows
+    dx: torch.Tensor  # (B,) the next Newton step's move of x, relative
+    iterations: torch.Tensor  # (B,) steps taken
+    factor: torch.Tensor  # (B, m, m) chol(H + null) at x
+
+    def converged(self, bound):
+        return (self.res <= bound) & (self.dx <= bound)
+
+    def put(self, idx, other):
+        """Overwrite samples ``idx`` with ``other``'s point (iteration counts add up
+        separately: a sample may be solved by several routes in turn)."""
+        for k in ("nu", "x", "res", "dx", "factor"):
+            getattr(self, k)[idx] = getattr(other, k)
+
+    def take(self, mask):
+        return _Iterate(self.nu[mask], self.x[mask], self.res[mask], self.dx[mask],
+                        self.iterations[mask], self.factor[mask])
+
+
+def _empty_iterate(B, n, m, device):
+    z = dict(dtype=WORK_DTYPE, device=device)
+    return _Iterate(torch.zeros(B, m, **z), torch.zeros(B, n, **z),
+                    torch.full((B,), torch.inf, **z), torch.full((B,), torch.inf, **z),
+                    torch.zeros(B, dtype=torch.long, device=device),
+                    torch.eye(m, **z).expand(B, m, m).clone())
+
+
+def _line_search(x, s, grad, d, b):
+    """Step t for ν ← ν − t d (exponents move by +t s): Armijo on the exact decrease
+    Σ xᵢ expm1(t sᵢ) − t bᵀd from t₀ (the exponent cap) by halvings; 0 if none works."""
+    decrement = (grad * d).sum(-1)  # −(slope at t = 0) = ∇gᵀH⁻¹∇g ≥ 0
+    bd = (b * d).sum(-1)
+    live = x > 0
+    grow = torch.where(live, s, torch.zeros_like(s)).amax(-1)
+    t = (STEP_EXPONENT_CAP / grow.clamp_min(1e-300)).clamp(max=1.0)
+    ok = torch.zeros_like(t, dtype=torch.bool)
+    for _ in range(LINE_SEARCH_STEPS):
+        rise = torch.where(live, x * torch.expm1(t.unsqueeze(-1) * s), torch.zeros_like(x))
+        ok = rise.sum(-1) - t * bd <= -ARMIJO * t * decrement
+        if bool(ok.all()):
+            break
+        t = torch.where(ok, t, 0.5 * t)
+    return torch.where(ok & (decrement > 0), t, torch.zeros_like(t))
+
+
+def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
+    """Damped Newton on g(ν) = Σ exp(a − Aᵀν) + bᵀν from ν, every sample at once.
+
+    A sample stops when converged (NEWTON_TOL on the residual and on the next
+    step's move of x), when no step decreases g (stalled: at round-off, or no
+    minimizer), or after ``max_iter`` steps; the last evaluation is at the
+    returned x, so its factor serves the backward pass.
+    """
+    B, m = nu.shape
+    out = _empty_iterate(B, data.a.shape[1], m, nu.device)
+    out.nu = nu.clone()
+    out.x = torch.exp(data.a - eq.rmatvec(nu))
+    previous_dx = torch.full((B,), torch.inf, dtype=WORK_DTYPE, device=nu.device)
+    active = torch.isfinite(out.x).all(-1).nonzero().flatten()  # overflowed starts: not solved
+    for it in range(max_iter + 1):
+        if active.numel() == 0:
+            break
+        sub = data if active.numel() == B else data.rows(active)
+        x, nu_a = out.x[active], out.nu[active]
+        grad = sub.b - eq.matvec(x)
+        H = eq.hessian(x)
+        if sub.null is not None:
+            H = H + sub.null
+        L, _ = cholesky(H)
+        d = chol_solve(L, grad)
+        s = eq.rmatvec(d)
+        res = grad.abs().amax(-1) / sub.scale
+        dx = (x * s.abs()).amax(-1) / (1.0 + x.amax(-1))
+        out.res[active], out.dx[active], out.factor[active] = res, dx, L
+        converged = (res <= NEWTON_TOL) & (dx <= NEWTON_TOL)
+        # At round-off the residual is met but the step no longer shrinks: stop.
+        stalled = (res <= NEWTON_TOL) & (dx > 0.5 * previous_dx[active])
+        previous_dx[active] = dx
+        if it == max_iter:
+            break
+        t = _line_search(x, s, grad, d, sub.b)
+        go = ~converged & ~stalled & (t > 0)
+        nu_a = nu_a - t.unsqueeze(-1) * d
+        out.nu[active] = torch.where(go.unsqueeze(-1), nu_a, out.nu[active])
+        out.x[active] = torch.where(go.unsqueeze(-1), torch.exp(sub.a - eq.rmatvec(nu_a)), x)
+        out.iterations[active] += go.long()
+        active = active[go]
+    return out
+
+
+def _sinkhorn_start(a, b, eq, tol, scale, start=None):
+    """ν from log-domain Sinkhorn sweeps (0/1 A, b > 0), and the sweeps run.
+
+    They continue past INIT_SWEEPS while they contract fast (by
+    SINKHORN_CONTRACTION per SINKHORN_CHECK sweeps), up to the tolerance: at
+    moderate temperatures that is the whole solve (50×50 transport, τ = 0.1:
+    ~25 sweeps), and Newton finishes where the sweeps slow down (small τ).
+    ``start`` (a warm start, finite rows only) begins the sweeps there and
+    checks from the first SINKHORN_CHECK sweeps.
+    """
+    B, m = b.shape
+    nu = torch.zeros(B, m, dtype=a.dtype, device=a.device)
+    first_check = INIT_SWEEPS
+    if start is not None:
+        nu = torch.where(torch.isfinite(start).all(-1, keepdim=True), start, nu)
+        first_check = SINKHORN_CHECK
+    previous = None
+    sweep_once = eq.sweeper(torch.log(b))
+    for sweep in range(1, SINKHORN_MAX_SWEEPS + 1):
+        nu = sweep_once(a - eq.rmatvec(nu), nu)
+        if sweep < first_check or sweep % SINKHORN_CHECK:
+            continue
+        x = torch.exp(a - eq.rmatvec(nu))
+        residual = ((eq.matvec(x) - b).abs().amax(-1) / scale).nan_to_num(torch.inf)
+        if bool((residual <= tol).all()):
+            break
+        worst = float(residual.max())
+        if previous is not None and not worst <= SINKHORN_CONTRACTION * previous:
+            break  # slow contraction: dual Newton takes over
+        previous = worst
+    return torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)), sweep
+
+
+def _start(data: _Data, eq, warm):
+    """A starting ν with a finite, well-scaled dual, and the Sinkhorn sweeps run.
+
+    0/1 systems with b > 0 and nothing held: Sinkhorn sweeps. Otherwise the warm
+    start where given, else ν with every exponent a − Aᵀν ≤ 0 when A ≥ 0, else 0.
+    """
+    a, b = data.a, data.b
+    B, m = b.shape
+    if warm is not None:
+        warm = warm.to(dtype=a.dtype, device=a.device)
+    if eq.binary() and bool((b > 0).all()) and bool(torch.isfinite(a).all()):
+        return _sinkhorn_start(a, b, eq, NEWTON_TOL, data.scale, start=warm)
+    if eq.nonnegative():
+        finite = torch.where(torch.isfinite(a), a, torch.full_like(a, -torch.inf))
+        t = (finite / eq.column_weight().to(a)).amax(-1, keepdim=True)
+        nu = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).expand(B, m).clone()
+    else:
+        nu = torch.zeros(B, m, dtype=a.dtype, device=a.device)
+    if warm is not None:
+        nu = torch.where(torch.isfinite(warm).all(-1, keepdim=True), warm, nu)
+    return nu, 0
+
+
+def _spread(a):
+    """The range of the finite logits per sample (0 when fewer than two)."""
+    finite = torch.isfinite(a)
+    hi = torch.where(finite, a, torch.full_like(a, -torch.inf)).amax(-1)
+    lo = torch.where(finite, a, torch.full_like(a, torch.inf)).amin(-1)
+    return torch.where(finite.any(-1), hi - lo, torch.zeros_like(hi))
+
+
+def _continuation(data: _Data, eq, nu, spread) -> _Iterate:
+    """Solve at τ by a sequence of temperatures τ/f, f = SPREAD_DIRECT/spread rising
+    to 1 by CONTINUATION_RATIO (more per stage past MAX_STAGES), each stage started
+    from the last one's unscaled multiplier λ = τν (ν scales by the ratio)."""
+    B = nu.shape[0]
+    f = (SPREAD_DIRECT / spread.clamp_min(1e-300)).clamp(max=1.0)
+    ratio = torch.maximum(torch.full_like(f, CONTINUATION_RATIO),
+                          (1.0 / f) ** (1.0 / MAX_STAGES))
+    out = _empty_iterate(B, data.a.shape[1], nu.shape[1], nu.device)
+    todo = torch.arange(B, device=nu.device)
+    while todo.numel():
+        stage = _newton(data.rows(todo).tempered(f[todo]), eq, nu[todo])
+        final = f[todo] >= 1.0
+        out.iterations[todo] += stage.iterations
+        out.put(todo[final], stage.take(final))
+        grow = torch.minimum(f[todo] * ratio[todo], torch.ones_like(f[todo]))
+        nu[todo] = stage.nu * (grow / f[todo]).unsqueeze(-1)
+        f[todo] = grow
+        todo = todo[~final]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Feasibility and the face of the orthant
+# ---------------------------------------------------------------------------
+
+
+def _certified(x, held, b):
+    """Every coordinate not held at 0 is comfortably positive: the face is all of them.
+
+    Relative to the largest entry: coordinates forced to 0 shrink while the
+    others stay of the order of b. Unless b = 0, where all may shrink together
+    (1ᵀx = 0): never certified here, the LP decides.
+    """
+    free_min = torch.where(held, torch.full_like(x, torch.inf), x).amin(-1)
+    return (free_min >= CERTIFY_MIN * x.amax(-1)) & (b != 0).any(-1)
+
+
+def _null_projector(eq, held):
+    """(k, m, m): I − P, P the projector on the range of the kept rows of A
+    restricted to the free columns, i.e. on the Hessian A X Aᵀ's range on that face."""
+    A = eq.dense().to(WORK_DTYPE)
+    gram = (A.unsqueeze(0) * (~held).unsqueeze(1).to(A.dtype)) @ A.T  # A_S A_Sᵀ
+    w, V = torch.linalg.eigh(gram)
+    keep = w > RANK_TOL * w.amax(-1, keepdim=True).clamp_min(0)
+    keep = keep & (w > 0)
+    V = V * keep.unsqueeze(1).to(V.dtype)
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return eye - V @ V.mT
+
+
+def _face_null(eq, held):
+    """The Data.null term for a batch: I − P on samples with held coordinates."""
+    faces = held.any(-1)
+    if not bool(faces.any()):
+        return None
+    m = len(eq.independent)
+    null = torch.zeros(held.shape[0], m, m, dtype=WORK_DTYPE, device=held.device)
+    null[faces] = _null_projector(eq, held[faces])
+    return null
+
+
+def _lp_face(A, b, held):
+    """Feasibility and face of {x ≥ 0 : Ax = b, x_held = 0} by one LP (numpy in and out).
+
+    max Σt  s.t.  Ax = s b,  0 ≤ t ≤ 1,  t ≤ x,  x ≥ 0,  s ≥ 1: the set {(x, s)} is
+    a cone (s unbounded), so any coordinate some feasible x makes positive reaches
+    t = 1 and the others stay at 0. Returns (False, None) when infeasible,
+    (True, forced) otherwise, None when the LP solver does not finish.
+    """
+    import numpy as np
+    import scipy.optimize
+    import scipy.sparse as sp
+
+    m, n = A.shape
+    M = np.hstack([A, -b[:, None]])
+    norms = np.abs(M).max(1)
+    M = M / np.where(norms > 0, norms, 1.0)[:, None]  # unit rows help HiGHS's tolerances
+    A_eq = sp.hstack([sp.csr_matrix(M[:, :n]), sp.csr_matrix((m, n)), sp.csr_matrix(M[:, n:])])
+    eye = sp.identity(n, format="csr")
+    A_ub = sp.hstack([-eye, eye, sp.csr_matrix((n, 1))])
+    c = np.concatenate([np.zeros(n), -np.ones(n), [0.0]])
+    bounds = ([(0.0, 0.0) if h else (0.0, None) for h in held] + [(0.0, 1.0)] * n
+              + [(1.0, None)])
+    res = scipy.optimize.linprog(c, A_ub=A_ub, b_ub=np.zeros(n), A_eq=A_eq, b_eq=np.zeros(m),
+                                 bounds=bounds, method="highs")
+    if res.status == 2:
+        return False, None
+    if res.status != 0:
+        return None
+    return True, res.x[n:2 * n] < 0.5
+
+
+def _decide_faces(eq, b, held):
+    """(infeasible, held, undecided) for samples (k,) by the LP, one per distinct (b, held)."""
+    keys = torch.cat([b, held.to(b.dtype)], dim=1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    A = eq.full.detach().cpu().double().numpy()
+    m = b.shape[1]
+    infeasible = torch.zeros(len(unique), dtype=torch.bool)
+    undecided = torch.zeros(len(unique), dtype=torch.bool)
+    forced = unique[:, m:].cpu() > 0
+    for u, row in enumerate(unique.cpu().numpy()):
+        answer = _lp_face(A, row[:m], row[m:] > 0)
+        if answer is None:
+            undecided[u] = True
+        elif not answer[0]:
+            infeasible[u] = True
+        else:
+            forced[u] |= torch.as_tensor(answer[1])
+    inverse = inverse.cpu()
+    device = b.device
+    return (infeasible[inverse].to(device), forced[inverse].to(device),
+            undecided[inverse].to(device))
+
+
+def _max_entropy(data: _Data, eq) -> _Iterate:
+    """The maximum-entropy point (θ = 0) of each sample's constraints: converged with
+    every free coordinate comfortably positive certifies the face."""
+    a = torch.where(torch.isneginf(data.a), data.a, torch.full_like(data.a, -1.0))
+    flat = _Data(a, data.b, data.scale, data.null)
+    nu, _ = _start(flat, eq, None)
+    return _newton(flat, eq, nu)
+
+
+# ---------------------------------------------------------------------------
+# The solve: faces, direct Newton, continuation, statuses
 # ---------------------------------------------------------------------------
 
 
 @dataclass
 class EntropyResult:
-    x: torch.Tensor
-    nu: torch.Tensor
-    status: list
-    iterations: torch.Tensor
-    residuals: torch.Tensor
-    factor: torch.Tensor | None  # chol(A X Aᵀ) at the solution
+    x: torch.Tensor  # (B, n) in the input's dtype
+    x_work: torch.Tensor  # (B, n) float64, what the backward uses
+    nu: torch.Tensor  # (B, m) float64
+    codes: torch.Tensor  # (B,) status codes (see `statuses`)
+    iterations: torch.Tensor  # (B,) Sinkhorn sweeps plus Newton steps
+    residuals: torch.Tensor  # (B, 3): r, δx, 0
+    factor: torch.Tensor  # (B, m, m) chol(A X Aᵀ + null) at x
+
+    @property
+    def status(self) -> tuple[Status, ...]:
+        return statuses(self.codes, self.codes.shape[0])
 
 
-def _dual(a, nu, b, eq):
-    """g(ν) and x(ν) for logits a = θ/τ − 1."""
-    x = torch.exp(a - eq.rmatvec(nu))
-    return x.sum(-1) + (b * nu).sum(-1), x
+class _Batch:
+    """The state of one entropy solve: data, what is held at 0, the best point."""
+
+    def __init__(self, data, eq, held, b, out):
+        self.data, self.eq, self.held, self.b, self.out = data, eq, held, b, out
+
+    def record(self, idx, it: _Iterate, extra_iterations=0):
+        self.out.put(idx, it)
+        self.out.iterations[idx] += it.iterations + extra_iterations
+
+    def hold(self, idx, forced):
+        """Fix more coordinates at 0 on samples ``idx`` (the face found by the LP)."""
+        self.held[idx] = forced
+        self.data.a[idx] = self.data.a[idx].masked_fill(forced, -torch.inf)
+        null = _face_null(self.eq, self.held)
+        self.data.null = null
 
 
-def _initial_multiplier(a, b, eq, m, tol=0.0, scale=None, start=None):
-    """A starting ν with a finite, well-scaled dual.
-
-    For 0/1 constraint matrices (softmax-like sums, transport marginals) log-domain
-    Sinkhorn sweeps put every constraint near its target. They continue past
-    INIT_SWEEPS while they contract fast (by SINKHORN_CONTRACTION per
-    SINKHORN_CHECK sweeps), up to the tolerance: at moderate temperatures that is
-    the whole solve (50×50 transport, τ = 0.1: ~25 sweeps, 1.4 ms, against 15 ms
-    for 20 sweeps and 3–4 damped Newton steps), and Newton finishes where the
-    sweeps slow down (small τ). ``start`` (a warm start, finite rows only) begins
-    the sweeps there and checks from the first SINKHORN_CHECK sweeps. Otherwise ν
-    is ``start`` where given, else chosen so every exponent a − Aᵀν is ≤ 0 when
-    A ≥ 0, or 0. Returns (ν, the number of sweeps run).
-    """
-    B = a.shape[0]
-    positive = bool((b > 0).all())
-    if eq.binary() and positive:
-        nu = torch.zeros(B, m, dtype=a.dtype, device=a.device)
-        first_check = INIT_SWEEPS
-        if start is not None:
-            nu = torch.where(torch.isfinite(start).all(-1, keepdim=True), start, nu)
-            first_check = SINKHORN_CHECK
-        log_b = torch.log(b)
-        previous = None
-        sweep_once = eq.sweeper(log_b)
-        for sweep in range(1, SINKHORN_MAX_SWEEPS + 1):
-            nu = sweep_once(a - eq.rmatvec(nu), nu)
-            if sweep < first_check or sweep % SINKHORN_CHECK or scale is None:
-                continue
-            x = torch.exp(a - eq.rmatvec(nu))
-            residual = ((eq.matvec(x) - b).abs().amax(-1) / scale).nan_to_num(torch.inf)
-            if bool((residual <= tol).all()):
-                break
-            worst = float(residual.max())
-            if previous is not None and not worst <= SINKHORN_CONTRACTION * previous:
-                break  # slow contraction: dual Newton takes over
-            previous = worst
-        return torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)), sweep
-    finite = torch.where(torch.isfinite(a), a, torch.full_like(a, -torch.inf))
-    if eq.nonnegative():
-        w = eq.column_weight().to(a)
-        t = (finite / w).amax(-1, keepdim=True)
-        nu = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).expand(B, m).clone()
-    else:
-        nu = torch.zeros(B, m, dtype=a.dtype, device=a.device)
-    if start is not None:
-        nu = torch.where(torch.isfinite(start).all(-1, keepdim=True), start, nu)
-    return nu, 0
+def _direct(batch: _Batch, idx, warm, bound):
+    """Newton at the target temperature on samples ``idx``; returns those solved."""
+    sub = batch.data.rows(idx)
+    nu, sweeps = _start(sub, batch.eq, None if warm is None else warm[idx])
+    it = _newton(sub, batch.eq, nu)
+    batch.record(idx, it, sweeps)
+    solved = it.converged(bound)
+    if batch.eq.kind != "transport":  # a dense system's face is not known yet
+        solved = solved & _certified(it.x, batch.held[idx], batch.b[idx])
+    return solved
 
 
-def solve_entropy(theta, b, tau: float, eq, need_factor: bool,
+def _settle_faces(batch: _Batch, idx, infeasible, bound):
+    """Certify the face of samples ``idx`` (dense systems), by the maximum-entropy
+    point or else the LP; returns ν to start their continuation from."""
+    eq = batch.eq
+    if eq.kind == "transport":  # the marginals told the face exactly
+        return torch.zeros(len(idx), len(eq.independent), dtype=WORK_DTYPE,
+                           device=idx.device)
+    flat = _max_entropy(batch.data.rows(idx), eq)
+    sure = flat.converged(bound) & _certified(flat.x, batch.held[idx], batch.b[idx])
+    unsure = idx[~sure]
+    if unsure.numel():
+        lp_infeasible, forced, undecided = _decide_faces(eq, batch.b[unsure], batch.held[unsure])
+        infeasible[unsure] |= lp_infeasible
+        batch.hold(unsure, forced)
+        again = _max_entropy(batch.data.rows(unsure), eq)
+        flat.nu[~sure] = again.nu
+        flat.iterations[~sure] += again.iterations
+    batch.out.iterations[idx] += flat.iterations
+    return flat.nu
+
+
+def _codes(r, dx, infeasible, invalid, dtype):
+    opt, inacc = _bound(OPTIMAL_BOUND, dtype), _bound(INACCURATE_BOUND, dtype)
+    worst = torch.maximum(r, dx).nan_to_num(torch.inf)
+    codes = torch.where(worst <= opt, OPTIMAL, torch.where(worst <= inacc, INACCURATE, NUMERICAL))
+    codes = torch.where(infeasible, INFEASIBLE, codes)
+    return torch.where(invalid, INVALID, codes).to(torch.int8)
+
+
+def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
                   warm_nu: torch.Tensor | None = None) -> EntropyResult:
-    """Damped dual Newton, all samples at once (θ: (B, n), b: (B, m_full)).
+    """All samples at once (θ: (B, n), b: (B, m_full)); see the module docstring.
 
-    ``warm_nu`` (B, m) starts from a previous multiplier where it is finite.
+    ``warm_nu`` (B, m) starts the direct solve from a previous multiplier where
+    finite. ``need_factor`` is kept for the callers: the factor at the solution is
+    a by-product of the last Newton evaluation.
     """
-    dtype, device = theta.dtype, theta.device
-    tol = NEWTON_TOL.get(dtype, 1e-6)
+    out_dtype, device = theta.dtype, theta.device
+    eq = eq.to(WORK_DTYPE)
+    theta, b = theta.to(WORK_DTYPE), b.to(WORK_DTYPE)
+    B, n = theta.shape
     a = theta / tau - 1.0
-    b_ind = b[:, eq.independent]
-    B, m = b_ind.shape
+    invalid = torch.isnan(a).any(-1) | torch.isposinf(a).any(-1)
+    a = torch.where(invalid.unsqueeze(-1), torch.zeros_like(a), a)
+    held = torch.isneginf(a)
     scale = 1.0 + b.abs().amax(-1)
-    if warm_nu is not None:
-        warm_nu = warm_nu.to(dtype=a.dtype, device=a.device)
-    nu, sweeps = _initial_multiplier(a, b_ind, eq, m, tol, scale, start=warm_nu)
-    g, x = _dual(a, nu, b_ind, eq)
-    g0 = g.clone()
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    # Reported iterations: the Sinkhorn sweeps plus this sample's Newton steps.
-    iterations = torch.full((B,), sweeps, dtype=torch.long, device=device)
-    steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=dtype, device=device)  # (T,)
-    for _ in range(NEWTON_MAX_ITER):
-        grad = b_ind - eq.matvec(x)  # ∇g
-        done = grad.abs().amax(-1) <= tol * scale
-        active = active & ~done
-        if not bool(active.any()):
-            break
-        iterations += active.long()
-        L, _ = cholesky(eq.hessian(x))
-        step = chol_solve(L, grad)  # Newton: ν ← ν − t H⁻¹∇g
-        decrement = (grad * step).sum(-1)  # ∇gᵀH⁻¹∇g ≥ 0
-        # Every candidate step at once: exponents move along Aᵀ(H⁻¹∇g).
-        e0 = a - eq.rmatvec(nu)
-        d = eq.rmatvec(step)
-        trial_e = e0.unsqueeze(1) + steps.view(1, -1, 1) * d.unsqueeze(1)  # (B, T, n)
-        g_trial = torch.exp(trial_e).sum(-1) + ((nu * b_ind).sum(-1, keepdim=True)
-                                                - steps * (step * b_ind).sum(-1, keepdim=True))
-        g_trial = torch.where(torch.isfinite(g_trial), g_trial, torch.full_like(g_trial, torch.inf))
-        best = g_trial.argmin(-1)
-        g_best = g_trial.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-        t = steps[best]
-        near = decrement <= FULL_STEP_DECREMENT * (1.0 + g.abs())
-        t = torch.where(near, torch.ones_like(t), t)
-        moved = active & (near | (g_best < g))
-        t = torch.where(moved, t, torch.zeros_like(t)).unsqueeze(-1)
-        nu = nu - t * step
-        g_new, x_new = _dual(a, nu, b_ind, eq)
-        g, x = torch.where(moved, g_new, g), torch.where(moved.unsqueeze(-1), x_new, x)
-        active = active & moved  # no decrease possible: stop this sample
-    residual = (eq.full_matvec(x) - b).abs().amax(-1) / scale
-    unbounded = g < g0 - UNBOUNDED_DUAL * (1.0 + g0.abs())
-    infeasible = unbounded | eq.infeasible(b)
-    status = []
-    for i in range(B):
-        r = float(residual[i])
-        if bool(infeasible[i]):
-            status.append(Status.INFEASIBLE)
-        elif r <= tol * 10:
-            status.append(Status.OPTIMAL)
-        elif r <= 1e-6:
-            status.append(Status.OPTIMAL_INACCURATE)
-        else:
-            status.append(Status.MAX_ITER)
-    factor = cholesky(eq.hessian(x))[0] if need_factor else None
-    res = torch.stack([residual, torch.zeros_like(residual), torch.zeros_like(residual)], -1)
-    return EntropyResult(x, nu, status, iterations, res, factor)
+    if eq.kind == "transport":
+        infeasible, forced = eq.marginal_face(b, scale, out_dtype)
+        held = held | forced
+    else:
+        infeasible = eq.inconsistent(b, scale, _bound(INACCURATE_BOUND, out_dtype))
+    data = _Data(a.masked_fill(held, -torch.inf), b[:, eq.independent], scale)
+    data.null = _face_null(eq, held)
+    batch = _Batch(data, eq, held, b, _empty_iterate(B, n, len(eq.independent), device))
+    bound = _bound(OPTIMAL_BOUND, out_dtype)
+    todo = ~infeasible & ~invalid
+    direct = todo & ((_spread(data.a) <= SPREAD_DIRECT) | eq.binary())
+    idx = direct.nonzero().flatten()
+    if idx.numel():
+        solved = _direct(batch, idx, warm_nu, bound)
+        todo[idx[solved]] = False
+    idx = todo.nonzero().flatten()
+    if idx.numel():
+        nu = _settle_faces(batch, idx, infeasible, bound)
+        keep = ~infeasible[idx]
+        idx, nu = idx[keep], nu[keep]
+        it = _continuation(batch.data.rows(idx), eq, nu, _spread(batch.data.a[idx]))
+        batch.record(idx, it)
+    return _finish(batch, infeasible, invalid, out_dtype)
+
+
+def _finish(batch: _Batch, infeasible, invalid, out_dtype) -> EntropyResult:
+    out, eq = batch.out, batch.eq
+    r = (eq.full_matvec(out.x) - batch.b).abs().amax(-1) / batch.data.scale
+    codes = _codes(r, out.dx, infeasible, invalid, out_dtype)
+    failed = codes >= INFEASIBLE
+    # Failed samples: a finite stand-in (x = 0, factor I) keeps the backward finite.
+    x = torch.where(failed.unsqueeze(-1), torch.zeros_like(out.x), out.x)
+    eye = torch.eye(out.factor.shape[-1], dtype=WORK_DTYPE, device=x.device)
+    factor = torch.where(failed[:, None, None], eye, out.factor)
+    residuals = torch.stack([r, out.dx, torch.zeros_like(r)], -1)
+    return EntropyResult(x.to(out_dtype), x, out.nu, codes, out.iterations, residuals, factor)
+
+
+# ---------------------------------------------------------------------------
+# Autograd wiring for the dual Newton path
+# ---------------------------------------------------------------------------
 
 
 class _EntropySolved:
     def __init__(self, result, tau, eq, b_shape):
         self.result, self.tau, self.eq, self.b_shape = result, tau, eq, b_shape
-        self.ok = torch.tensor([s.has_solution for s in result.status],
-                               device=result.x.device).unsqueeze(-1)
+        self.ok = (result.codes < INFEASIBLE).unsqueeze(-1)
 
 
 class EntropySolve(torch.autograd.Function):
@@ -364,7 +799,7 @@ class EntropySolve(torch.autograd.Function):
     def forward(theta, b, tau: float, eq, box, warm_nu, need_grad: bool):
         result = solve_entropy(theta, b, tau, eq, need_factor=need_grad, warm_nu=warm_nu)
         box.result = result
-        box.solved = _EntropySolved(result, tau, eq, b.shape)
+        box.solved = _EntropySolved(result, tau, eq.to(WORK_DTYPE), b.shape)
         return result.x
 
     @staticmethod
@@ -399,13 +834,13 @@ class EntropySolve(torch.autograd.Function):
 class EntropyAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(gx, solved: _EntropySolved):
-        x, eq = solved.result.x, solved.eq
-        gx = torch.where(solved.ok, gx, torch.zeros_like(gx))
-        kappa = chol_solve(solved.result.factor, eq.matvec(x * gx))
-        dtheta = x * (gx - eq.rmatvec(kappa)) / solved.tau
-        db = torch.zeros(solved.b_shape, dtype=x.dtype, device=x.device)
+        x, eq = solved.result.x_work, solved.eq
+        g = torch.where(solved.ok, gx.to(WORK_DTYPE), torch.zeros_like(x))
+        kappa = chol_solve(solved.result.factor, eq.matvec(x * g))
+        dtheta = x * (g - eq.rmatvec(kappa)) / solved.tau
+        db = torch.zeros(solved.b_shape, dtype=WORK_DTYPE, device=x.device)
         db[:, eq.independent] = kappa
-        return dtheta, db
+        return dtheta.to(gx.dtype), db.to(gx.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -431,9 +866,31 @@ class EntropyAdjoint(torch.autograd.Function):
         return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])), (0, 0)
 
 
-def softmax(theta, tau: float):
-    """The closed form; its autograd Jacobian is (diag(x) − x xᵀ)/τ."""
-    return torch.softmax(theta / tau, dim=-1)
+# ---------------------------------------------------------------------------
+# Softmax: the closed form
+# ---------------------------------------------------------------------------
+
+
+def softmax(theta, tau: float, inspect: bool = True):
+    """(x, codes or None): softmax(θ/τ) computed as softmax((θ − max θ)/τ).
+
+    θ/τ overflows for tiny τ (1e9/1e-300, or 50/1e-37 in float32) and gives NaN;
+    θ − max θ ≤ 0 divided by τ does not, and softmax is shift-invariant. The max
+    is detached: the shift's exact derivative is zero. A row with no finite logit
+    or a +inf one is INVALID_INPUT and gets stand-in logits 0 (a finite backward).
+    ``inspect=False`` (inside torch.func transforms) skips the status: the closed
+    form has no failure mode besides such rows. Its autograd Jacobian is
+    (diag(x) − x xᵀ)/τ.
+    """
+    codes = None
+    if inspect and not bool(torch.isfinite(theta.detach().sum())):
+        lg = theta.detach()
+        bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1) | torch.isnan(lg).any(-1)
+        codes = torch.where(bad, INVALID, OPTIMAL).to(torch.int8)
+        theta = torch.where(bad.unsqueeze(-1), torch.zeros_like(theta), theta)
+    top = theta.detach().amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return torch.softmax((theta - top) / tau, dim=-1), codes
 
 
 # ---------------------------------------------------------------------------
@@ -441,9 +898,24 @@ def softmax(theta, tau: float):
 # ---------------------------------------------------------------------------
 
 
-def project_simplex(y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """argmin ‖x − y‖² over {x ≥ 0, 1ᵀx = r}; y (B, n), r (B, 1) > 0."""
-    return _SimplexProjection.apply(y, r)
+def project_simplex(y: torch.Tensor, r: torch.Tensor, inspect: bool = True):
+    """(x, codes or None): argmin ‖x − y‖² over {x ≥ 0, 1ᵀx = r}; y (B, n), r (B, 1).
+
+    r < 0 is INFEASIBLE (x = 0 stands in), r = 0 gives x = 0 (the only point).
+    """
+    x = _SimplexProjection.apply(y, r)
+    if not inspect:
+        return x, None
+    with torch.no_grad():
+        y_, r_ = y.detach(), r.detach().squeeze(-1)
+        support = (x > 0).sum(-1).clamp_min(1).to(x.dtype)
+        eps = torch.finfo(x.dtype).eps
+        allowed = SIMPLEX_RESIDUAL * support * eps * (r_.abs() + x.detach().amax(-1))
+        residual = (x.detach().sum(-1) - r_.clamp_min(0)).abs()
+        codes = torch.where(residual <= allowed, OPTIMAL, NUMERICAL)
+        codes = torch.where(r_ < 0, INFEASIBLE, codes)
+        codes = torch.where(torch.isfinite(y_).all(-1), codes, INVALID)
+    return x, codes.to(torch.int8)
 
 
 class _SimplexProjection(torch.autograd.Function):
@@ -452,15 +924,22 @@ class _SimplexProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(y, r):
-        u, _ = torch.sort(y, dim=-1, descending=True)
-        css = torch.cumsum(u, dim=-1) - r
-        k = torch.arange(1, y.shape[-1] + 1, dtype=y.dtype, device=y.device)
-        cond = u * k > css  # u_k − (css_k)/k > 0
-        # Size of the support; at least 1 so that r ≤ 0 gives t = max(y) − r and
+        # Shift by max(y) first: the threshold is found among entries near the top,
+        # which a large common offset would otherwise drown in round-off (float32
+        # y = 1e3 + 1e-3·randn lost 2 % of the mass). Partial sums in float64.
+        top = y.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        v = y - top
+        u, _ = torch.sort(v, dim=-1, descending=True)
+        acc = torch.promote_types(y.dtype, torch.float64)
+        css = torch.cumsum(u.to(acc), dim=-1) - r.to(acc)
+        k = torch.arange(1, y.shape[-1] + 1, dtype=acc, device=y.device)
+        cond = u.to(acc) * k > css  # u_k − (css_k)/k > 0
+        # Size of the support; at least 1 so that r ≤ 0 gives t = max(v) − r and
         # x = 0 (r = 0: the only feasible point; r < 0: infeasible, reported by the caller).
         rho = cond.sum(-1, keepdim=True).clamp_min(1)
-        t = css.gather(-1, rho - 1) / rho.to(y.dtype)
-        x = torch.clamp(y - t, min=0)
+        t = (css.gather(-1, rho - 1) / rho.to(acc)).to(y.dtype)
+        x = torch.clamp(v - t, min=0)
         return torch.where(r > 0, x, torch.zeros_like(x))
 
     @staticmethod

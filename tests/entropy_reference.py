@@ -4,7 +4,7 @@
 
 Nothing here is shared with the backend: feasibility and the face of the
 orthant are decided by one small LP per coordinate (HiGHS: the largest xᵢ
-over {Ax = b, x ≥ 0, xᵢ ≤ 1}), the problem restricted to the free coordinates
+over {Ax = b, x ≥ 0}), the problem restricted to the free coordinates
 is solved by Clarabel through CVXPY (exponential cones), and that point is
 polished to full float64 accuracy by scipy's trust-region method on the dual
 in the unscaled multiplier λ,
@@ -48,13 +48,12 @@ def face(A, b):
     for i in range(n):
         c = np.zeros(n)
         c[i] = -1.0
-        bounds = [(0, None)] * n
-        bounds[i] = (0, 1.0)
-        res = scipy.optimize.linprog(c, A_eq=A, b_eq=b, bounds=bounds, method="highs")
+        res = scipy.optimize.linprog(c, A_eq=A, b_eq=b, bounds=[(0, None)] * n,
+                                     method="highs")
         if res.status == 2:
             raise Infeasible
-        assert res.status == 0, res.message
-        free[i] = -res.fun > FORCED
+        assert res.status in (0, 3), res.message  # 3: xᵢ unbounded above, so free
+        free[i] = res.status == 3 or -res.fun > FORCED
     return free
 
 

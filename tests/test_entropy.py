@@ -1166,8 +1166,8 @@ def _face_case(name):
         A = np.vstack([one, np.eye(n)[1] - np.eye(n)[2], np.eye(n)[1] + np.eye(n)[2]])
         return A, np.array([1.0, 0.0, 0.0]), [1, 2]
     if name == "mixed_signs":  # z₀ − z₃ = 1, z₀ + z₁ + z₂ + z₄ − z₃ = 1 ⇒ z₁ = z₂ = z₄ = 0
-        A = np.array([[1.0, 0, 0, -1, 0], [1, 1, 1, -1, 1], one[0]])
-        return A, np.array([1.0, 1.0, 1.5]), [1, 2, 4]
+        A = np.array([[1.0, 0, 0, -1, 0, 0], [1, 1, 1, -1, 1, 0], np.ones(6)])
+        return A, np.array([1.0, 1.0, 2.0]), [1, 2, 4]
     raise ValueError(name)
 
 
@@ -1283,7 +1283,8 @@ def test_sparsemax_float32_with_a_large_common_offset():
     (x,), _ = _solve(layer, y32)
     assert x.dtype == torch.float32
     for i in range(2):
-        ref, _, support = _sparsemax_ref(y32[i].double().numpy())
+        y64 = y32[i].double().numpy()
+        ref, _, support = _sparsemax_ref(y64 - y64.max())  # exact shift in float64
         assert abs(float(x[i].double().sum()) - 1.0) < 1e-5
         assert np.abs(x[i].double().numpy() - ref).max() < 1e-6
         assert ((x[i] > 0).numpy() == support).mean() > 0.999
