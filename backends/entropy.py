@@ -40,13 +40,14 @@ input dtype: exp overflows float32 at 88):
      per distinct b): max Σtᵢ s.t. Ax = s·b, 0 ≤ t ≤ x, t ≤ 1, s ≥ 1 is
      infeasible exactly when the equalities are, and its optimal t is the
      indicator of the coordinates that some feasible x makes positive.
-  2. Damped Newton on g: steps −H⁻¹∇g with an Armijo line search on the exact
-     decrease g(ν − t d) − g(ν) = Σ xᵢ expm1(t sᵢ) − t bᵀd (s = Aᵀd; no
-     cancellation between large values of g), the first trial step capped so
-     that no exponent grows by more than STEP_EXPONENT_CAP. Transport and 0/1
-     systems start from Sinkhorn sweeps. When the logits span more than
-     SPREAD_DIRECT (small τ), or a direct solve fails, the sample is solved by
-     continuation in τ: from τ₀ = τ·spread/SPREAD_DIRECT down by
+  2. Damped Newton on g: direction −H⁻¹∇g, step length by a safeguarded 1-D
+     Newton search for the minimum of g along it (exp makes t = 1 far too short
+     from above, far too long from below), the first trial capped so that no
+     exponent grows by more than STEP_EXPONENT_CAP; acceptance is checked on
+     the exact change Σ xᵢ expm1(t sᵢ) − t bᵀd (s = Aᵀd). Transport and 0/1
+     systems start from Sinkhorn sweeps. When the logits θ/τ reach beyond
+     ±LOGIT_DIRECT (small τ), or a direct solve fails, the sample is solved by
+     continuation in τ: from τ₀ = τ·max|θ/τ|/LOGIT_DIRECT down by
      CONTINUATION_RATIO per stage, each stage started from the last one's
      unscaled multiplier λ = τν.
 
@@ -91,15 +92,20 @@ OPTIMAL_BOUND = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
                  torch.bfloat16: 1e-2}
 INACCURATE_BOUND = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
                     torch.bfloat16: 1e-1}
-# Armijo: accept t when the decrease is at least this fraction of the linear one.
-ARMIJO = 1e-4
-LINE_SEARCH_STEPS = 60  # halvings before a sample is declared stalled
+# Line search: minimize g along the Newton direction until its slope
+# φ'(t) = Σ xᵢ sᵢ e^{t sᵢ} − bᵀd is this small against its two terms (they
+# balance at the minimum), or the bracket this narrow relative to t, in at most
+# LINE_SEARCH_STEPS evaluations. Not the usual |φ'(t)| ≤ 0.1|φ'(0)|: with exp that
+# stops at t = 4 where the minimum is 500 away; near the solution t = 1 meets it.
+LINE_SEARCH_BALANCE = 0.1
+LINE_SEARCH_STEPS = 60
 # The first trial step grows no exponent by more than this (exp(30) ≈ 1e13):
 # far from the optimum the Newton step is wildly long (exponents of θ/τ ~ 1e3).
 STEP_EXPONENT_CAP = 30.0
-# Logits spanning at most this are solved directly; wider ones (small τ) by
-# continuation in τ, the temperature falling by CONTINUATION_RATIO per stage.
-SPREAD_DIRECT = 30.0
+# Logits |θ/τ| up to this are solved directly; larger ones (small τ) by
+# continuation in τ, the temperature falling by CONTINUATION_RATIO per stage
+# (exp overflows float64 at 709: a start off by more cannot even be evaluated).
+LOGIT_DIRECT = 30.0
 CONTINUATION_RATIO = 10.0
 MAX_STAGES = 20  # beyond CONTINUATION_RATIO**MAX_STAGES the ratio grows instead
 # A solution certifies that every coordinate can be positive (the face is the
@@ -392,21 +398,52 @@ def _empty_iterate(B, n, m, device):
 
 
 def _line_search(x, s, grad, d, b):
-    """Step t for ν ← ν − t d (exponents move by +t s): Armijo on the exact decrease
-    Σ xᵢ expm1(t sᵢ) − t bᵀd from t₀ (the exponent cap) by halvings; 0 if none works."""
-    decrement = (grad * d).sum(-1)  # −(slope at t = 0) = ∇gᵀH⁻¹∇g ≥ 0
+    """Step t for ν ← ν − t d (exponents move by +t s): the minimizer of the convex
+    φ(t) = g(ν − t d) = Σ xᵢ e^{t sᵢ} − t bᵀd + const, by safeguarded 1-D Newton.
+
+    Newton's t = 1 is far from it where exp dominates: from e^{99} too high, t = 1
+    lowers the exponents by about 1 (99 steps); the minimizer along d is found in
+    a few evaluations (doubling t until φ' ≥ 0, then Newton or bisection inside
+    the bracket). φ' < 0 on [0, lo] (convexity), so t = lo always decreases g;
+    the search stops when φ'(t)'s two terms balance to LINE_SEARCH_BALANCE or the
+    bracket is that narrow (then t = lo, the side known to descend). Returns 0 where φ'(0)
+    is not negative (no descent: converged or stalled).
+    """
+    slope0 = -(grad * d).sum(-1)  # φ'(0) = −∇gᵀH⁻¹∇g ≤ 0
     bd = (b * d).sum(-1)
     live = x > 0
-    grow = torch.where(live, s, torch.zeros_like(s)).amax(-1)
+    zero = torch.zeros_like(x)
+    grow = torch.where(live, s, zero).amax(-1)
     t = (STEP_EXPONENT_CAP / grow.clamp_min(1e-300)).clamp(max=1.0)
-    ok = torch.zeros_like(t, dtype=torch.bool)
+    lo, hi = torch.zeros_like(t), torch.full_like(t, torch.inf)
+    done = ~(slope0 < 0)
     for _ in range(LINE_SEARCH_STEPS):
-        rise = torch.where(live, x * torch.expm1(t.unsqueeze(-1) * s), torch.zeros_like(x))
-        ok = rise.sum(-1) - t * bd <= -ARMIJO * t * decrement
-        if bool(ok.all()):
+        w = torch.where(live, x * torch.exp(t.unsqueeze(-1) * s), zero)
+        slope = (w * s).sum(-1) - bd
+        curve = (w * s * s).sum(-1)
+        ok = torch.isfinite(slope) & torch.isfinite(curve)
+        below = ok & (slope < 0)
+        lo = torch.where(~done & below, t, lo)
+        hi = torch.where(~done & ~below, t, hi)
+        narrow = torch.isfinite(hi) & (hi - lo <= LINE_SEARCH_BALANCE * hi)
+        balance = LINE_SEARCH_BALANCE * ((w * s).sum(-1).abs() + bd.abs())
+        done = done | (ok & (slope.abs() <= balance)) | narrow
+        if bool(done.all()):
             break
-        t = torch.where(ok, t, 0.5 * t)
-    return torch.where(ok & (decrement > 0), t, torch.zeros_like(t))
+        # Unbracketed (φ' < 0 so far): at least double t, since from far above
+        # (φ' concave) Newton's step in t is about 1/|s|, no more. Bracketed:
+        # Newton where it stays inside [lo, hi], else bisection.
+        newton = t - slope / curve
+        inside = ok & (newton > lo) & (newton < hi)
+        expand = torch.where(torch.isfinite(newton), torch.maximum(newton, 2.0 * t), 2.0 * t)
+        within = torch.where(inside, newton, 0.5 * (lo + hi))
+        t = torch.where(done, t, torch.where(torch.isfinite(hi), within, expand))
+    # A stop just past the minimizer (slope > 0 but small) must still decrease g:
+    # checked on the exact change Σ xᵢ expm1(t sᵢ) − t bᵀd (no large-value cancellation).
+    rise = torch.where(live, x * torch.expm1(t.unsqueeze(-1) * s), zero).sum(-1) - t * bd
+    accept = done & ~narrow & torch.isfinite(t) & (t <= hi) & (rise < 0)
+    t = torch.where(accept, t, lo)
+    return torch.where(slope0 < 0, t, torch.zeros_like(t))
 
 
 def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
@@ -510,20 +547,18 @@ def _start(data: _Data, eq, warm):
     return nu, 0
 
 
-def _spread(a):
-    """The range of the finite logits per sample (0 when fewer than two)."""
+def _reach(a):
+    """max |θ/τ| = max |a + 1| over the finite logits per sample (0 when none)."""
     finite = torch.isfinite(a)
-    hi = torch.where(finite, a, torch.full_like(a, -torch.inf)).amax(-1)
-    lo = torch.where(finite, a, torch.full_like(a, torch.inf)).amin(-1)
-    return torch.where(finite.any(-1), hi - lo, torch.zeros_like(hi))
+    return torch.where(finite, (a + 1.0).abs(), torch.zeros_like(a)).amax(-1)
 
 
-def _continuation(data: _Data, eq, nu, spread) -> _Iterate:
-    """Solve at τ by a sequence of temperatures τ/f, f = SPREAD_DIRECT/spread rising
+def _continuation(data: _Data, eq, nu, reach) -> _Iterate:
+    """Solve at τ by a sequence of temperatures τ/f, f = LOGIT_DIRECT/reach rising
     to 1 by CONTINUATION_RATIO (more per stage past MAX_STAGES), each stage started
     from the last one's unscaled multiplier λ = τν (ν scales by the ratio)."""
     B = nu.shape[0]
-    f = (SPREAD_DIRECT / spread.clamp_min(1e-300)).clamp(max=1.0)
+    f = (LOGIT_DIRECT / reach.clamp_min(1e-300)).clamp(max=1.0)
     ratio = torch.maximum(torch.full_like(f, CONTINUATION_RATIO),
                           (1.0 / f) ** (1.0 / MAX_STAGES))
     out = _empty_iterate(B, data.a.shape[1], nu.shape[1], nu.device)
@@ -749,7 +784,7 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
     batch = _Batch(data, eq, held, b, _empty_iterate(B, n, len(eq.independent), device))
     bound = _bound(OPTIMAL_BOUND, out_dtype)
     todo = ~infeasible & ~invalid
-    direct = todo & ((_spread(data.a) <= SPREAD_DIRECT) | eq.binary())
+    direct = todo & ((_reach(data.a) <= LOGIT_DIRECT) | eq.binary())
     idx = direct.nonzero().flatten()
     if idx.numel():
         solved = _direct(batch, idx, warm_nu, bound)
@@ -759,7 +794,7 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
         nu = _settle_faces(batch, idx, infeasible, bound)
         keep = ~infeasible[idx]
         idx, nu = idx[keep], nu[keep]
-        it = _continuation(batch.data.rows(idx), eq, nu, _spread(batch.data.a[idx]))
+        it = _continuation(batch.data.rows(idx), eq, nu, _reach(batch.data.a[idx]))
         batch.record(idx, it)
     return _finish(batch, infeasible, invalid, out_dtype)
 
