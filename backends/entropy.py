@@ -62,10 +62,10 @@ dtype the input's:
                                                          would move x: its error)
             OPTIMAL when both are ≤ OPTIMAL_BOUND[dtype], OPTIMAL_INACCURATE when
             both are ≤ INACCURATE_BOUND[dtype], NUMERICAL_ERROR (a failure) otherwise.
-  softmax:  OPTIMAL; INVALID_INPUT for a row with no finite logit or a +inf one.
-  simplex:  INFEASIBLE for r < 0, INVALID_INPUT for a non-finite y; otherwise
-            OPTIMAL when |1ᵀx − r| ≤ SIMPLEX_RESIDUAL·|S|·ε·(|r| + max x) (the
-            closed form's round-off), NUMERICAL_ERROR otherwise.
+  softmax:  OPTIMAL; INVALID_INPUT for a row with no finite logit, a +inf or a NaN.
+  simplex:  INFEASIBLE for r < 0; otherwise OPTIMAL when |1ᵀx − r| ≤
+            SIMPLEX_RESIDUAL·n·ε·|r| (the closed form's round-off), NUMERICAL_ERROR
+            otherwise (a NaN sum from a non-finite y included).
 """
 
 from __future__ import annotations
@@ -122,8 +122,11 @@ SINKHORN_MAX_SWEEPS = 500
 TOTALS_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 # Rank decisions on the face (singular values relative to the largest).
 RANK_TOL = 1e-10
-# Simplex: the closed form's residual bound, in units of |S|·ε·(|r| + max x).
+# Simplex: the closed form's residual bound, in units of n·ε·r (its round-off:
+# n terms of size at most r, and the threshold's).
 SIMPLEX_RESIDUAL = 8.0
+# Softmax: θ/τ is formed directly while max|θ| ≤ τ·SOFTMAX_SAFE·(the dtype's max).
+SOFTMAX_SAFE = 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -206,16 +209,30 @@ class DenseEqualities:
         gap = b[:, self.dependent] - b[:, self.independent] @ self.combination.T
         return gap.abs().amax(-1) > bound * scale
 
-    def sweeper(self, log_b):
-        """Damped Jacobi sweeps of exact row updates for 0/1 rows (Sinkhorn's step)."""
-        mask = torch.where(self.A > 0, 0.0, -torch.inf).to(log_b)
-        cover = self.A.sum(0).amax()  # rows touching one entry at most: damp by it
+    def sweeps(self, a, log_b, nu):
+        return _DenseSweeps(self, a, log_b, nu)
 
-        def sweep(e, nu):
-            row_lse = torch.logsumexp(e.unsqueeze(1) + mask, dim=-1)  # (B, m)
-            return nu + (row_lse - log_b) / cover
 
-        return sweep
+class _DenseSweeps:
+    """Damped Jacobi sweeps of exact row updates for 0/1 rows (Sinkhorn's step),
+    on ν (B, m) for logits a (B, n) and targets log b (B, m)."""
+
+    def __init__(self, eq, a, log_b, nu):
+        self.eq, self.a, self.log_b, self.nu = eq, a, log_b, nu
+        self.mask = torch.where(eq.A > 0, 0.0, -torch.inf).to(a)
+        self.cover = eq.A.sum(0).amax()  # rows touching one entry at most: damp by it
+
+    def step(self):
+        e = self.a - self.eq.rmatvec(self.nu)
+        row_lse = torch.logsumexp(e.unsqueeze(1) + self.mask, dim=-1)  # (B, m)
+        self.nu = self.nu + (row_lse - self.log_b) / self.cover
+
+    def residual(self, b):
+        x = torch.exp(self.a - self.eq.rmatvec(self.nu))
+        return (self.eq.matvec(x) - b).abs().amax(-1)
+
+    def multiplier(self):
+        return self.nu
 
 
 class TransportEqualities:
@@ -283,58 +300,73 @@ class TransportEqualities:
         held = (zero_rows.unsqueeze(2) | zero_cols.unsqueeze(1)).transpose(1, 2)
         return negative | totals, held.reshape(b.shape[0], -1)
 
-    def sweeper(self, log_b):
-        """Sinkhorn sweeps for these targets: make the row sums, then the column
-        sums, exact (log domain).
-
-        One marginal is redundant (equal totals) and its multiplier is held at 0.
-        Holding it out of the sweep slows Sinkhorn to a crawl (residual 1e-4
-        after 20 sweeps on 50×50 where the full sweep reaches 1e-10 in 18), so
-        each sweep updates every potential, the held-out target taken from the
-        totals, then moves the gauge (f + t, g − t leaves X unchanged) to put
-        the held-out potential back at 0. The targets are set up once here.
-        """
-        B, r, c = log_b.shape[0], self.r, self.c
-        dtype, device = log_b.dtype, log_b.device
-        lb = torch.zeros(B, r + c, dtype=dtype, device=device)
-        lb[:, self.independent] = log_b
-        keep = torch.zeros(r + c, dtype=torch.bool, device=device)
-        keep[self.independent] = True
-        dropped = (~keep).nonzero().flatten().tolist()
-        gauge = None  # (held-out index, the signs of its shift: +rows −columns or reverse)
-        if len(dropped) == 1:
-            d = dropped[0]
-            mass = lb.exp() * keep
-            rows_total, cols_total = mass[:, :r].sum(-1), mass[:, r:].sum(-1)
-            target = (rows_total - cols_total) if d >= r else (cols_total - rows_total)
-            if bool((target > 0).all()):
-                lb[:, d] = target.log()
-                keep = torch.ones_like(keep)
-                sign = torch.ones(r + c, dtype=dtype, device=device)
-                sign[r:] = -1.0
-                gauge = (d, sign if d >= r else -sign)
-        lb_rows, lb_cols = lb[:, :r], lb[:, r:]
-        keep_rows, keep_cols = keep[:r], keep[r:]
-        independent = self.independent
-
-        def sweep(e, nu):
-            full = torch.zeros(B, r + c, dtype=e.dtype, device=e.device)
-            full[:, independent] = nu
-            E = self._X(e)
-            rows = torch.where(keep_rows, torch.logsumexp(E, dim=2) - lb_rows, 0.0)
-            cols = torch.where(keep_cols,
-                               torch.logsumexp(E - rows.unsqueeze(2), dim=1) - lb_cols, 0.0)
-            full = full + torch.cat([rows, cols], dim=1)
-            if gauge is not None:
-                d, sign = gauge
-                full = full + sign * full[:, d:d + 1]
-            return full[:, independent]
-
-        return sweep
+    def sweeps(self, a, log_b, nu):
+        return _TransportSweeps(self, a, log_b, nu)
 
     def column_weight(self):
         ones = torch.ones(1, len(self.independent), dtype=torch.float64)
         return self.rmatvec(ones)[0]  # (Aᵀ1)ᵢ over the kept rows
+
+
+class _TransportSweeps:
+    """Log-domain Sinkhorn on the full potentials: X = exp(K − f ⊕ g) with K the
+    logits as an (r, c) matrix; each sweep makes the row sums, then the column
+    sums, exact (two logsumexps, no scatter: 30 % faster than sweeping ν).
+
+    One marginal is redundant (equal totals) and its multiplier is held at 0 in
+    ν. Holding it out of the sweep slows Sinkhorn to a crawl (residual 1e-4
+    after 20 sweeps on 50×50 where the full sweep reaches 1e-10 in 18), so every
+    potential is updated, the held-out target taken from the totals, and the
+    gauge (f + t, g − t leaves X unchanged) puts it back at 0 in `multiplier`.
+    Where that target is not positive the potential stays where it started.
+    """
+
+    def __init__(self, eq, a, log_b, nu):
+        B, r, c = a.shape[0], eq.r, eq.c
+        self.eq, self.r = eq, r
+        self.K = eq._X(a).contiguous()  # (B, r, c)
+        full = torch.zeros(B, r + c, dtype=a.dtype, device=a.device)
+        full[:, eq.independent] = nu
+        self.f, self.g = full[:, :r], full[:, r:]
+        target = torch.zeros_like(full)
+        target[:, eq.independent] = log_b
+        keep = torch.zeros(r + c, dtype=torch.bool, device=a.device)
+        keep[eq.independent] = True
+        dropped = (~keep).nonzero().flatten().tolist()
+        self.dropped = dropped[0] if len(dropped) == 1 else None
+        if self.dropped is not None:
+            mass = torch.where(keep, target.exp(), torch.zeros_like(target))
+            rows, cols = mass[:, :r].sum(-1), mass[:, r:].sum(-1)
+            held_out = (rows - cols) if self.dropped >= r else (cols - rows)
+            if bool((held_out > 0).all()):
+                target[:, self.dropped] = held_out.log()
+                keep[self.dropped] = True
+        self.log_rows, self.log_cols = target[:, :r], target[:, r:]
+        self.keep = None if bool(keep.all()) else (keep[:r], keep[r:])
+
+    def step(self):
+        f = torch.logsumexp(self.K - self.g.unsqueeze(1), dim=2) - self.log_rows
+        if self.keep is not None:
+            f = torch.where(self.keep[0], f, self.f)
+        g = torch.logsumexp(self.K - f.unsqueeze(2), dim=1) - self.log_cols
+        if self.keep is not None:
+            g = torch.where(self.keep[1], g, self.g)
+        self.f, self.g = f, g
+
+    def residual(self, b):
+        X = torch.exp(self.K - self.f.unsqueeze(2) - self.g.unsqueeze(1))
+        full = torch.cat([X.sum(2), X.sum(1)], dim=1)
+        return (full[:, self.eq.independent] - b).abs().amax(-1)
+
+    def multiplier(self):
+        full = torch.cat([self.f, self.g], dim=1)
+        if self.dropped is not None:
+            r = self.r
+            t = full[:, self.dropped:self.dropped + 1]
+            sign = torch.ones_like(full[:1])
+            sign[:, r:] = -1.0
+            full = full - t * (sign if self.dropped < r else -sign)
+        return full[:, self.eq.independent]
 
 
 # ---------------------------------------------------------------------------
@@ -358,6 +390,8 @@ class _Data:
     null: torch.Tensor | None = None
 
     def rows(self, idx):
+        if idx is None:
+            return self
         return _Data(self.a[idx], self.b[idx], self.scale[idx],
                      None if self.null is None else self.null[idx])
 
@@ -379,20 +413,34 @@ class _Iterate:
         return (self.res <= bound) & (self.dx <= bound)
 
     def put(self, idx, other):
-        """Overwrite samples ``idx`` with ``other``'s point (iteration counts add up
-        separately: a sample may be solved by several routes in turn)."""
+        """Overwrite samples ``idx`` (None: all) with ``other``'s point (iteration
+        counts add up separately: a sample may be solved by several routes in turn)."""
         for k in ("nu", "x", "res", "dx", "factor"):
-            getattr(self, k)[idx] = getattr(other, k)
+            _assign(self, k, idx, getattr(other, k))
 
     def take(self, mask):
         return _Iterate(self.nu[mask], self.x[mask], self.res[mask], self.dx[mask],
                         self.iterations[mask], self.factor[mask])
 
 
-def _empty_iterate(B, n, m, device):
+def _sel(t, idx):
+    """Rows ``idx`` of t; None stands for all (no copy: the common whole-batch case)."""
+    return t if idx is None else t[idx]
+
+
+def _assign(obj, name, idx, value):
+    if idx is None:
+        setattr(obj, name, value)
+    else:
+        getattr(obj, name)[idx] = value
+
+
+def _empty_iterate(B, n, m, device, x=None, nu=None):
+    """Nothing solved yet: infinite residuals, factor I (a finite stand-in)."""
     z = dict(dtype=WORK_DTYPE, device=device)
-    return _Iterate(torch.zeros(B, m, **z), torch.zeros(B, n, **z),
-                    torch.full((B,), torch.inf, **z), torch.full((B,), torch.inf, **z),
+    inf = torch.full((B,), torch.inf, **z)
+    return _Iterate(torch.zeros(B, m, **z) if nu is None else nu,
+                    torch.zeros(B, n, **z) if x is None else x, inf, inf.clone(),
                     torch.zeros(B, dtype=torch.long, device=device),
                     torch.eye(m, **z).expand(B, m, m).clone())
 
@@ -452,19 +500,20 @@ def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
     A sample stops when converged (NEWTON_TOL on the residual and on the next
     step's move of x), when no step decreases g (stalled: at round-off, or no
     minimizer), or after ``max_iter`` steps; the last evaluation is at the
-    returned x, so its factor serves the backward pass.
+    returned x, so its factor serves the backward pass. ``active`` is None while
+    every sample iterates (no gathers), else the indices still iterating.
     """
     B, m = nu.shape
-    out = _empty_iterate(B, data.a.shape[1], m, nu.device)
-    out.nu = nu.clone()
-    out.x = torch.exp(data.a - eq.rmatvec(nu))
+    out = _empty_iterate(B, data.a.shape[1], m, nu.device, x=torch.exp(data.a - eq.rmatvec(nu)),
+                         nu=nu.clone())
     previous_dx = torch.full((B,), torch.inf, dtype=WORK_DTYPE, device=nu.device)
-    active = torch.isfinite(out.x).all(-1).nonzero().flatten()  # overflowed starts: not solved
+    finite = torch.isfinite(out.x).all(-1)  # overflowed starts: not solved
+    active = None if bool(finite.all()) else finite.nonzero().flatten()
     for it in range(max_iter + 1):
-        if active.numel() == 0:
+        if active is not None and active.numel() == 0:
             break
-        sub = data if active.numel() == B else data.rows(active)
-        x, nu_a = out.x[active], out.nu[active]
+        sub = data.rows(active)
+        x, nu_a = _sel(out.x, active), _sel(out.nu, active)
         grad = sub.b - eq.matvec(x)
         H = eq.hessian(x)
         if sub.null is not None:
@@ -474,21 +523,33 @@ def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
         s = eq.rmatvec(d)
         res = grad.abs().amax(-1) / sub.scale
         dx = (x * s.abs()).amax(-1) / (1.0 + x.amax(-1))
-        out.res[active], out.dx[active], out.factor[active] = res, dx, L
+        for name, value in (("res", res), ("dx", dx), ("factor", L)):
+            _assign(out, name, active, value)
         converged = (res <= NEWTON_TOL) & (dx <= NEWTON_TOL)
         # At round-off the residual is met but the step no longer shrinks: stop.
-        stalled = (res <= NEWTON_TOL) & (dx > 0.5 * previous_dx[active])
-        previous_dx[active] = dx
-        if it == max_iter:
+        stalled = (res <= NEWTON_TOL) & (dx > 0.5 * _sel(previous_dx, active))
+        _assign_tensor(previous_dx, active, dx)
+        go = ~converged & ~stalled
+        if it == max_iter or not bool(go.any()):
             break
         t = _line_search(x, s, grad, d, sub.b)
-        go = ~converged & ~stalled & (t > 0)
-        nu_a = nu_a - t.unsqueeze(-1) * d
-        out.nu[active] = torch.where(go.unsqueeze(-1), nu_a, out.nu[active])
-        out.x[active] = torch.where(go.unsqueeze(-1), torch.exp(sub.a - eq.rmatvec(nu_a)), x)
-        out.iterations[active] += go.long()
-        active = active[go]
+        go = go & (t > 0)
+        step = (t * go).unsqueeze(-1)
+        _assign(out, "nu", active, nu_a - step * d)
+        x_new = torch.exp(sub.a - eq.rmatvec(_sel(out.nu, active)))
+        _assign(out, "x", active, torch.where(go.unsqueeze(-1), x_new, x))
+        counts = _sel(out.iterations, active) + go.long()
+        _assign(out, "iterations", active, counts)
+        if not bool(go.all()):
+            active = go.nonzero().flatten() if active is None else active[go]
     return out
+
+
+def _assign_tensor(t, idx, value):
+    if idx is None:
+        t.copy_(value)
+    else:
+        t[idx] = value
 
 
 def _sinkhorn_start(a, b, eq, tol, scale, start=None):
@@ -508,19 +569,19 @@ def _sinkhorn_start(a, b, eq, tol, scale, start=None):
         nu = torch.where(torch.isfinite(start).all(-1, keepdim=True), start, nu)
         first_check = SINKHORN_CHECK
     previous = None
-    sweep_once = eq.sweeper(torch.log(b))
+    state = eq.sweeps(a, torch.log(b), nu)
     for sweep in range(1, SINKHORN_MAX_SWEEPS + 1):
-        nu = sweep_once(a - eq.rmatvec(nu), nu)
+        state.step()
         if sweep < first_check or sweep % SINKHORN_CHECK:
             continue
-        x = torch.exp(a - eq.rmatvec(nu))
-        residual = ((eq.matvec(x) - b).abs().amax(-1) / scale).nan_to_num(torch.inf)
+        residual = (state.residual(b) / scale).nan_to_num(torch.inf)
         if bool((residual <= tol).all()):
             break
         worst = float(residual.max())
         if previous is not None and not worst <= SINKHORN_CONTRACTION * previous:
             break  # slow contraction: dual Newton takes over
         previous = worst
+    nu = state.multiplier()
     return torch.where(torch.isfinite(nu), nu, torch.zeros_like(nu)), sweep
 
 
@@ -705,8 +766,10 @@ class _Batch:
         self.data, self.eq, self.held, self.b, self.out = data, eq, held, b, out
 
     def record(self, idx, it: _Iterate, extra_iterations=0):
+        """Samples ``idx`` (None: all) take ``it``'s point; iterations add up."""
         self.out.put(idx, it)
-        self.out.iterations[idx] += it.iterations + extra_iterations
+        _assign(self.out, "iterations", idx,
+                _sel(self.out.iterations, idx) + it.iterations + extra_iterations)
 
     def hold(self, idx, forced):
         """Fix more coordinates at 0 on samples ``idx`` (the face found by the LP)."""
@@ -717,14 +780,15 @@ class _Batch:
 
 
 def _direct(batch: _Batch, idx, warm, bound):
-    """Newton at the target temperature on samples ``idx``; returns those solved."""
+    """Newton at the target temperature on samples ``idx`` (None: all); returns
+    which of them are solved."""
     sub = batch.data.rows(idx)
-    nu, sweeps = _start(sub, batch.eq, None if warm is None else warm[idx])
+    nu, sweeps = _start(sub, batch.eq, None if warm is None else _sel(warm, idx))
     it = _newton(sub, batch.eq, nu)
     batch.record(idx, it, sweeps)
     solved = it.converged(bound)
     if batch.eq.kind != "transport":  # a dense system's face is not known yet
-        solved = solved & _certified(it.x, batch.held[idx], batch.b[idx])
+        solved = solved & _certified(it.x, _sel(batch.held, idx), _sel(batch.b, idx))
     return solved
 
 
@@ -770,9 +834,13 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
     theta, b = theta.to(WORK_DTYPE), b.to(WORK_DTYPE)
     B, n = theta.shape
     a = theta / tau - 1.0
-    invalid = torch.isnan(a).any(-1) | torch.isposinf(a).any(-1)
-    a = torch.where(invalid.unsqueeze(-1), torch.zeros_like(a), a)
-    held = torch.isneginf(a)
+    if bool(torch.isfinite(a).all()):  # the common case: nothing masked or invalid
+        invalid = torch.zeros(B, dtype=torch.bool, device=device)
+        held = torch.zeros(B, n, dtype=torch.bool, device=device)
+    else:
+        invalid = torch.isnan(a).any(-1) | torch.isposinf(a).any(-1)
+        a = torch.where(invalid.unsqueeze(-1), torch.zeros_like(a), a)
+        held = torch.isneginf(a)
     scale = 1.0 + b.abs().amax(-1)
     if eq.kind == "transport":
         infeasible, forced = eq.marginal_face(b, scale, out_dtype)
@@ -784,13 +852,15 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
     batch = _Batch(data, eq, held, b, _empty_iterate(B, n, len(eq.independent), device))
     bound = _bound(OPTIMAL_BOUND, out_dtype)
     todo = ~infeasible & ~invalid
-    direct = todo & ((_reach(data.a) <= LOGIT_DIRECT) | eq.binary())
-    idx = direct.nonzero().flatten()
-    if idx.numel():
+    direct = todo & (True if eq.binary() else _reach(data.a) <= LOGIT_DIRECT)
+    if bool(direct.all()):  # the common case: every sample at once, no gathers
+        todo = ~_direct(batch, None, warm_nu, bound)
+    elif bool(direct.any()):
+        idx = direct.nonzero().flatten()
         solved = _direct(batch, idx, warm_nu, bound)
         todo[idx[solved]] = False
-    idx = todo.nonzero().flatten()
-    if idx.numel():
+    if bool(todo.any()):
+        idx = todo.nonzero().flatten()
         nu = _settle_faces(batch, idx, infeasible, bound)
         keep = ~infeasible[idx]
         idx, nu = idx[keep], nu[keep]
@@ -804,10 +874,12 @@ def _finish(batch: _Batch, infeasible, invalid, out_dtype) -> EntropyResult:
     r = (eq.full_matvec(out.x) - batch.b).abs().amax(-1) / batch.data.scale
     codes = _codes(r, out.dx, infeasible, invalid, out_dtype)
     failed = codes >= INFEASIBLE
-    # Failed samples: a finite stand-in (x = 0, factor I) keeps the backward finite.
-    x = torch.where(failed.unsqueeze(-1), torch.zeros_like(out.x), out.x)
-    eye = torch.eye(out.factor.shape[-1], dtype=WORK_DTYPE, device=x.device)
-    factor = torch.where(failed[:, None, None], eye, out.factor)
+    x, factor = out.x, out.factor
+    if bool(failed.any()):
+        # Failed samples: a finite stand-in (x = 0, factor I) keeps the backward finite.
+        x = torch.where(failed.unsqueeze(-1), torch.zeros_like(x), x)
+        eye = torch.eye(factor.shape[-1], dtype=WORK_DTYPE, device=x.device)
+        factor = torch.where(failed[:, None, None], eye, factor)
     residuals = torch.stack([r, out.dx, torch.zeros_like(r)], -1)
     return EntropyResult(x.to(out_dtype), x, out.nu, codes, out.iterations, residuals, factor)
 
@@ -907,18 +979,24 @@ class EntropyAdjoint(torch.autograd.Function):
 
 
 def softmax(theta, tau: float, inspect: bool = True):
-    """(x, codes or None): softmax(θ/τ) computed as softmax((θ − max θ)/τ).
+    """(x, codes or None): softmax(θ/τ), as softmax((θ − max θ)/τ) where θ/τ could
+    overflow.
 
     θ/τ overflows for tiny τ (1e9/1e-300, or 50/1e-37 in float32) and gives NaN;
     θ − max θ ≤ 0 divided by τ does not, and softmax is shift-invariant. The max
-    is detached: the shift's exact derivative is zero. A row with no finite logit
-    or a +inf one is INVALID_INPUT and gets stand-in logits 0 (a finite backward).
-    ``inspect=False`` (inside torch.func transforms) skips the status: the closed
-    form has no failure mode besides such rows. Its autograd Jacobian is
-    (diag(x) − x xᵀ)/τ.
+    is detached: the shift's exact derivative is zero. One reduction, max |θ|,
+    tells both whether that can happen and whether some logit is ±inf or NaN:
+    then a row with no finite logit or a +inf one is INVALID_INPUT and gets
+    stand-in logits 0 (a finite backward); −inf logits are masks (weight 0).
+    ``inspect=False`` (inside torch.func transforms: nothing to look at) always
+    shifts and reports nothing: the closed form has no other failure mode. Its
+    autograd Jacobian is (diag(x) − x xᵀ)/τ.
     """
     codes = None
-    if inspect and not bool(torch.isfinite(theta.detach().sum())):
+    if inspect:
+        peak = float(torch.linalg.vector_norm(theta.detach(), float("inf")))
+        if peak <= tau * SOFTMAX_SAFE * torch.finfo(theta.dtype).max:
+            return torch.softmax(theta / tau, dim=-1), None  # finite, no overflow
         lg = theta.detach()
         bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1) | torch.isnan(lg).any(-1)
         codes = torch.where(bad, INVALID, OPTIMAL).to(torch.int8)
@@ -936,20 +1014,21 @@ def softmax(theta, tau: float, inspect: bool = True):
 def project_simplex(y: torch.Tensor, r: torch.Tensor, inspect: bool = True):
     """(x, codes or None): argmin ‖x − y‖² over {x ≥ 0, 1ᵀx = r}; y (B, n), r (B, 1).
 
-    r < 0 is INFEASIBLE (x = 0 stands in), r = 0 gives x = 0 (the only point).
+    r < 0 is INFEASIBLE (x = 0 stands in), r = 0 gives x = 0 (the only point);
+    a sum off by more than the round-off bound (or NaN, from non-finite y) is
+    NUMERICAL_ERROR. None: every sample optimal (one check, one sync).
     """
     x = _SimplexProjection.apply(y, r)
     if not inspect:
         return x, None
     with torch.no_grad():
-        y_, r_ = y.detach(), r.detach().squeeze(-1)
-        support = (x > 0).sum(-1).clamp_min(1).to(x.dtype)
-        eps = torch.finfo(x.dtype).eps
-        allowed = SIMPLEX_RESIDUAL * support * eps * (r_.abs() + x.detach().amax(-1))
-        residual = (x.detach().sum(-1) - r_.clamp_min(0)).abs()
-        codes = torch.where(residual <= allowed, OPTIMAL, NUMERICAL)
+        r_ = r.detach().squeeze(-1)
+        allowed = SIMPLEX_RESIDUAL * y.shape[-1] * torch.finfo(x.dtype).eps * r_.abs()
+        good = (x.detach().sum(-1) - r_.clamp_min(0)).abs() <= allowed
+        if bool((good & (r_ >= 0)).all()):
+            return x, None
+        codes = torch.where(good, OPTIMAL, NUMERICAL)
         codes = torch.where(r_ < 0, INFEASIBLE, codes)
-        codes = torch.where(torch.isfinite(y_).all(-1), codes, INVALID)
     return x, codes.to(torch.int8)
 
 
@@ -962,18 +1041,17 @@ class _SimplexProjection(torch.autograd.Function):
         # Shift by max(y) first: the threshold is found among entries near the top,
         # which a large common offset would otherwise drown in round-off (float32
         # y = 1e3 + 1e-3·randn lost 2 % of the mass). Partial sums in float64.
-        top = y.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        v = y - top
+        v = y - y.amax(-1, keepdim=True)
         u, _ = torch.sort(v, dim=-1, descending=True)
-        acc = torch.promote_types(y.dtype, torch.float64)
-        css = torch.cumsum(u.to(acc), dim=-1) - r.to(acc)
-        k = torch.arange(1, y.shape[-1] + 1, dtype=acc, device=y.device)
-        cond = u.to(acc) * k > css  # u_k − (css_k)/k > 0
+        if y.dtype != torch.float64:
+            u, r = u.double(), r.double()
+        css = torch.cumsum(u, dim=-1) - r
+        k = torch.arange(1, y.shape[-1] + 1, dtype=u.dtype, device=y.device)
+        cond = u * k > css  # u_k − (css_k)/k > 0
         # Size of the support; at least 1 so that r ≤ 0 gives t = max(v) − r and
         # x = 0 (r = 0: the only feasible point; r < 0: infeasible, reported by the caller).
         rho = cond.sum(-1, keepdim=True).clamp_min(1)
-        t = (css.gather(-1, rho - 1) / rho.to(acc)).to(y.dtype)
+        t = (css.gather(-1, rho - 1) / rho.to(u.dtype)).to(y.dtype)
         x = torch.clamp(v - t, min=0)
         return torch.where(r > 0, x, torch.zeros_like(x))
 
