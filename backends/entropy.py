@@ -99,6 +99,8 @@ INACCURATE_BOUND = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-
 # stops at t = 4 where the minimum is 500 away; near the solution t = 1 meets it.
 LINE_SEARCH_BALANCE = 0.1
 LINE_SEARCH_STEPS = 60
+# A slope at t = 0 below this many ε of its terms is round-off: no search.
+ROUNDOFF_SLOPE = 1e3
 # The first trial step grows no exponent by more than this (exp(30) ≈ 1e13):
 # far from the optimum the Newton step is wildly long (exponents of θ/τ ~ 1e3).
 STEP_EXPONENT_CAP = 30.0
@@ -445,53 +447,73 @@ def _empty_iterate(B, n, m, device, x=None, nu=None):
                     torch.eye(m, **z).expand(B, m, m).clone())
 
 
-def _line_search(x, s, grad, d, b):
+def _line_search(x, s, grad, d, b, skip, held: bool):
     """Step t for ν ← ν − t d (exponents move by +t s): the minimizer of the convex
-    φ(t) = g(ν − t d) = Σ xᵢ e^{t sᵢ} − t bᵀd + const, by safeguarded 1-D Newton.
+    φ(t) = g(ν − t d) = Σ xᵢ e^{t sᵢ} − t bᵀd + const, by a safeguarded 1-D Newton.
 
     Newton's t = 1 is far from it where exp dominates: from e^{99} too high, t = 1
     lowers the exponents by about 1 (99 steps); the minimizer along d is found in
-    a few evaluations (doubling t until φ' ≥ 0, then Newton or bisection inside
-    the bracket). φ' < 0 on [0, lo] (convexity), so t = lo always decreases g;
-    the search stops when φ'(t)'s two terms balance to LINE_SEARCH_BALANCE or the
-    bracket is that narrow (then t = lo, the side known to descend). Returns 0 where φ'(0)
-    is not negative (no descent: converged or stalled).
+    a few evaluations: doubling t until φ' ≥ 0, then inside the bracket Newton
+    while it halves the bracket, bisection otherwise (rtsafe's rule: from the
+    steep side of an exponential, Newton creeps by 1/|s|). φ' < 0 on [0, lo]
+    (convexity), so t = lo always decreases g. The search stops when φ'(t)'s two
+    terms balance to LINE_SEARCH_BALANCE, or the bracket is that narrow (then
+    t = lo, the side known to descend). Returns 0 where ``skip`` (converged
+    samples: their round-off slopes would hold up the batch's search) or where
+    φ'(0) is not negative beyond round-off (no descent).
     """
     slope0 = -(grad * d).sum(-1)  # φ'(0) = −∇gᵀH⁻¹∇g ≤ 0
     bd = (b * d).sum(-1)
-    live = x > 0
+    # Entries held at 0 must stay out of the sums (0·e^{t s} is NaN where e^{t s}
+    # overflows); without any, the masks are skipped.
+    live = (x > 0) if held else None
     zero = torch.zeros_like(x)
-    grow = torch.where(live, s, zero).amax(-1)
+
+    def masked(v):
+        return v if live is None else torch.where(live, v, zero)
+
+    grow = masked(s).amax(-1)
     t = (STEP_EXPONENT_CAP / grow.clamp_min(1e-300)).clamp(max=1.0)
     lo, hi = torch.zeros_like(t), torch.full_like(t, torch.inf)
-    done = ~(slope0 < 0)
+    width = torch.full_like(t, torch.inf)  # the bracket's width one step earlier
+    # No descent, or one below round-off (its two terms cancel to ε): nothing to
+    # search for; the sample has converged as far as float64 goes, or stalled.
+    scale0 = (x * s).sum(-1).abs() + bd.abs()
+    flat = skip | ~(slope0 < -ROUNDOFF_SLOPE * torch.finfo(x.dtype).eps * scale0)
+    done, use_lo = flat.clone(), torch.zeros_like(flat)
     for _ in range(LINE_SEARCH_STEPS):
-        w = torch.where(live, x * torch.exp(t.unsqueeze(-1) * s), zero)
-        slope = (w * s).sum(-1) - bd
-        curve = (w * s * s).sum(-1)
+        w = masked(x * torch.exp(t.unsqueeze(-1) * s))
+        ws = w * s
+        slope = ws.sum(-1) - bd
+        curve = (ws * s).sum(-1)
         ok = torch.isfinite(slope) & torch.isfinite(curve)
         below = ok & (slope < 0)
         lo = torch.where(~done & below, t, lo)
         hi = torch.where(~done & ~below, t, hi)
+        balanced = ok & (slope.abs() <= LINE_SEARCH_BALANCE * (ws.sum(-1).abs() + bd.abs()))
         narrow = torch.isfinite(hi) & (hi - lo <= LINE_SEARCH_BALANCE * hi)
-        balance = LINE_SEARCH_BALANCE * ((w * s).sum(-1).abs() + bd.abs())
-        done = done | (ok & (slope.abs() <= balance)) | narrow
+        use_lo = use_lo | (~done & narrow & ~balanced)
+        done = done | balanced | narrow
         if bool(done.all()):
+            if not bool((use_lo | (slope > 0)).any()):
+                # φ' ≤ 0 at every t: g decreased (convexity), nothing to check.
+                return torch.where(flat, torch.zeros_like(t), t)
             break
-        # Unbracketed (φ' < 0 so far): at least double t, since from far above
-        # (φ' concave) Newton's step in t is about 1/|s|, no more. Bracketed:
-        # Newton where it stays inside [lo, hi], else bisection.
         newton = t - slope / curve
-        inside = ok & (newton > lo) & (newton < hi)
+        bracketed = torch.isfinite(hi)
+        fast = ok & (newton > lo) & (newton < hi) & (hi - lo <= 0.5 * width)
+        width = torch.where(bracketed, hi - lo, width)
+        # Unbracketed (φ' < 0 so far): at least double t (from far above, φ'
+        # concave, Newton's step in t is about 1/|s|, no more).
         expand = torch.where(torch.isfinite(newton), torch.maximum(newton, 2.0 * t), 2.0 * t)
-        within = torch.where(inside, newton, 0.5 * (lo + hi))
-        t = torch.where(done, t, torch.where(torch.isfinite(hi), within, expand))
+        within = torch.where(fast, newton, 0.5 * (lo + hi))
+        t = torch.where(done, t, torch.where(bracketed, within, expand))
     # A stop just past the minimizer (slope > 0 but small) must still decrease g:
     # checked on the exact change Σ xᵢ expm1(t sᵢ) − t bᵀd (no large-value cancellation).
-    rise = torch.where(live, x * torch.expm1(t.unsqueeze(-1) * s), zero).sum(-1) - t * bd
-    accept = done & ~narrow & torch.isfinite(t) & (t <= hi) & (rise < 0)
+    rise = masked(x * torch.expm1(t.unsqueeze(-1) * s)).sum(-1) - t * bd
+    accept = done & ~use_lo & torch.isfinite(t) & (t <= hi) & (rise < 0)
     t = torch.where(accept, t, lo)
-    return torch.where(slope0 < 0, t, torch.zeros_like(t))
+    return torch.where(flat, torch.zeros_like(t), t)
 
 
 def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
@@ -509,6 +531,7 @@ def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
     previous_dx = torch.full((B,), torch.inf, dtype=WORK_DTYPE, device=nu.device)
     finite = torch.isfinite(out.x).all(-1)  # overflowed starts: not solved
     active = None if bool(finite.all()) else finite.nonzero().flatten()
+    held = bool(torch.isneginf(data.a).any())
     for it in range(max_iter + 1):
         if active is not None and active.numel() == 0:
             break
@@ -532,7 +555,7 @@ def _newton(data: _Data, eq, nu, max_iter: int = NEWTON_MAX_ITER) -> _Iterate:
         go = ~converged & ~stalled
         if it == max_iter or not bool(go.any()):
             break
-        t = _line_search(x, s, grad, d, sub.b)
+        t = _line_search(x, s, grad, d, sub.b, skip=~go, held=held)
         go = go & (t > 0)
         step = (t * go).unsqueeze(-1)
         _assign(out, "nu", active, nu_a - step * d)
@@ -781,36 +804,36 @@ class _Batch:
 
 def _direct(batch: _Batch, idx, warm, bound):
     """Newton at the target temperature on samples ``idx`` (None: all); returns
-    which of them are solved."""
+    (converged, face certified) for them."""
     sub = batch.data.rows(idx)
     nu, sweeps = _start(sub, batch.eq, None if warm is None else _sel(warm, idx))
     it = _newton(sub, batch.eq, nu)
     batch.record(idx, it, sweeps)
-    solved = it.converged(bound)
-    if batch.eq.kind != "transport":  # a dense system's face is not known yet
-        solved = solved & _certified(it.x, _sel(batch.held, idx), _sel(batch.b, idx))
-    return solved
+    converged = it.converged(bound)
+    if batch.eq.kind == "transport":  # the marginals told the face exactly
+        return converged, torch.ones_like(converged)
+    return converged, converged & _certified(it.x, _sel(batch.held, idx), _sel(batch.b, idx))
 
 
 def _settle_faces(batch: _Batch, idx, infeasible, bound):
-    """Certify the face of samples ``idx`` (dense systems), by the maximum-entropy
-    point or else the LP; returns ν to start their continuation from."""
+    """Certify the face of dense samples ``idx``, by the maximum-entropy point or
+    else the LP. Returns (ν to start a re-solve from, whether the LP fixed more
+    coordinates at 0)."""
     eq = batch.eq
-    if eq.kind == "transport":  # the marginals told the face exactly
-        return torch.zeros(len(idx), len(eq.independent), dtype=WORK_DTYPE,
-                           device=idx.device)
     flat = _max_entropy(batch.data.rows(idx), eq)
     sure = flat.converged(bound) & _certified(flat.x, batch.held[idx], batch.b[idx])
+    changed = torch.zeros_like(sure)
     unsure = idx[~sure]
     if unsure.numel():
         lp_infeasible, forced, undecided = _decide_faces(eq, batch.b[unsure], batch.held[unsure])
         infeasible[unsure] |= lp_infeasible
+        changed[~sure] = (forced & ~batch.held[unsure]).any(-1)
         batch.hold(unsure, forced)
         again = _max_entropy(batch.data.rows(unsure), eq)
         flat.nu[~sure] = again.nu
         flat.iterations[~sure] += again.iterations
     batch.out.iterations[idx] += flat.iterations
-    return flat.nu
+    return flat.nu, changed
 
 
 def _codes(r, dx, infeasible, invalid, dtype):
@@ -852,19 +875,26 @@ def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
     batch = _Batch(data, eq, held, b, _empty_iterate(B, n, len(eq.independent), device))
     bound = _bound(OPTIMAL_BOUND, out_dtype)
     todo = ~infeasible & ~invalid
+    converged = torch.zeros_like(todo)
+    certified = torch.full_like(todo, eq.kind == "transport")
     direct = todo & (True if eq.binary() else _reach(data.a) <= LOGIT_DIRECT)
     if bool(direct.all()):  # the common case: every sample at once, no gathers
-        todo = ~_direct(batch, None, warm_nu, bound)
+        converged, certified = _direct(batch, None, warm_nu, bound)
     elif bool(direct.any()):
         idx = direct.nonzero().flatten()
-        solved = _direct(batch, idx, warm_nu, bound)
-        todo[idx[solved]] = False
-    if bool(todo.any()):
-        idx = todo.nonzero().flatten()
-        nu = _settle_faces(batch, idx, infeasible, bound)
-        keep = ~infeasible[idx]
-        idx, nu = idx[keep], nu[keep]
-        it = _continuation(batch.data.rows(idx), eq, nu, _reach(batch.data.a[idx]))
+        converged[idx], certified[idx] = _direct(batch, idx, warm_nu, bound)
+    # A dense system's face: certified by the solution, else settled now; a solve
+    # that converged on a face the LP then confirms needs nothing more.
+    start = torch.zeros(B, len(eq.independent), dtype=WORK_DTYPE, device=device)
+    changed = torch.zeros_like(todo)
+    check = todo & ~certified
+    if bool(check.any()):
+        idx = check.nonzero().flatten()
+        start[idx], changed[idx] = _settle_faces(batch, idx, infeasible, bound)
+    again = todo & ~infeasible & (~converged | changed)
+    if bool(again.any()):
+        idx = again.nonzero().flatten()
+        it = _continuation(batch.data.rows(idx), eq, start[idx], _reach(batch.data.a[idx]))
         batch.record(idx, it)
     return _finish(batch, infeasible, invalid, out_dtype)
 

@@ -5,13 +5,14 @@
 Nothing here is shared with the backend: feasibility and the face of the
 orthant are decided by one small LP per coordinate (HiGHS: the largest xᵢ
 over {Ax = b, x ≥ 0}), the problem restricted to the free coordinates
-is solved by Clarabel through CVXPY (exponential cones), and that point is
-polished by Newton's method with backtracking on the dual in the unscaled
-multiplier λ, in mpmath at MP_DIGITS digits,
+is solved by Clarabel through CVXPY (exponential cones), and its multiplier is
+polished by Newton's method with an exact line search (bisection) on the dual
+in the unscaled multiplier λ, in mpmath at MP_DIGITS digits beyond the smallest
+entry of x (no overflow, no underflow that matters),
 
     G(λ) = τ Σ_S exp((θ_S − A_Sᵀλ)/τ − 1) + bᵀλ,   x_S = exp((θ_S − A_Sᵀλ)/τ − 1),
 
-started from Clarabel's multiplier, to a gradient of 10^(8 − MP_DIGITS).
+to a gradient ‖b − A x‖∞ of MP_TOL.
 `directional_derivative` differentiates the same way, by a central difference
 at h = 1e-20 in mpmath: exact to float64 precision even where float64 finite
 differences are useless (entries of x near 1e-8 that carry O(1) derivatives).
@@ -33,8 +34,11 @@ CLARABEL = dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktrati
 # The polish: Newton on the dual in mpmath at this many digits beyond the
 # smallest entry of x (exp has no overflow there, and the answer is exact to far
 # below float64's round-off), at most MP_MAX_DIGITS.
-MP_DIGITS = 40
+MP_DIGITS = 60
 MP_MAX_DIGITS = 300
+# ... to this gradient ‖b − A x‖∞: x exact to ~1e-50·cond, so that the central
+# difference at h = 1e-20 is exact to float64 precision where cond ≤ 1e8.
+MP_TOL = "1e-50"
 MP_MAX_ITER = 200
 
 
@@ -129,7 +133,7 @@ def _mp_newton(A, b, theta, tau, lam):
     lam = [mp.mpf(v) for v in lam]
     for _ in range(MP_MAX_ITER):
         x, grad = gradient(lam)
-        if max(abs(g) for g in grad) < mp.mpf(10) ** (8 - mp.mp.dps):
+        if max(abs(g) for g in grad) < mp.mpf(MP_TOL):
             return x, lam
         H = mp.matrix(m, m)
         for j in range(m):
