@@ -25,37 +25,38 @@ Backward passes, from the implicit function theorem on the KKT conditions:
             the generalized Jacobian.
 
 How the entropy solve goes (all samples at once, in float64 whatever the
-input dtype: exp overflows float32 at 88):
+input dtype: exp overflows float32 at 88). The minimizer ν exists only when
+some x > 0 has Ax = b, so the face of the orthant that Ax = b leaves matters:
+coordinates every feasible x holds at 0 (1ᵀx = 1 with x₀ = 0, a zero transport
+marginal, sum(x) = 0) are fixed at 0 (logit −inf) and the Hessian gets the
+projector on its structural null space added, so Newton and the backward work
+on the face.
 
-  1. Feasibility and the face. The minimizer ν exists only when some x > 0 has
-     Ax = b. Coordinates that every feasible x holds at 0 (1ᵀx = 1 with x₀ = 0,
-     a zero transport marginal, sum(x) = 0) are fixed at 0 and removed (logit
-     −inf), and the Hessian gets the projector on its structural null space
-     added, so Newton and the backward work on the face. Transport: read off the
-     marginals (zero ⇒ that row or column is 0; negative, or unequal totals ⇒
-     infeasible). General A: dependent rows must agree (else infeasible); a
-     sample whose solution has every xᵢ comfortably positive is certified by
-     it; the others are certified by the maximum-entropy point (θ = 0) or, if
-     that is not clear-cut either, decided by one LP (HiGHS through scipy,
-     per distinct b): max Σtᵢ s.t. Ax = s·b, 0 ≤ t ≤ x, t ≤ 1, s ≥ 1 is
+  1. What the data say at once. Transport: a zero marginal holds its row or
+     column at 0; a negative one, or unequal totals, is infeasible. General A:
+     the dependent rows' b must follow from the kept rows' (else infeasible).
+  2. Direct damped Newton at τ where max|θ/τ| ≤ LOGIT_DIRECT (always for 0/1
+     systems, started from Sinkhorn sweeps): direction −H⁻¹∇g, step length by a
+     safeguarded 1-D search for the minimum of g along it (exp makes t = 1 far
+     too short from above, far too long from below), the first trial capped so
+     that no exponent grows by more than STEP_EXPONENT_CAP; a step that stops
+     past the minimum is checked on the exact change Σ xᵢ expm1(t sᵢ) − t bᵀd.
+  3. The face, for general A. A converged solution with every free xᵢ ≥
+     CERTIFY_MIN·max x certifies the whole orthant; otherwise the
+     maximum-entropy point (θ = 0) may; otherwise one LP decides (HiGHS through
+     scipy, per distinct b): max Σtᵢ s.t. Ax = s·b, 0 ≤ t ≤ x, t ≤ 1, s ≥ 1 is
      infeasible exactly when the equalities are, and its optimal t is the
-     indicator of the coordinates that some feasible x makes positive.
-  2. Damped Newton on g: direction −H⁻¹∇g, step length by a safeguarded 1-D
-     Newton search for the minimum of g along it (exp makes t = 1 far too short
-     from above, far too long from below), the first trial capped so that no
-     exponent grows by more than STEP_EXPONENT_CAP; acceptance is checked on
-     the exact change Σ xᵢ expm1(t sᵢ) − t bᵀd (s = Aᵀd). Transport and 0/1
-     systems start from Sinkhorn sweeps. When the logits θ/τ reach beyond
-     ±LOGIT_DIRECT (small τ), or a direct solve fails, the sample is solved by
-     continuation in τ: from τ₀ = τ·max|θ/τ|/LOGIT_DIRECT down by
-     CONTINUATION_RATIO per stage, each stage started from the last one's
-     unscaled multiplier λ = τν.
+     indicator of the coordinates some feasible x makes positive.
+  4. Samples that did not converge, whose face step 3 shrank, or whose logits
+     exceed LOGIT_DIRECT (small τ) are solved by continuation in τ: from
+     τ₀ = τ·max|θ/τ|/LOGIT_DIRECT down by CONTINUATION_RATIO per stage, each
+     stage started from the last one's unscaled multiplier λ = τν.
 
 Statuses are decided here as a tensor of small integer codes (no per-sample
 Python, one device-to-host copy per batch in `statuses`). The criterion, with
 dtype the input's:
 
-  entropy:  INFEASIBLE when step 1 finds no x ≥ 0 with Ax = b. Otherwise x is
+  entropy:  INFEASIBLE when steps 1 or 3 find no x ≥ 0 with Ax = b. Otherwise x is
             stationary by construction (it is exp(a − Aᵀν)), so what is left is
               r  = ‖Ax − b‖∞ / (1 + ‖b‖∞)             (all rows, dependent ones too)
               δx = ‖X Aᵀ H⁺(b − Ax)‖∞ / (1 + ‖x‖∞)    (how far one more Newton step
@@ -825,7 +826,9 @@ def _settle_faces(batch: _Batch, idx, infeasible, bound):
     changed = torch.zeros_like(sure)
     unsure = idx[~sure]
     if unsure.numel():
-        lp_infeasible, forced, undecided = _decide_faces(eq, batch.b[unsure], batch.held[unsure])
+        # An LP that does not finish leaves the face as it was: the status then
+        # rests on the residuals, as for any sample.
+        lp_infeasible, forced, _ = _decide_faces(eq, batch.b[unsure], batch.held[unsure])
         infeasible[unsure] |= lp_infeasible
         changed[~sure] = (forced & ~batch.held[unsure]).any(-1)
         batch.hold(unsure, forced)
