@@ -197,7 +197,10 @@ def compile_problem(problem: cp.Problem, parameters, variables,
                                _dcp=(target, log_params, gp_var_ids))
     if not gp:
         compiled.forms.update(_structured_forms(problem, parameters, variables, compiled))
-    if qp_ok:
+    # A structured form's variable is one of the QP form's: past the QP size limit
+    # that form would be built (O(n²) work at large n) only to be discarded.
+    too_large = any(f.program.n > QP_MAX_VARIABLES for f in compiled.forms.values())
+    if qp_ok and not too_large:
         form = _qp_form(problem, parameters, variables, compiled)
         if form is not None:
             compiled.forms["qp"] = form

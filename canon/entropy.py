@@ -160,10 +160,27 @@ def _constant(M: sp.csr_array, user_cols: int) -> bool:
     return not np.any((coo.col < user_cols) & (coo.data != 0))
 
 
-def _dense_A(cone) -> np.ndarray:
-    """The constant A (SCS sign convention: Ax = b for the zero cone)."""
+def _sparse_A(cone) -> sp.csc_array:
+    """The constant A (SCS sign convention: Ax = b for the zero cone), kept sparse:
+    recognition must stay O(nnz) (a sparsemax over 10⁵ entries has an n×n identity)."""
     vals = cone.A_map[:, [cone.A_map.shape[1] - 1]].toarray().ravel()
-    return sp.csc_matrix((vals, cone.indices, cone.indptr), shape=(cone.m, cone.n)).toarray()
+    A = sp.csc_array((vals, cone.indices, cone.indptr), shape=(cone.m, cone.n))
+    A.eliminate_zeros()
+    return A
+
+
+def _dense_A(cone) -> np.ndarray:
+    return _sparse_A(cone).toarray()
+
+
+def _is_scaled_identity(M: sp.csc_array, n: int, scale: float) -> bool:
+    """M == scale · I (n×n), checked on the stored entries only."""
+    if M.shape != (n, n) or M.nnz != n:
+        return False
+    M = sp.csc_array(M)
+    M.sum_duplicates()
+    return (M.nnz == n and np.array_equal(M.indptr, np.arange(n + 1))
+            and np.array_equal(M.indices, np.arange(n)) and bool(np.all(M.data == scale)))
 
 
 def recognize_entropy(problem, S_fn, user_cols: int) -> EntropyProgram | None:
@@ -259,11 +276,11 @@ def recognize_simplex(problem, S_fn, user_cols: int) -> SimplexProjection | None
         return None
     if not (_constant(cone_inner.A_map, user_cols) and _constant(cone_lin.A_map, user_cols)):
         return None
-    M = _dense_A(cone_inner)  # x-coefficients of −inner
-    sigma = -M[0, 0] if M.size else 0.0
-    if abs(sigma) != 1.0 or not np.array_equal(M, -sigma * np.eye(z.size)):
+    M = _sparse_A(cone_inner)  # x-coefficients of −inner
+    sigma = -float(M[0, 0]) if M.shape[0] and M.shape[1] else 0.0
+    if abs(sigma) != 1.0 or not _is_scaled_identity(M, z.size, -sigma):
         return None
-    A = _dense_A(cone_lin)
+    A = _dense_A(cone_lin)  # one row
     if A.shape != (1, z.size) or not np.all(A == A[0, 0]) or A[0, 0] == 0:
         return None
     e_map = sp.csr_array(cone_inner.b_map)

@@ -16,7 +16,7 @@ from ._checks import functorch_active
 from ._maps import LinearMap, coo_arrays
 from .backends import entropy as entropy_backend
 from .backends.qp import QPSettings, solve_qp
-from .backends.status import Box, Status
+from .backends.status import Box
 
 QP_BLOCKS = ("Q", "q", "G", "h", "A", "b")
 
@@ -139,16 +139,12 @@ class SimplexPath(_Path):
         self.y, self.r = self._map("y"), self._map("r")
 
     def solve(self, theta: torch.Tensor, settings=None, warm=None):
-        # A closed form: nothing to warm-start.
+        # A closed form: nothing to warm-start. Statuses come from the backend as a
+        # code tensor (not inspectable inside torch.func transforms: all optimal there).
         y, r = self.y(theta), self.r(theta)
-        x = entropy_backend.project_simplex(y, r)
+        x, codes = entropy_backend.project_simplex(y, r, inspect=not functorch_active(y, r))
         B = theta.shape[0]
-        if functorch_active(y, r):
-            status = (Status.OPTIMAL,) * B  # not inspectable inside torch.func transforms
-        else:
-            # r < 0: no point of the simplex; r = 0: x = 0 is the only (optimal) point.
-            bad = (r.detach() < 0).squeeze(-1) | ~torch.isfinite(y.detach()).any(-1)
-            status = tuple(Status.INFEASIBLE if bool(b) else Status.OPTIMAL for b in bad)
+        status = entropy_backend.statuses(codes, B)
         return self._read(x), Result(status, np.zeros(B, dtype=np.int64), np.zeros((B, 3)))
 
 
@@ -158,36 +154,36 @@ class EntropyPath(_Path):
         self.theta, self.b = self._map("theta"), self._map("b")
         self.tau = meta["tau"]
         self.kind = meta["program_kind"]
+        self._eq: dict = {}  # device -> equality operator (immutable, shared by calls)
 
-    def _equalities(self, dtype, device):
-        independent = self.t["independent"].to(device)
-        if self.kind == "transport":
-            r, c = self.meta["transport_shape"]
-            return entropy_backend.TransportEqualities(r, c, independent)
-        return entropy_backend.DenseEqualities(self.t["A"].to(dtype=dtype, device=device),
-                                               independent)
+    def _equalities(self, device):
+        """The equality operator, built once per device (float64: the solve's dtype)."""
+        key = str(device)
+        eq = self._eq.get(key)
+        if eq is None:
+            independent = self.t["independent"].to(device)
+            if self.kind == "transport":
+                r, c = self.meta["transport_shape"]
+                eq = entropy_backend.TransportEqualities(r, c, independent)
+            else:
+                A = self.t["A"].to(dtype=entropy_backend.WORK_DTYPE, device=device)
+                eq = entropy_backend.DenseEqualities(A, independent)
+            self._eq[key] = eq
+        return eq
 
     def solve(self, theta: torch.Tensor, settings=None, warm=None):
         logits = self.theta(theta)
         B = theta.shape[0]
         if self.kind == "softmax":
-            # A row needs one finite logit and no +inf; masks (−inf) are fine. Under
-            # torch.func the values are not inspectable: the closed form has no
-            # failure mode besides such inputs.
-            if functorch_active(logits) or bool(torch.isfinite(logits.detach().sum())):
-                status = (Status.OPTIMAL,) * B
-            else:
-                lg = logits.detach()
-                bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1)
-                status = tuple(Status.INVALID_INPUT if bool(b) else Status.OPTIMAL for b in bad)
-                # Invalid rows get finite stand-in logits so that softmax's backward
-                # stays finite there (the row itself is masked or raises later).
-                logits = torch.where(bad.unsqueeze(-1), torch.zeros_like(logits), logits)
-            x = entropy_backend.softmax(logits, self.tau)
+            # Statuses come from the backend (not inspectable inside torch.func
+            # transforms, where the closed form has no failure mode to report).
+            x, codes = entropy_backend.softmax(logits, self.tau,
+                                               inspect=not functorch_active(logits))
+            status = entropy_backend.statuses(codes, B)
             result = Result(status, np.zeros(B, dtype=np.int64), np.zeros((B, 3)))
         else:
             box = Box()
-            eq = self._equalities(theta.dtype, theta.device)
+            eq = self._equalities(theta.device)
             need_grad = torch.is_grad_enabled() and theta.requires_grad
             x = entropy_backend.EntropySolve.apply(logits, self.b(theta), self.tau, eq, box,
                                                    None if warm is None else warm["nu"],

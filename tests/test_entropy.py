@@ -22,6 +22,7 @@ off (a flat objective); ECOS at 1e-9 is within ~1e-8.
 import warnings
 
 import cvxpy as cp
+import entropy_reference
 import numpy as np
 import pytest
 import torch
@@ -1048,3 +1049,321 @@ def test_problems_that_do_not_match_fall_through(name):
     else:
         (ref,) = reference_solve(prob, params, values, [z])
     assert np.abs(z_star.numpy() - ref).max() < 1e-7
+
+
+# ----------------------------------------------------------------------------
+# 9. Nothing wrong passes as a solution: small temperatures, faces of the
+#    orthant, infeasible equalities, extreme scales (reference: entropy_reference,
+#    per-coordinate LPs + Clarabel polished on the dual, nothing shared with the path)
+# ----------------------------------------------------------------------------
+
+
+# 1ᵀz = 1 plus two mixed-sign rows: neither a transport nor a 0/1 system.
+A_MIXED = np.array([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                    [0.5, -1.2, 0.0, 2.0, -0.3, 0.0, 1.0],
+                    [0.0, 0.7, -1.0, 0.0, 1.5, -0.8, 0.2]])
+REF_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+def _equality_problem(A, tau, b=None):
+    """maximize θᵀz + τ·H(z) s.t. A z = b; b a Parameter unless given as constants."""
+    theta = cp.Parameter(A.shape[1])
+    z = cp.Variable(A.shape[1])
+    b_par = cp.Parameter(A.shape[0]) if b is None else None
+    rhs = b_par if b is None else np.asarray(b, dtype=np.float64)
+    prob = cp.Problem(cp.Maximize(theta @ z + tau * cp.sum(cp.entr(z))), [A @ z == rhs])
+    return prob, theta, b_par, z
+
+
+def _ref_solution(A, b, theta, tau):
+    """The reference point, or None where the equalities have no x ≥ 0."""
+    try:
+        return entropy_reference.solve(A, b, theta, tau)
+    except entropy_reference.Infeasible:
+        return None
+
+
+def _ref_directional(A, b, theta, tau, d_theta, d_b, w):
+    """d/dh wᵀx*(θ + h dθ, b + h db) at 0: the reference's central difference in
+    mpmath (float64 differences lose digits where x has entries near 1e-8)."""
+    return entropy_reference.directional_derivative(A, b, theta, tau, d_theta, d_b, w)
+
+
+def test_small_temperature_with_a_mixed_sign_row_is_solved():
+    """maximize θᵀz + 0.003·H(z) s.t. 1ᵀz = 1, z₂ − z₃ = 0.05: the answer is
+    (0, 0.95, 0.05, 0, 0, 0), never a point off the constraints."""
+    n, tau = 6, 0.003
+    A = np.vstack([np.ones(n), np.eye(n)[2] - np.eye(n)[3]])
+    b = np.array([1.0, 0.05])
+    prob, theta, _, z = _equality_problem(A, tau, b=b)
+    layer = CvxpyLayer(prob, [theta], [z])
+    assert layer.backend == "entropy"
+    th = np.array([0.1, 1.0, 0.5, 0.45, 0.0, -0.3])
+    (x,), _ = _solve(layer, as_tensor(th))
+    ref = entropy_reference.solve(A, b, th, tau)
+    assert np.abs(ref - [0, 0.95, 0.05, 0, 0, 0]).max() < 1e-8
+    assert np.abs(x.numpy() - ref).max() < 1e-8
+    # At this τ the point is the vertex's: ∂x/∂θ ~ e^{-0.5/τ}, ∂x/∂b of order 1.
+    # The gradient along a direction of (θ, b), with b a parameter, against the
+    # reference re-solved (mpmath central difference).
+    prob, theta, b_par, z = _equality_problem(A, tau)
+    layer = CvxpyLayer(prob, [theta, b_par], [z])
+    tht, bt = as_tensor(th, grad=True), as_tensor(b, grad=True)
+    (x,), _ = _solve(layer, tht, bt)
+    w, d_th, d_z = _weights(n, 40).numpy(), _weights(n, 41).numpy(), _weights(n, 42).numpy()
+    g_th, g_b = weighted_grads([x], [tht, bt], [as_tensor(w)])
+    got = float(g_th @ as_tensor(d_th) + g_b @ as_tensor(A @ d_z))
+    fd = _ref_directional(A, b, th, tau, d_th, A @ d_z, w)
+    assert abs(got - fd) < 1e-8 * max(1.0, abs(fd))
+    assert abs(fd) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", [0.01, 0.003, 0.001])
+def test_small_temperature_family_every_sample_is_solved(tau, dtype):
+    """50 feasible samples of a general constant A: each is optimal and right."""
+    B = 50
+    prob, theta, b_par, z = _equality_problem(A_MIXED, tau)
+    layer = CvxpyLayer(prob, [theta, b_par], [z])
+    rng = np.random.default_rng(42)
+    z0 = rng.dirichlet(np.ones(A_MIXED.shape[1]), size=B)
+    th_v, b_v = rng.standard_normal((B, A_MIXED.shape[1])), z0 @ A_MIXED.T
+    tht, bt = as_tensor(th_v, dtype=dtype), as_tensor(b_v, dtype=dtype)
+    (x,), info = _solve(layer, tht, bt)
+    assert x.dtype == dtype
+    for i in range(B):
+        ref = entropy_reference.solve(A_MIXED, bt[i].double().numpy(), tht[i].double().numpy(),
+                                      tau)
+        assert np.abs(x[i].double().numpy() - ref).max() < REF_TOL[dtype], i
+
+
+def test_small_temperature_gradients_match_the_reference():
+    """θ and b gradients at τ = 0.01 against central differences through the reference."""
+    tau, B = 0.01, 3
+    prob, theta, b_par, z = _equality_problem(A_MIXED, tau)
+    layer = CvxpyLayer(prob, [theta, b_par], [z])
+    rng = np.random.default_rng(43)
+    z0 = rng.dirichlet(np.ones(7), size=B)
+    th_v, b_v = rng.standard_normal((B, 7)), z0 @ A_MIXED.T
+    tht, bt = as_tensor(th_v, grad=True), as_tensor(b_v, grad=True)
+    (x,), _ = _solve(layer, tht, bt)
+    w = _weights((B, 7), 44)
+    g_th, g_b = weighted_grads([x], [tht, bt], [w])
+    for i in range(B):
+        d_th, d_z = rng.standard_normal(7), rng.standard_normal(7)
+        d_b = A_MIXED @ d_z
+        fd = _ref_directional(A_MIXED, b_v[i], th_v[i], tau, d_th, d_b, w[i].numpy())
+        got = float(g_th[i] @ as_tensor(d_th) + g_b[i] @ as_tensor(d_b))
+        assert abs(got - fd) < 1e-7 * max(1.0, abs(fd)), (i, got, fd)
+        assert abs(fd) > 1e-3
+
+
+def _face_case(name):
+    """(A, b, forced coordinates) of feasible sets on a face of the orthant."""
+    n = 5
+    one = np.ones((1, n))
+    if name == "z0_zero":  # 1ᵀz = 1, z₀ = 0
+        return np.vstack([one, np.eye(n)[0]]), np.array([1.0, 0.0]), [0]
+    if name == "two_z0_zero":  # the same, written 2·z₀ = 0
+        return np.vstack([one, 2 * np.eye(n)[0]]), np.array([1.0, 0.0]), [0]
+    if name == "sum_zero":  # 1ᵀz = 0: only z = 0
+        return one, np.array([0.0]), list(range(n))
+    if name == "pair_cancels":  # z₁ − z₂ = 0 and z₁ + z₂ = 0: both zero, others free
+        A = np.vstack([one, np.eye(n)[1] - np.eye(n)[2], np.eye(n)[1] + np.eye(n)[2]])
+        return A, np.array([1.0, 0.0, 0.0]), [1, 2]
+    if name == "mixed_signs":  # z₀ − z₃ = 1, z₀ + z₁ + z₂ + z₄ − z₃ = 1 ⇒ z₁ = z₂ = z₄ = 0
+        A = np.array([[1.0, 0, 0, -1, 0, 0], [1, 1, 1, -1, 1, 0], np.ones(6)])
+        return A, np.array([1.0, 1.0, 2.0]), [1, 2, 4]
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["z0_zero", "two_z0_zero", "sum_zero", "pair_cancels",
+                                  "mixed_signs"])
+def test_coordinates_forced_to_zero_are_solved_on_their_face(name, dtype):
+    A, b, forced = _face_case(name)
+    n, tau, B = A.shape[1], 0.5, 3
+    prob, theta, b_par, z = _equality_problem(A, tau)
+    layer = CvxpyLayer(prob, [theta, b_par], [z])
+    assert layer.backend == "entropy"
+    th_v = np.random.default_rng(45).standard_normal((B, n))
+    tht = as_tensor(th_v, grad=True, dtype=dtype)
+    bt = as_tensor(np.broadcast_to(b, (B, len(b))), dtype=dtype)
+    (x,), _ = _solve(layer, tht, bt)
+    assert (x[:, forced] == 0).all()
+    w = _weights((B, n), 46)
+    (g,) = torch.autograd.grad((x * w.to(dtype)).sum(), tht)
+    assert torch.isfinite(g).all() and (g[:, forced] == 0).all()
+    for i in range(B):
+        ref = entropy_reference.solve(A, b, th_v[i], tau)
+        assert np.abs(x[i].double().detach().numpy() - ref).max() < REF_TOL[dtype]
+        if dtype == torch.float64 and len(forced) < n:
+            d = np.random.default_rng(i).standard_normal(n)
+            fd = _ref_directional(A, b, th_v[i], tau, d, 0 * b, w[i].numpy())
+            assert abs(float(g[i] @ as_tensor(d)) - fd) < 1e-7 * max(1.0, abs(fd))
+            assert abs(fd) > 1e-3
+
+
+def test_transport_with_a_zero_marginal_is_solved():
+    """A zero row sum forces that row of the plan to zero; the rest is the
+    transport between the remaining marginals."""
+    r, c, tau = 3, 4, 0.5
+    prob, params, Z = _transport_problem(r, c, tau=tau)
+    layer = CvxpyLayer(prob, list(params), [Z])
+    C, a, b = _ot_data(np.random.default_rng(47), r, c)
+    a[2] = 0.0
+    a /= a.sum()
+    b[1] = 0.0
+    b /= b.sum()
+    Ct = as_tensor(C, grad=True)
+    (Zs,), _ = _solve(layer, Ct, as_tensor(a), as_tensor(b))
+    assert (Zs[2] == 0).all() and (Zs[:, 1] == 0).all()
+    keep_r, keep_c = [0, 1], [0, 2, 3]
+    ref = _sinkhorn(C[np.ix_(keep_r, keep_c)], a[keep_r], b[keep_c], tau)
+    assert np.abs(Zs.detach().numpy()[np.ix_(keep_r, keep_c)] - ref).max() < 1e-10
+    # ∂/∂C against central differences of the reduced Sinkhorn reference.
+    w = _weights((r, c), 48)
+    (g,) = torch.autograd.grad((Zs * w).sum(), Ct)
+    assert (g[2] == 0).all() and (g[:, 1] == 0).all()
+    sub = w.numpy()[np.ix_(keep_r, keep_c)]
+    for i, j in [(0, 0), (1, 2), (0, 3)]:
+        e = np.zeros((2, 3))
+        e[i, keep_c.index(j)] = 1e-6
+        Cs = C[np.ix_(keep_r, keep_c)]
+        fd = ((_sinkhorn(Cs + e, a[keep_r], b[keep_c], tau) * sub).sum()
+              - (_sinkhorn(Cs - e, a[keep_r], b[keep_c], tau) * sub).sum()) / 2e-6
+        assert abs(float(g[i, j]) - fd) < 1e-7
+    assert g.abs().max() > 1e-3
+
+
+def _infeasible_case(name):
+    n = 4
+    one = np.ones(n)
+    if name == "beyond_the_simplex":  # z₀ + 2z₁ ≤ 2 on the simplex
+        return np.vstack([one, [1.0, 2.0, 0, 0]]), np.array([1.0, 2.1])
+    if name == "contradictory_sums":  # 1ᵀz = 1 and 1ᵀz = 2
+        return np.vstack([one, one]), np.array([1.0, 2.0])
+    if name == "negative_sum":
+        return one[None], np.array([-1.0])
+    if name == "mixed_signs":  # z₀ − z₁ = 1 and z₁ − z₀ = 1
+        return np.array([[1.0, -1, 0, 0], [-1, 1, 0, 0]]), np.array([1.0, 1.0])
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["beyond_the_simplex", "contradictory_sums", "negative_sum",
+                                  "mixed_signs"])
+def test_infeasible_equalities_are_reported_infeasible(name):
+    """A sample with no x ≥ 0 is INFEASIBLE (raised, or NaN with mask); its
+    feasible neighbours in the batch are solved as if alone."""
+    A, b_bad = _infeasible_case(name)
+    n, tau = A.shape[1], 0.3
+    prob, theta, b_par, z = _equality_problem(A, tau)
+    layer = CvxpyLayer(prob, [theta, b_par], [z])
+    assert _ref_solution(A, b_bad, np.zeros(n), tau) is None
+    th_v = np.random.default_rng(49).standard_normal((3, n))
+    b_ok = A @ np.array([0.4, 0.3, 0.2, 0.1])
+    b_v = np.stack([b_ok, b_bad, b_ok])
+    args = (as_tensor(th_v), as_tensor(b_v))
+    for dtype in (torch.float64, torch.float32):
+        args = tuple(t.to(dtype) for t in args)
+        with pytest.raises(SolverError) as err:
+            layer(*args)
+        assert err.value.indices == [1]
+        assert err.value.statuses == [Status.INFEASIBLE]
+        (x,), info = layer(*args, on_failure="mask", return_info=True)
+        assert info.status == (Status.OPTIMAL, Status.INFEASIBLE, Status.OPTIMAL)
+        assert torch.isnan(x[1]).all()
+        for i in (0, 2):
+            ref = entropy_reference.solve(A, b_ok, th_v[i], tau)
+            assert np.abs(x[i].double().numpy() - ref).max() < REF_TOL[dtype]
+
+
+def test_sparsemax_float32_with_a_large_common_offset():
+    """y = 1e3 + 1e-3·randn (n = 3000) in float32: the threshold is found after
+    shifting by max(y), so the sum is 1 and the support is right."""
+    n = 3000
+    prob, y, z = _sparsemax_problem(n)
+    layer = CvxpyLayer(prob, [y], [z])
+    y32 = (1e3 + 1e-3 * torch.randn(2, n, generator=torch.Generator().manual_seed(50),
+                                    dtype=torch.float64)).float()
+    (x,), _ = _solve(layer, y32)
+    assert x.dtype == torch.float32
+    w = torch.randn(2, n, generator=torch.Generator().manual_seed(53)).float()
+    y32.requires_grad_(True)
+    (x,) = layer(y32)
+    (g,) = torch.autograd.grad((x * w).sum(), y32)
+    for i in range(2):
+        y64 = y32[i].detach().double().numpy()
+        ref, _, support = _sparsemax_ref(y64 - y64.max())  # exact shift in float64
+        assert abs(float(x[i].double().sum()) - 1.0) < 1e-5
+        assert np.abs(x[i].detach().double().numpy() - ref).max() < 1e-6
+        assert ((x[i] > 0).numpy() == support).mean() > 0.999
+        # The closed-form Jacobian on the reference's support: centering on S.
+        s = torch.as_tensor(support, dtype=DT)
+        expected = s * (w[i].double() - (s * w[i].double()).sum() / s.sum())
+        assert (g[i].double() - expected).abs().max() < 1e-5
+
+
+def test_sparsemax_recognition_is_linear_in_n():
+    """A sparsemax over 20 000 entries compiles with no n×n array (a dense
+    identity would be 3.2 GB) and solves correctly."""
+    import tracemalloc
+
+    n = 20_000
+    prob, y, z = _sparsemax_problem(n)
+    tracemalloc.start()
+    try:
+        layer = CvxpyLayer(prob, [y], [z])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert layer.backend == "simplex"
+    assert peak < 400e6, f"peak {peak / 1e6:.0f} MB"
+    yt = torch.randn(2, n, dtype=DT, generator=torch.Generator().manual_seed(51))
+    (x,), _ = _solve(layer, yt)
+    for i in range(2):
+        assert np.abs(x[i].numpy() - _sparsemax_ref(yt[i].numpy())[0]).max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tau,scale", [(torch.float64, 1e-300, 1e9),
+                                             (torch.float32, 1e-37, 50.0)])
+def test_softmax_with_a_tiny_temperature_is_the_argmax(dtype, tau, scale):
+    """θ/τ overflows; (θ − max θ)/τ does not: the answer is the (tie-split) argmax."""
+    n = 5
+    prob, th, z = _softmax_problem(n, tau=tau)
+    layer = CvxpyLayer(prob, [th], [z])
+    theta = torch.tensor([[0.3, 1.0, -0.2, 0.9, 0.1], [1.0, -1.0, 1.0, 0.0, 0.5]],
+                         dtype=dtype) * scale
+    theta.requires_grad_(True)
+    (x,), _ = _solve(layer, theta)
+    expected = torch.tensor([[0, 1, 0, 0, 0], [0.5, 0, 0.5, 0, 0]], dtype=dtype)
+    assert torch.equal(x, expected)
+    # The closed-form Jacobian (diag(x) − x xᵀ)/τ: zero at the one-hot row.
+    w = _weights((2, n), 52).to(dtype)
+    (g,) = torch.autograd.grad((x * w).sum(), theta)
+    assert torch.isfinite(g).all()
+    assert (g[0] == 0).all()
+    J1 = (torch.diag(expected[1]) - torch.outer(expected[1], expected[1])).double()
+    ref1 = (J1 @ w[1].double()) / tau
+    assert torch.allclose(g[1].double(), ref1, rtol=1e-6)
+
+
+def test_float32_gradients_of_the_dual_newton_path_match_float64():
+    """float32 inputs are solved and differentiated in float64 inside: the
+    gradients equal the float64 ones at the same (rounded) data, to float32."""
+    tau, B = 0.2, 4
+    prob, theta, b_par, z = _equality_problem(A_MIXED, tau)
+    layer = CvxpyLayer(prob, [theta, b_par], [z])
+    rng = np.random.default_rng(54)
+    th32 = torch.tensor(rng.standard_normal((B, 7)), dtype=torch.float32)
+    b32 = torch.tensor(rng.dirichlet(np.ones(7), size=B) @ A_MIXED.T, dtype=torch.float32)
+    w = _weights((B, 7), 55)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        tt, bt = th32.to(dtype).requires_grad_(), b32.to(dtype).requires_grad_()
+        (x,), _ = _solve(layer, tt, bt)
+        grads[dtype] = weighted_grads([x], [tt, bt], [w.to(dtype)])
+        assert grads[dtype][0].dtype == dtype
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert (g32.double() - g64).abs().max() <= 1e-5 * (1 + g64.abs().max())
+        assert g64.abs().max() > 1e-2
