@@ -37,20 +37,20 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import diffcp
 import numpy as np
+import scipy.sparse as sp
+import torch
 from diffcp.cone_program import solve_and_derivative_internal, solve_internal
 from threadpoolctl import ThreadpoolController
 
+from . import solution
 from .cone_derivative import ConeAdjoint
+from .solution import Solution
 from .solver_args import DIFFCP_KEYS, SOLVER_KEYS
 from .solver_args import check_type as _check_type
 from .status import Status
-
-if TYPE_CHECKING:  # canon's cone module is CVXPY-free, but keep the backend standalone
-    from ..canon.cone import ConeProgram
 
 SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel", "DIFFCP": "SCS"}
 DIFF_MODES = ("auto", "dense", "lsqr", "lsmr", "lpgd", "lpgd_left", "lpgd_right")
@@ -70,28 +70,9 @@ DENSE_MODE_MAX_DIM = 400
 
 
 
-@dataclass(frozen=True)
-class Accuracy:
-    """How far from optimal a returned point may be (the measures of `_residuals`)."""
-
-    residual: float  # scaled primal and dual residuals, each at most this
-    suboptimality: float  # the relative suboptimality bound at most this
-
-    def holds(self, measures) -> bool:
-        primal, dual, bound = measures
-        return max(primal, dual) <= self.residual and bound <= self.suboptimality
-
-
-# The status policy of the module docstring. OPTIMAL's limits sit an order of
-# magnitude above SCS's default tolerance (1e-4), measured our way; a point
-# beyond the usable limits is not an approximate solution (SCS returned
-# (−663545, 1.001) as max_iter for a projection onto [0, 1]², and 6.7e6 as
-# optimal_inaccurate for min −√x, x ≥ 1).
-ACCURACY = {
-    Status.OPTIMAL: Accuracy(residual=1e-3, suboptimality=1e-2),
-    Status.OPTIMAL_INACCURATE: Accuracy(residual=1e-2, suboptimality=1e-1),
-    Status.MAX_ITER: Accuracy(residual=1e-2, suboptimality=1e-1),
-}
+# The status policy of the module docstring: the limits every route applies
+# (`backends.solution`).
+ACCURACY = solution.ACCURACY
 # A failed point is a certificate of unboundedness (infeasibility) when its ray
 # satisfies the constraints to this fraction of its objective (see `_certificate`).
 CERTIFICATE_TOL = 1e-4
@@ -158,7 +139,7 @@ class ConicSettings:
         out["solver_kwargs"] = kwargs
         return cls(**out)
 
-    def mode_for(self, cone: ConeProgram) -> str:
+    def mode_for(self, cone: ConeStructure) -> str:
         if self.mode != "auto":
             return self.mode
         return "dense" if cone.n + cone.m + 1 <= DENSE_MODE_MAX_DIM else "lsqr"
@@ -240,24 +221,51 @@ def status_from_diffcp(text: str) -> Status:
     return Status.NUMERICAL_ERROR
 
 
-@dataclass
-class ConicResult:
-    """A solved batch: solutions (NaN where no point), status and the adjoints."""
+@dataclass(frozen=True)
+class ConeStructure:
+    """What the solver needs besides the values: sizes, cones and A's sparsity pattern
+    (CSC, explicit zeros kept), shared by every sample. `canon.cone.ConeProgram`
+    has these fields too."""
 
-    x: np.ndarray  # (B, n)
-    y: np.ndarray  # (B, m)
-    s: np.ndarray  # (B, m)
-    status: list[Status]
-    iterations: np.ndarray  # (B,)
-    residuals: np.ndarray  # (B, 3): primal, dual residual, suboptimality bound (scaled)
-    adjoints: list  # per sample: (dx, dy, ds) -> (dA values, db, dc) of the solver's data, or None
-    cone: ConeProgram
+    n: int
+    m: int
+    cone_dict: dict
+    indices: np.ndarray  # (nnz,) row of each stored entry
+    indptr: np.ndarray  # (n + 1,)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.size)
+
+    def matrix(self, values: np.ndarray) -> sp.csc_matrix:
+        """One sample's A from its nonzero values (a fresh matrix: the solver may edit it)."""
+        return sp.csc_matrix((np.array(values, dtype=np.float64), self.indices.copy(),
+                              self.indptr.copy()), shape=(self.m, self.n))
+
+
+@dataclass
+class ConicResult(Solution):
+    """A solved batch: solutions (NaN where no point), statuses and the adjoints.
+
+    ``residuals``: scaled primal and dual residuals and the relative suboptimality
+    bound (`_residuals`).
+    """
+
+    x: np.ndarray = None  # (B, n)
+    y: np.ndarray = None  # (B, m)
+    s: np.ndarray = None  # (B, m)
+    adjoints: list = None  # per sample: (dx, dy, ds) -> (dA values, db, dc), or None
+    cone: ConeStructure = None
     n_jobs_backward: int = 1
     # Per-sample objective scale σ: the solver saw c/σ (see `objective_scale`).
     sigma: np.ndarray | None = None
 
-    def vjp(self, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-        """Gradients of x and y (B, n), (B, m) -> gradient of θ (B, len θ)."""
+    def warm_start(self) -> dict:
+        return {k: torch.from_numpy(v) for k, v in (("x", self.x), ("y", self.y),
+                                                     ("s", self.s))}
+
+    def vjp(self, dx: np.ndarray, dy: np.ndarray):
+        """Gradients of x and y (B, n), (B, m) -> gradients of (c, vals(A), b)."""
         cone = self.cone
         B = dx.shape[0]
         dA = np.zeros((B, cone.nnz))
@@ -274,10 +282,10 @@ class ConicResult:
             dc[i] = gc / sigma
 
         _run(one, B, self.n_jobs_backward)
-        return self.cone.data_adjoint(dc, dA, db)
+        return dc, dA, db
 
 
-def _nonzero_coordinates(cone: ConeProgram):
+def _nonzero_coordinates(cone: ConeStructure):
     cols = np.repeat(np.arange(cone.n), np.diff(cone.indptr))
     return cone.indices, cols
 
@@ -384,16 +392,16 @@ class _Sample:
     adjoint: object = None
 
 
-def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
-          need_derivative: bool, warm: dict | None = None) -> ConicResult:
-    """Solve the batch of cone programs at parameters θ (B, len θ).
+def solve(cone: ConeStructure, c: np.ndarray, A_vals: np.ndarray, b: np.ndarray,
+          settings: ConicSettings, need_derivative: bool,
+          warm: dict | None = None) -> ConicResult:
+    """Solve the batch of cone programs with data c (B, n), vals(A) (B, nnz), b (B, m).
 
     ``warm`` ({"x", "y", "s"}, each (B, ·)) warm-starts SCS from a previous
     solution, per sample where it is finite; other solvers ignore it.
     Raises KeyboardInterrupt when the user interrupts a solve.
     """
-    B = theta.shape[0]
-    c, A_vals, b = cone.data(theta)
+    B = c.shape[0]
     x = np.full((B, cone.n), np.nan)
     y = np.full((B, cone.m), np.nan)
     s = np.full((B, cone.m), np.nan)
@@ -418,14 +426,15 @@ def solve(cone: ConeProgram, theta: np.ndarray, settings: ConicSettings,
             x[i], y[i], s[i] = out.point[0], out.point[1] * sigma[i], out.point[2]
 
     _run(one, B, settings.n_jobs_forward)
-    return ConicResult(x, y, s, status, iterations, residuals, adjoints, cone,
-                       n_jobs_backward=settings.n_jobs_backward, sigma=sigma)
+    return ConicResult(solution.codes_of(status), torch.from_numpy(iterations),
+                       torch.from_numpy(residuals), x=x, y=y, s=s, adjoints=adjoints,
+                       cone=cone, n_jobs_backward=settings.n_jobs_backward, sigma=sigma)
 
 
 class _SampleSolver:
     """Solve one sample with the settings' solver; judge its point; build its adjoint."""
 
-    def __init__(self, cone: ConeProgram, settings: ConicSettings, need_derivative: bool):
+    def __init__(self, cone: ConeStructure, settings: ConicSettings, need_derivative: bool):
         self.cone, self.settings, self.need_derivative = cone, settings, need_derivative
         self.mode = settings.mode_for(cone)
         self.rows, self.cols = _nonzero_coordinates(cone)
@@ -494,7 +503,7 @@ class _SampleSolver:
                               method=self.mode, accuracy=accuracy)
 
 
-def _diffcp_adjoint(DT, cone: ConeProgram, rows, cols):
+def _diffcp_adjoint(DT, cone: ConeStructure, rows, cols):
     """diffcp's own adjoint (the LPGD modes), with dA read on our pattern."""
     if DT is None:
         return None

@@ -52,9 +52,9 @@ on the face.
      τ₀ = τ·max|θ/τ|/LOGIT_DIRECT down by CONTINUATION_RATIO per stage, each
      stage started from the last one's unscaled multiplier λ = τν.
 
-Statuses are decided here as a tensor of small integer codes (no per-sample
-Python, one device-to-host copy per batch in `statuses`). The criterion, with
-dtype the input's:
+Statuses are decided here as a tensor of the shared status codes
+(`backends.solution`: no per-sample Python, one device-to-host copy when the
+caller reads them). The criterion, with dtype the input's:
 
   entropy:  INFEASIBLE when steps 1 or 3 find no x ≥ 0 with Ax = b. Otherwise x is
             stationary by construction (it is exp(a − Aᵀν)), so what is left is
@@ -75,9 +75,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .guard import guard_second_order
+from .autograd import ImplicitSolve
 from .linalg import chol_solve, cholesky
-from .status import Status
+from .solution import INACCURATE, INFEASIBLE, INVALID, NUMERICAL, OPTIMAL, Solution
+from .status import Box
 
 # ---------------------------------------------------------------------------
 # Settings
@@ -136,16 +137,10 @@ SOFTMAX_SAFE = 0.5
 # Status codes
 # ---------------------------------------------------------------------------
 
-OPTIMAL, INACCURATE, INFEASIBLE, NUMERICAL, INVALID = range(5)
-STATUS_OF_CODE = (Status.OPTIMAL, Status.OPTIMAL_INACCURATE, Status.INFEASIBLE,
-                  Status.NUMERICAL_ERROR, Status.INVALID_INPUT)
 
-
-def statuses(codes: torch.Tensor | None, batch: int) -> tuple[Status, ...]:
-    """Status per sample from a code tensor (None: all optimal); one host copy."""
-    if codes is None:
-        return (Status.OPTIMAL,) * batch
-    return tuple(STATUS_OF_CODE[c] for c in codes.tolist())
+def _failed(codes: torch.Tensor) -> torch.Tensor:
+    """Samples without a point (the shared codes of `backends.solution`)."""
+    return (codes != OPTIMAL) & (codes != INACCURATE)
 
 
 def _bound(table, dtype) -> float:
@@ -769,18 +764,17 @@ def _max_entropy(data: _Data, eq) -> _Iterate:
 
 
 @dataclass
-class EntropyResult:
-    x: torch.Tensor  # (B, n) in the input's dtype
-    x_work: torch.Tensor  # (B, n) float64, what the backward uses
-    nu: torch.Tensor  # (B, m) float64
-    codes: torch.Tensor  # (B,) status codes (see `statuses`)
-    iterations: torch.Tensor  # (B,) Sinkhorn sweeps plus Newton steps
-    residuals: torch.Tensor  # (B, 3): r, δx, 0
-    factor: torch.Tensor  # (B, m, m) chol(A X Aᵀ + null) at x
+class EntropyResult(Solution):
+    """``residuals``: (r, δx, 0) of the module docstring; ``iterations``: Sinkhorn
+    sweeps plus Newton steps."""
 
-    @property
-    def status(self) -> tuple[Status, ...]:
-        return statuses(self.codes, self.codes.shape[0])
+    x: torch.Tensor = None  # (B, n) in the input's dtype
+    x_work: torch.Tensor = None  # (B, n) float64, what the backward uses
+    nu: torch.Tensor = None  # (B, m) float64
+    factor: torch.Tensor = None  # (B, m, m) chol(A X Aᵀ + null) at x
+
+    def warm_start(self) -> dict:
+        return {"nu": self.nu.detach()}
 
 
 class _Batch:
@@ -844,7 +838,7 @@ def _codes(r, dx, infeasible, invalid, dtype):
     worst = torch.maximum(r, dx).nan_to_num(torch.inf)
     codes = torch.where(worst <= opt, OPTIMAL, torch.where(worst <= inacc, INACCURATE, NUMERICAL))
     codes = torch.where(infeasible, INFEASIBLE, codes)
-    return torch.where(invalid, INVALID, codes).to(torch.int8)
+    return torch.where(invalid, INVALID, codes)
 
 
 def solve_entropy(theta, b, tau: float, eq, need_factor: bool = True,
@@ -906,7 +900,7 @@ def _finish(batch: _Batch, infeasible, invalid, out_dtype) -> EntropyResult:
     out, eq = batch.out, batch.eq
     r = (eq.full_matvec(out.x) - batch.b).abs().amax(-1) / batch.data.scale
     codes = _codes(r, out.dx, infeasible, invalid, out_dtype)
-    failed = codes >= INFEASIBLE
+    failed = _failed(codes)
     x, factor = out.x, out.factor
     if bool(failed.any()):
         # Failed samples: a finite stand-in (x = 0, factor I) keeps the backward finite.
@@ -914,7 +908,8 @@ def _finish(batch: _Batch, infeasible, invalid, out_dtype) -> EntropyResult:
         eye = torch.eye(factor.shape[-1], dtype=WORK_DTYPE, device=x.device)
         factor = torch.where(failed[:, None, None], eye, factor)
     residuals = torch.stack([r, out.dx, torch.zeros_like(r)], -1)
-    return EntropyResult(x.to(out_dtype), x, out.nu, codes, out.iterations, residuals, factor)
+    return EntropyResult(codes, out.iterations, residuals, x=x.to(out_dtype), x_work=x,
+                         nu=out.nu, factor=factor)
 
 
 # ---------------------------------------------------------------------------
@@ -922,88 +917,52 @@ def _finish(batch: _Batch, infeasible, invalid, out_dtype) -> EntropyResult:
 # ---------------------------------------------------------------------------
 
 
+class EntropyProblem:
+    """The dual-Newton solve as `autograd.ImplicitSolve` sees it: inputs (θ (B, n),
+    b (B, m)), output x; backward by the reduced IFT system of size m."""
+
+    name = "entropy (dual Newton) path"
+    ranks = (1, 1)
+
+    def __init__(self, batch: int, tau: float, eq, warm_nu=None):
+        self.batch, self.tau, self.eq, self.warm_nu = batch, tau, eq, warm_nu
+
+    def solve(self, theta, b):
+        if theta.dim() == 1:  # a shared input (vmap): one copy per sample
+            theta = theta.expand(self.batch, -1)
+        if b.dim() == 1:
+            b = b.expand(self.batch, -1)
+        result = solve_entropy(theta, b, self.tau, self.eq, warm_nu=self.warm_nu)
+        return (result.x,), _EntropySolved(result, self.tau, self.eq.to(WORK_DTYPE), b.shape)
+
+    def folded(self, V: int) -> EntropyProblem:
+        return EntropyProblem(V * self.batch, self.tau, self.eq)
+
+
 class _EntropySolved:
     def __init__(self, result, tau, eq, b_shape):
         self.result, self.tau, self.eq, self.b_shape = result, tau, eq, b_shape
-        self.ok = (result.codes < INFEASIBLE).unsqueeze(-1)
+        self.batch = result.x.shape[0]
+        self.ok = (~_failed(result.codes)).unsqueeze(-1)
 
-
-class EntropySolve(torch.autograd.Function):
-    """(θ (B, n), b (B, m)) -> x; backward by the reduced IFT system of size m.
-
-    torch.func-ready: a vmap rule folds the mapped dimension into the batch and
-    the backward is a Function (`EntropyAdjoint`) with its own vmap rule.
-    """
-
-    @staticmethod
-    def forward(theta, b, tau: float, eq, box, warm_nu, need_grad: bool):
-        result = solve_entropy(theta, b, tau, eq, need_factor=need_grad, warm_nu=warm_nu)
-        box.result = result
-        box.solved = _EntropySolved(result, tau, eq.to(WORK_DTYPE), b.shape)
-        return result.x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.solved = inputs[4].solved
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, gx):
-        outputs = ctx.saved_tensors  # raises if the graph was already freed
-        grads = guard_second_order("entropy (dual Newton) path",
-                                   EntropyAdjoint.apply(gx, ctx.solved), outputs)
-        return (*grads, None, None, None, None, None)
-
-    @staticmethod
-    def vmap(info, in_dims, theta, b, tau, eq, box, warm_nu, need_grad):
-        V = info.batch_size
-        B = (theta if in_dims[0] is None else theta.movedim(in_dims[0], 0)[0]).shape[0]
-
-        def fold(t, d):
-            if d is None:
-                return t.unsqueeze(0).expand((V,) + tuple(t.shape)).reshape(
-                    (V * t.shape[0],) + tuple(t.shape[1:]))
-            t = t.movedim(d, 0)
-            return t.reshape((V * t.shape[1],) + tuple(t.shape[2:]))
-
-        x = EntropySolve.apply(fold(theta, in_dims[0]), fold(b, in_dims[1]), tau, eq, box,
-                               None, need_grad)
-        return x.reshape((V, B) + tuple(x.shape[1:])), 0
-
-
-class EntropyAdjoint(torch.autograd.Function):
-    @staticmethod
-    def forward(gx, solved: _EntropySolved):
-        x, eq = solved.result.x_work, solved.eq
-        g = torch.where(solved.ok, gx.to(WORK_DTYPE), torch.zeros_like(x))
-        kappa = chol_solve(solved.result.factor, eq.matvec(x * g))
-        dtheta = x * (g - eq.rmatvec(kappa)) / solved.tau
-        db = torch.zeros(solved.b_shape, dtype=WORK_DTYPE, device=x.device)
+    def adjoint(self, cotangents, needs, shared):
+        (gx,) = cotangents
+        x, eq = self.result.x_work, self.eq
+        g = torch.where(self.ok, gx.to(WORK_DTYPE), torch.zeros_like(x))
+        kappa = chol_solve(self.result.factor, eq.matvec(x * g))
+        dtheta = x * (g - eq.rmatvec(kappa)) / self.tau
+        db = torch.zeros(self.b_shape, dtype=WORK_DTYPE, device=x.device)
         db[:, eq.independent] = kappa
-        return dtheta.to(gx.dtype), db.to(gx.dtype)
+        grads = [dtheta.to(gx.dtype), db.to(gx.dtype)]
+        return tuple(g.sum(0) if sh else g for g, sh in zip(grads, shared))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("Double backward through the entropy (dual Newton) path is not "
-                           "supported: its backward is an implicit solve, differentiated once.")
-
-    @staticmethod
-    def vmap(info, in_dims, gx, solved):
-        """jacrev: one adjoint per cotangent; vmap of grad (the solve holds V·B samples,
-        folded by the forward's rule): fold the cotangents and solve once."""
-        V = info.batch_size
-        g = gx.movedim(in_dims[0], 0)
-        if solved.result.x.shape[0] == V * g.shape[1] != g.shape[1]:
-            B = g.shape[1]
-            dtheta, db = EntropyAdjoint.forward(g.reshape((V * B,) + tuple(g.shape[2:])), solved)
-            return (dtheta.reshape((V, B) + tuple(dtheta.shape[1:])),
-                    db.reshape((V, B) + tuple(db.shape[1:]))), (0, 0)
-        rows = [EntropyAdjoint.apply(g[v], solved) for v in range(V)]
-        return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])), (0, 0)
+def entropy_solve(theta, b, tau: float, eq, warm_nu=None):
+    """(x, EntropyResult), differentiable in θ and b (torch.func too)."""
+    box = Box()
+    problem = EntropyProblem(theta.shape[0], tau, eq, warm_nu)
+    (x,) = ImplicitSolve.apply(problem, box, theta, b)
+    return x, box.result
 
 
 # ---------------------------------------------------------------------------
@@ -1032,7 +991,7 @@ def softmax(theta, tau: float, inspect: bool = True):
             return torch.softmax(theta / tau, dim=-1), None  # finite, no overflow
         lg = theta.detach()
         bad = ~torch.isfinite(lg).any(-1) | torch.isposinf(lg).any(-1) | torch.isnan(lg).any(-1)
-        codes = torch.where(bad, INVALID, OPTIMAL).to(torch.int8)
+        codes = torch.where(bad, INVALID, OPTIMAL)
         theta = torch.where(bad.unsqueeze(-1), torch.zeros_like(theta), theta)
     top = theta.detach().amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -1062,7 +1021,7 @@ def project_simplex(y: torch.Tensor, r: torch.Tensor, inspect: bool = True):
             return x, None
         codes = torch.where(good, OPTIMAL, NUMERICAL)
         codes = torch.where(r_ < 0, INFEASIBLE, codes)
-    return x, codes.to(torch.int8)
+    return x, codes
 
 
 class _SimplexProjection(torch.autograd.Function):

@@ -45,15 +45,20 @@ class Accuracy:
     residual: float  # scaled primal and dual residuals, each at most this
     gap: float  # the gap measure at most this
 
+    def holds(self, measures) -> bool:
+        """For one sample's (primal, dual, gap)."""
+        primal, dual, gap = (float(v) for v in measures)
+        return max(primal, dual) <= self.residual and gap <= self.gap
+
 
 # The limits every route applies. OPTIMAL's sit an order of magnitude above SCS's
 # default tolerance (1e-4) measured our way; the exact routes meet 1e-10. Beyond
 # the usable limits a point is not an approximate solution (SCS returned
 # (−663545, 1.001) as max_iter for a projection onto [0, 1]²).
 ACCURACY = {
-    OPTIMAL: Accuracy(residual=1e-3, gap=1e-2),
-    INACCURATE: Accuracy(residual=1e-2, gap=1e-1),
-    MAX_ITER: Accuracy(residual=1e-2, gap=1e-1),
+    Status.OPTIMAL: Accuracy(residual=1e-3, gap=1e-2),
+    Status.OPTIMAL_INACCURATE: Accuracy(residual=1e-2, gap=1e-1),
+    Status.MAX_ITER: Accuracy(residual=1e-2, gap=1e-1),
 }
 
 
@@ -67,7 +72,7 @@ def judge(codes: torch.Tensor, residuals: torch.Tensor,
     res = residuals.to(torch.float64)
 
     def holds(code):
-        lim = ACCURACY[code]
+        lim = ACCURACY[STATUSES[code]]
         return ((res[:, :2].amax(-1) <= lim.residual) & (res[:, 2] <= lim.gap)
                 & torch.isfinite(res).all(-1))
 

@@ -19,7 +19,7 @@ _EXPORTS = {
     "QPSolvers": ".qpfunction",
     "implicit": "._implicit",
     "ImplicitFunctionError": "._implicit",
-    "SolveInfo": "._runtime",
+    "SolveInfo": "._pipeline",
     "ExportedLayer": ".export",
     "SolverError": ".errors",
     "ParameterTypeError": ".errors",

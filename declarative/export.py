@@ -13,36 +13,26 @@ The module holds the compiled problem data as buffers (so ``.to(device)``,
 ``.double()`` and ``.float()`` move and cast them) and its metadata (shapes,
 parameter names and attributes, the path's kind, the solver settings) as the
 state dict's extra state, so a freshly constructed, empty `ExportedLayer`
-rebuilds itself from the state dict alone. The simplex, entropy and QP paths
-run on torch only; the conic path also needs diffcp (never CVXPY). Calls
-behave as the original layer's: same validation, batching, statuses, failure
-policy and gradients.
+rebuilds itself from the state dict alone. The module and the layer run the
+same route object (`declarative.routes`) through the same call pipeline, so
+calls behave as the original layer's: same validation, batching, statuses,
+failure policy, warm starts and gradients. The simplex, entropy and QP routes
+run on torch only; the conic route also needs diffcp (never CVXPY).
 """
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import torch
 
-from ._paths import make_path
-from ._runtime import (
-    SolveInfo,
-    build_theta,
-    check_on_failure,
-    check_params,
-    handle_failures,
-    host,
-    mark_invalid,
-    shape_outputs,
-)
-from .backends.status import Box
+from ._pipeline import Door, run
 from .canon.parameters import ParameterSlot, default_checks
+from .routes import load_route
 
-FORMAT = 1
-META_KEYS = frozenset({"format", "backend", "path", "slots", "log_space", "maskable", "shapes",
-                       "exp", "solver", "solver_args", "on_failure", "strict"})
+# Version 2: every route, conic included, is its `routes` arrays and metadata.
+FORMAT = 2
+META_KEYS = frozenset({"format", "backend", "route", "slots", "log_space", "shapes", "exp",
+                       "solver", "solver_args", "on_failure", "strict"})
 
 
 class _Layout:
@@ -67,25 +57,22 @@ class ExportedLayer(torch.nn.Module):
     @classmethod
     def from_layer(cls, layer) -> ExportedLayer:
         module = cls()
-        compiled = layer.compiled
-        layout = compiled.layout
-        if layer.backend == "conic":
-            arrays, path_meta = _conic_spec(compiled.form("conic"))
-        else:
-            arrays, path_meta = layer._spec
+        layout = layer.compiled.layout
+        layer.route(layer.backend)
+        _, arrays, route_meta = layer._routes[layer.backend]
+        door = layer._door(layer.backend)
         meta = {
             "format": FORMAT,
             "backend": layer.backend,
-            "path": path_meta,
+            "route": route_meta,
             "slots": [dict(name=s.name, shape=list(s.shape), offset=s.offset, size=s.size,
                            attributes=_plain(s.attributes), checks=list(s.checks),
                            sparse_index=None if s.sparse_index is None else
                            [s.sparse_index[0].tolist(), s.sparse_index[1].tolist()])
                       for s in layout.slots],
             "log_space": list(layout.log_space),
-            "maskable": list(layer._maskable),
-            "shapes": [list(s) for s in layer._shapes],
-            "exp": list(layer._exp),
+            "shapes": [list(sh) for sh in door.shapes],
+            "exp": list(door.exp),
             "solver": layer.solver,
             "solver_args": _plain(layer.solver_args),
             "on_failure": layer.on_failure,
@@ -104,8 +91,12 @@ class ExportedLayer(torch.nn.Module):
         return self._meta
 
     def set_extra_state(self, state):
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError("not a declarative ExportedLayer state (format mismatch).")
+        if not isinstance(state, dict) or "format" not in state:
+            raise ValueError("not a declarative ExportedLayer state (no format marker).")
+        if state["format"] != FORMAT:
+            raise ValueError(f"this ExportedLayer state has format {state['format']}; this "
+                             f"version reads format {FORMAT}. Export the layer again with "
+                             "layer.export().")
         missing = sorted(META_KEYS - set(state))
         if missing:
             raise ValueError(f"ExportedLayer state is incomplete: its '_extra_state' lacks "
@@ -136,40 +127,38 @@ class ExportedLayer(torch.nn.Module):
                               "again with layer.export().state_dict().")
 
     # ---- calls ------------------------------------------------------------
-    def _tensors(self) -> dict:
-        return {_name(k): v for k, v in self._buffers.items()}
-
     def forward(self, *params, solver_args: dict | None = None, return_info: bool = False,
-                on_failure: str | None = None, strict: bool | None = None):
-        meta = self._meta
-        if meta is None:
+                on_failure: str | None = None, strict: bool | None = None, warm_start=False):
+        """Solve for a batch of parameter values, as the layer this was exported from
+        does (same arguments, validation, statuses, failure policy and gradients);
+        returns a tuple in the layer's ``variables`` order (with its `SolveInfo` when
+        ``return_info``)."""
+        if self._meta is None:
             raise RuntimeError("ExportedLayer is empty: load a state dict or use from_layer().")
-        on_failure = meta["on_failure"] if on_failure is None else on_failure
-        check_on_failure(on_failure)
-        strict = meta["strict"] if strict is None else bool(strict)
-        layout = self._layout()
-        labels = tuple(f"parameter {i} ('{s.name}')" for i, s in enumerate(layout.slots))
-        if solver_args is not None and not isinstance(solver_args, dict):
-            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
-        params, batch, invalid = check_params(params, layout, labels, meta["maskable"],
-                                              on_failure)
-        if meta["backend"] == "conic":
-            flat, info = self._conic(params, batch, layout, solver_args)
-        else:
-            from ._settings import qp_settings
-
-            path = make_path(self._tensors(), meta["path"])
-            settings = (qp_settings(meta["solver_args"], solver_args)
-                        if meta["backend"] == "qp" or solver_args else None)
-            theta = build_theta(params, batch, layout.log_space, batch.dtype)
-            flat, result = path.solve(theta, settings)
-            info = SolveInfo(tuple(result.status), host(result.iterations),
-                             host(result.residuals), meta["backend"],
-                             result.warm_start())
-        info = mark_invalid(info, invalid)
-        flat = handle_failures(flat, info, on_failure, strict)
-        outputs = shape_outputs(flat, meta["shapes"], meta["exp"], batch)
+        door, route = self._call_parts()
+        outputs, info = run(door, route, params, solver_args=solver_args,
+                            on_failure=on_failure, strict=strict, warm_start=warm_start,
+                            cache=getattr(self, "_warm_cache", None))
+        self._warm_cache = info.warm_start
         return (outputs, info) if return_info else outputs
+
+    def _call_parts(self):
+        """(Door, route), built once per loaded state and set of buffers (``.to()``
+        replaces the buffers, and the route then rebuilds on them)."""
+        key = (id(self._meta), tuple(id(b) for b in self._buffers.values()))
+        cached = getattr(self, "_parts", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        meta, layout = self._meta, self._layout()
+        door = Door(layout, tuple(f"parameter {i} ('{s.name}')" for i, s in
+                                  enumerate(layout.slots)),
+                    tuple(tuple(sh) for sh in meta["shapes"]), tuple(meta["exp"]),
+                    meta["solver"], dict(meta["solver_args"]), meta["on_failure"],
+                    meta["strict"])
+        tensors = {_name(k): v for k, v in self._buffers.items()}
+        parts = (door, load_route(tensors, meta["route"]))
+        self._parts = (key, parts)
+        return parts
 
     def _layout(self) -> _Layout:
         """The parameter layout, rebuilt once per loaded state."""
@@ -189,92 +178,10 @@ class ExportedLayer(torch.nn.Module):
         self._layout_cache = (self._meta, layout)
         return layout
 
-    def _conic(self, params, batch, layout, solver_args):
-        from ._conic import ConicSolve
-        from .backends import conic
-
-        meta = self._meta
-        form = _conic_form(self._tensors(), meta["path"])
-        settings = conic.ConicSettings.resolve(meta["solver"], meta["solver_args"], solver_args)
-        conic.check_cones(form.program.cone_dict, settings.solve_method)
-        theta = build_theta(params, batch, layout.log_space, torch.float64)
-        need = torch.is_grad_enabled() and theta.requires_grad
-        box = Box()
-        flat = ConicSolve.apply(theta, form, settings, need, box)
-        result = box.result
-        return flat, SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic")
-
-
-# ---------------------------------------------------------------------------
-# Conic path: arrays in, scipy/`canon.cone` objects out (no CVXPY)
-# ---------------------------------------------------------------------------
-
-
-def _conic_spec(form):
-    import scipy.sparse as sp
-
-    cone = form.program
-    arrays, meta = {}, {"kind": "conic", "n": cone.n, "m": cone.m,
-                        "cone_dict": _plain(cone.cone_dict), "outputs": []}
-
-    def add(name, M):
-        M = sp.coo_array(M)
-        arrays[f"{name}.rows"], arrays[f"{name}.cols"] = M.row.astype(np.int64), M.col.astype(
-            np.int64)
-        arrays[f"{name}.vals"] = M.data.astype(np.float64)
-        meta[f"{name}.shape"] = list(M.shape)
-
-    for k in ("c_map", "A_map", "b_map", "offset_map"):
-        add(k, getattr(cone, k))
-    arrays["indices"], arrays["indptr"] = cone.indices.astype(np.int64), cone.indptr.astype(
-        np.int64)
-    for i, rec in enumerate(form.outputs):
-        add(f"out{i}", rec.matrix)
-        meta["outputs"].append({"name": rec.name, "shape": list(rec.shape), "source": rec.source})
-    return arrays, meta
-
-
-def _conic_form(tensors: dict, meta: dict):
-    import scipy.sparse as sp
-
-    from .canon.cone import ConeProgram
-    from .canon.recovery import Recovery
-
-    def matrix(name):
-        rows, cols, vals = (tensors[f"{name}.{k}"].detach().cpu().numpy()
-                            for k in ("rows", "cols", "vals"))
-        return sp.csr_array((vals.astype(np.float64), (rows, cols)),
-                            shape=tuple(meta[f"{name}.shape"]))
-
-    cone = ConeProgram(meta["n"], meta["m"], dict(meta["cone_dict"]),
-                       tensors["indices"].cpu().numpy().astype(np.int32),
-                       tensors["indptr"].cpu().numpy().astype(np.int32),
-                       matrix("c_map"), matrix("A_map"), matrix("b_map"), matrix("offset_map"))
-    outputs = tuple(Recovery(o["name"], tuple(o["shape"]), o["source"], matrix(f"out{i}"))
-                    for i, o in enumerate(meta["outputs"]))
-    return types.SimpleNamespace(kind="conic", program=cone, outputs=outputs)
-
-
-# ---------------------------------------------------------------------------
-
 
 def required_buffers(meta: dict) -> list[str]:
-    """Names of the arrays a state with metadata ``meta`` must hold (see `_paths`)."""
-    path = meta["path"]
-    kind = path["kind"]
-    maps = [f"out{i}" for i in range(len(path["outputs"]))]
-    arrays = []
-    if kind == "qp":
-        maps += ["Q", "q", "G", "h", "A", "b"]
-    elif kind == "simplex":
-        maps += ["y", "r"]
-    elif kind == "entropy":
-        maps += ["theta", "b"]
-        arrays += ["A", "independent"]
-    elif kind == "conic":
-        maps += ["c_map", "A_map", "b_map", "offset_map"]
-        arrays += ["indices", "indptr"]
-    return [f"{m}.{part}" for m in maps for part in ("rows", "cols", "vals")] + arrays
+    """Names of the arrays a state with metadata ``meta`` must hold (its route's)."""
+    return list(meta["route"]["arrays"])
 
 
 def _key(name: str) -> str:

@@ -17,26 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from ._conic import ConicSolve, refuse_functorch
-from ._paths import as_tensors, make_path, spec_from_form
-from ._runtime import (
-    SolveInfo,
-    build_theta,
-    check_on_failure,
-    check_params,
-    handle_failures,
-    host,
-    mark_invalid,
-    resolve_warm_start,
-    shape_outputs,
-    warm_shapes,
-)
-from ._settings import qp_settings
-from .backends import conic
-from .backends.status import Box
+from ._pipeline import Door, SolveInfo, check_on_failure, run
 from .canon import CompiledProblem, compile_problem
+from .routes import ROUTES, as_tensors, compile_route, load_route
 
-BACKENDS = ("auto", "simplex", "entropy", "qp", "conic")
+BACKENDS = ("auto",) + tuple(ROUTES)
 
 __all__ = ["CvxpyLayer", "SolveInfo"]
 
@@ -74,51 +59,43 @@ class CvxpyLayer(torch.nn.Module):
                  on_failure: str = "raise", backend: str = "auto", strict: bool = False):
         super().__init__()
         self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
-        layout = self._compiled.layout
         if solver_args is not None and not isinstance(solver_args, dict):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         self._requested = backend
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
-        form = self._compiled.form(self.backend)
-        if self.backend == "conic":
-            self._spec, self._path = None, None
-            self._maskable = (False,) * len(layout)
-        else:
-            arrays, meta = spec_from_form(form, layout)
-            self._spec = (arrays, meta)
-            self._path = make_path(as_tensors(arrays), meta)
-            self._maskable = tuple(meta["maskable"])
-        self._shapes = tuple(rec.shape for rec in form.outputs)
-        self._exp = tuple(self._compiled.gp and rec.is_primal for rec in form.outputs)
-        self._labels = tuple(f"parameter {i} ('{s.name}')" for i, s in enumerate(layout.slots))
-        self.solver = solver
-        self.gp = gp
-        self.verbose = verbose
+        self.solver, self.gp, self.verbose = solver, gp, verbose
         self.solver_args = dict(solver_args or {})
         if verbose:
             self.solver_args.setdefault("verbose", True)
         check_on_failure(on_failure)
-        self.on_failure = on_failure
-        self.strict = bool(strict)
+        self.on_failure, self.strict = on_failure, bool(strict)
+        self._routes: dict = {}  # kind -> (Route, arrays, meta), built once each
+        route = self.route(self.backend)
+        # Resolve once so a bad key fails at construction, not at the first call.
+        route.settings(self.solver_args, None, solver)
         # The last call's solution, for forward(warm_start=True). A cache only:
         # a warm start changes how fast a solve converges, never its answer.
         self._warm_cache = None
-        # Resolve once so a bad key fails at construction, not at the first call.
-        if self.backend == "conic":
-            method = self.solver_args.get("solve_method")
-            if solver is not None and method is not None and (
-                    conic.SOLVE_METHODS.get(str(solver).upper()) !=
-                    conic.SOLVE_METHODS.get(str(method).upper())):
-                raise ValueError(f"solver={solver!r} conflicts with solver_args['solve_method']="
-                                 f"{method!r}; give one of them.")
-            settings = conic.ConicSettings.resolve(solver, self.solver_args)
-            conic.check_cones(form.program.cone_dict, settings.solve_method)
-        else:
-            qp_settings(self.solver_args)
 
     @property
     def compiled(self) -> CompiledProblem:
         return self._compiled
+
+    def route(self, kind: str):
+        """The runtime of route ``kind`` for this problem (compiled on first use)."""
+        if kind not in self._routes:
+            arrays, meta = compile_route(self._compiled.form(kind), self._compiled.layout)
+            self._routes[kind] = (load_route(as_tensors(arrays), meta), arrays, meta)
+        return self._routes[kind][0]
+
+    def _door(self, kind: str) -> Door:
+        layout = self._compiled.layout
+        form = self._compiled.form(kind)
+        return Door(layout, tuple(f"parameter {i} ('{s.name}')" for i, s in
+                                  enumerate(layout.slots)),
+                    tuple(rec.shape for rec in form.outputs),
+                    tuple(self._compiled.gp and rec.is_primal for rec in form.outputs),
+                    self.solver, self.solver_args, self.on_failure, self.strict)
 
     # ------------------------------------------------------------------
     def forward(self, *params: torch.Tensor, solver_args: dict | None = None,
@@ -132,38 +109,17 @@ class CvxpyLayer(torch.nn.Module):
         ``solver_args={"solve_method": ...}`` on a layer whose ``backend="auto"`` chose
         a torch path solves this call on the conic path with that solver.
         """
-        if solver_args is not None and not isinstance(solver_args, dict):
-            raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
-        on_failure = self.on_failure if on_failure is None else on_failure
-        check_on_failure(on_failure)
-        strict = self.strict if strict is None else bool(strict)
-        layout = self._compiled.layout
-        route = self._route(solver_args)
-        maskable = self._maskable if route == self.backend else (False,) * len(layout)
-        params, batch, invalid = check_params(params, layout, self._labels, maskable, on_failure)
-        warm = resolve_warm_start(warm_start, self._warm_cache, route, batch.size,
-                                  self._warm_shapes(route))
-        if route == "conic":
-            flat, info = self._solve_conic(params, batch, solver_args, warm)
-        else:
-            # Checked on every torch path (a misspelt key must never pass silently);
-            # only the QP engine has settings to take from it.
-            settings = (qp_settings(self.solver_args, solver_args)
-                        if self.backend == "qp" or solver_args else None)
-            theta = build_theta(params, batch, layout.log_space, batch.dtype)
-            flat, result = self._path.solve(theta, settings, warm)
-            info = SolveInfo(tuple(result.status), host(result.iterations),
-                             host(result.residuals), self.backend,
-                             result.warm_start())
-        info = mark_invalid(info, invalid)
+        kind = self._route_kind(solver_args)
+        outputs, info = run(self._door(kind), self.route(kind), params,
+                            solver_args=solver_args, on_failure=on_failure, strict=strict,
+                            warm_start=warm_start, cache=self._warm_cache)
         self._warm_cache = info.warm_start
-        flat = handle_failures(flat, info, on_failure, strict)
-        outputs = shape_outputs(flat, self._shapes, self._exp, batch)
         return (outputs, info) if return_info else outputs
 
-    def _route(self, solver_args) -> str:
+    def _route_kind(self, solver_args) -> str:
         """The path this call runs: the layer's, or conic when the call names a conic solver."""
-        if self._path is None or not solver_args or "solve_method" not in solver_args:
+        if (self.backend == "conic" or not isinstance(solver_args, dict)
+                or "solve_method" not in solver_args):
             return self.backend
         method = solver_args["solve_method"]
         if self._requested != "auto":
@@ -176,26 +132,6 @@ class CvxpyLayer(torch.nn.Module):
                 f"solver_args['solve_method']={method!r} asks for a conic solver, but "
                 f"{_NO_CONIC} Leave solve_method out; the layer runs the torch QP engine.")
         return "conic"
-
-    def _warm_shapes(self, route: str):
-        if route == "conic":
-            cone = self._compiled.form("conic").program
-            return warm_shapes({"kind": "conic", "n": cone.n, "m": cone.m})
-        return warm_shapes(self._spec[1], self._path.t)
-
-    def _solve_conic(self, params, batch, solver_args, warm):
-        refuse_functorch(params)
-        settings = conic.ConicSettings.resolve(self.solver, self.solver_args, solver_args)
-        form = self._compiled.form("conic")
-        conic.check_cones(form.program.cone_dict, settings.solve_method)
-        theta = build_theta(params, batch, self._compiled.layout.log_space, torch.float64)
-        need_derivative = torch.is_grad_enabled() and theta.requires_grad
-        box = Box()
-        flat = ConicSolve.apply(theta, form, settings, need_derivative, box, warm)
-        result = box.result
-        info = SolveInfo(tuple(result.status), result.iterations, result.residuals, "conic",
-                         {"x": result.x, "y": result.y, "s": result.s})
-        return flat, info
 
     def export(self):
         """A standalone torch module for this layer (see `declarative.export`)."""

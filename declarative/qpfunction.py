@@ -40,10 +40,9 @@ from types import SimpleNamespace
 import torch
 
 from . import _checks
-from ._runtime import failed_samples, mask_samples, warn_imperfect
+from ._pipeline import check_on_failure, resolve_warm_start, settle
 from .backends import solution
 from .backends.qp import QPSettings, solve_qp
-from .errors import SolverError
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
 
@@ -71,8 +70,7 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
     """
     if not isinstance(solver, QPSolvers) and solver not in (1, 2):
         raise ValueError(f"solver must be a QPSolvers value, got {solver!r}.")
-    if on_failure not in ("raise", "mask"):
-        raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}.")
+    check_on_failure(on_failure)
     base = settings or QPSettings()
     changes = {} if backward is None else {"backward": backward}
     if eps is not None:
@@ -87,7 +85,9 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
     def qp_function(Q, p, G, h, A, b, return_info: bool = False, warm_start=None):
         inputs, batch = check_qp_inputs(Q, p, G, h, A, b)
         inputs, invalid = _invalid_samples(inputs, batch, on_failure)
-        warm = _check_warm(warm_start, inputs, batch)
+        Q, _, G, _, A, _ = inputs
+        shapes = {"z": Q.shape[-1], "lam": G.shape[-2], "s": G.shape[-2], "nu": A.shape[-2]}
+        warm = resolve_warm_start(warm_start, None, "qp", batch, shapes)
         (z, _, _), result = solve_qp(*inputs, batch=batch, settings=qp_settings, warm=warm)
         if invalid:
             result.codes = result.codes.index_fill(
@@ -98,13 +98,8 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
             print(f"declarative.QPFunction: batch {batch}, kkt={result.kkt.name}, "
                   f"iterations min/max {min(its)}/{max(its)}, statuses "
                   f"{ {str(s): status.count(s) for s in set(status)} }")
-        bad = failed_samples(status, strict)
-        if bad and on_failure == "raise":
-            raise SolverError(bad, [status[i] for i in bad])
-        if bad:
-            (z,) = mask_samples([z], bad)
-        if not strict:  # verbose governs printing only: warnings stay warnings
-            warn_imperfect(status)
+        # verbose governs printing only: the policy's warnings stay warnings
+        (z,) = settle([z], status, on_failure, strict)
         return (z, result) if return_info else z
 
     return qp_function
@@ -209,23 +204,3 @@ def _always_solvable(inputs):
     A0 = torch.eye(A.shape[-2], nz, **like)
     return (torch.eye(nz, **like), torch.zeros(nz, **like), torch.zeros(G.shape[-2:], **like),
             torch.ones(h.shape[-1], **like), A0, torch.zeros(b.shape[-1], **like))
-
-
-def _check_warm(warm_start, inputs, batch: int):
-    """A previous call's result (or its warm_start() dict), checked against this QP."""
-    if warm_start is None:
-        return None
-    warm = warm_start.warm_start() if hasattr(warm_start, "warm_start") else warm_start
-    Q, _, G, _, A, _ = inputs
-    shapes = {"z": Q.shape[-1], "lam": G.shape[-2], "s": G.shape[-2], "nu": A.shape[-2]}
-    if not isinstance(warm, dict) or set(warm) != set(shapes):
-        keys = sorted(warm) if isinstance(warm, dict) else type(warm).__name__
-        raise ValueError(f"warm_start must be a previous call's result (return_info=True) "
-                         f"or its warm_start() dict with keys {sorted(shapes)}; got {keys}.")
-    for key, size in shapes.items():
-        shape = tuple(getattr(warm[key], "shape", ()))
-        if shape != (batch, size):
-            raise ValueError(f"warm_start[{key!r}] has shape {shape}, this QP needs "
-                             f"({batch}, {size}): pass the result of a call with the same "
-                             "sizes and batch.")
-    return warm

@@ -462,7 +462,7 @@ def test_qpfunction_accepts_cpu_empty_placeholders_with_cuda_inputs():
 @pytest.mark.parametrize("when", ["construction", "call"])
 def test_qp_path_unknown_solver_args_key_lists_accepted_keys(when):
     prob, params, outs, _ = _problem("qp")
-    with pytest.raises(ValueError, match=r"unknown key 'epsilon' for the torch solvers") as err:
+    with pytest.raises(ValueError, match=r"unknown key 'epsilon' for the 'qp' path") as err:
         if when == "construction":
             CvxpyLayer(prob, params, outs, solver_args={"epsilon": 1e-6})
         else:

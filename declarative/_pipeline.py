@@ -1,21 +1,28 @@
-"""Torch-only pieces shared by `CvxpyLayer` and the exported module.
+"""The one call pipeline of every front door, torch only (neither CVXPY nor `canon`).
 
-Building θ from the user's tensors, shaping the outputs, and the failure
-policy (raise, NaN-mask, warn). Imports neither CVXPY nor `canon`.
+    validate (`check_params`) → θ (`build_theta`) → route.solve → `SolveInfo`
+    → failure policy (`settle`) → outputs in the variables' shapes
+
+`run` is that pipeline for `CvxpyLayer` and `ExportedLayer` (a `Door` holds
+what they fix at construction); `QPFunction` validates its own qpth-style
+inputs and shares the rest (`settle`). Statuses arrive as the routes' code
+tensors (`backends.solution`) and are read on the host once per call.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _checks
 from .backends.functorch import is_wrapped
+from .backends.solution import INVALID, Solution, to_status
 from .backends.status import Status
 from .errors import SolverError
+from .routes.conic import refuse_functorch
 
 ON_FAILURE = ("raise", "mask")
 
@@ -26,7 +33,9 @@ class SolveInfo:
 
     status: tuple[Status, ...]
     iterations: np.ndarray
-    residuals: np.ndarray  # (B, 3): scaled primal, dual residual and gap
+    # (B, 3): scaled primal residual, dual residual and gap (complementarity or
+    # relative suboptimality); `backends.solution` says what each route reports.
+    residuals: np.ndarray
     backend: str
     # This call's solution as a starting point for the next (``warm_start=info``).
     warm_start: dict | None = None
@@ -34,6 +43,18 @@ class SolveInfo:
     @property
     def ok(self) -> bool:
         return all(s is Status.OPTIMAL for s in self.status)
+
+    @classmethod
+    def of(cls, solution: Solution, route: str, invalid=()) -> SolveInfo:
+        """The info of one solve; samples ``invalid`` (refused before the solve) are
+        reported invalid_input, with no iterations and NaN residuals."""
+        codes = host(solution.codes).astype(np.int64)
+        iterations = np.array(host(solution.iterations), dtype=np.int64)
+        residuals = np.array(host(solution.residuals), dtype=np.float64)
+        if invalid:
+            idx = list(invalid)
+            codes[idx], iterations[idx], residuals[idx] = INVALID, 0, np.nan
+        return cls(to_status(codes), iterations, residuals, route, solution.warm_start())
 
 
 def check_params(params, layout, labels, maskable, on_failure: str = "raise"):
@@ -104,21 +125,6 @@ def stand_ins(params, layout, batch: _checks.BatchInfo, bad: torch.Tensor, faile
     return tuple(out)
 
 
-def mark_invalid(info: SolveInfo, invalid) -> SolveInfo:
-    """``info`` with the samples ``invalid`` reported invalid_input (no solve of theirs)."""
-    if not invalid:
-        return info
-    idx = list(invalid)
-    status = list(info.status)
-    for i in idx:
-        status[i] = Status.INVALID_INPUT
-    iterations = np.array(info.iterations, copy=True)
-    iterations[idx] = 0
-    residuals = np.array(info.residuals, dtype=np.float64, copy=True)
-    residuals[idx] = np.nan
-    return replace(info, status=tuple(status), iterations=iterations, residuals=residuals)
-
-
 def build_theta(params, batch: _checks.BatchInfo, log_space, dtype: torch.dtype) -> torch.Tensor:
     """The (B, len θ) parameter matrix; see `canon.parameters` for the layout."""
     B = batch.size
@@ -159,21 +165,6 @@ def host(values) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def warm_shapes(meta: dict, tensors: dict | None = None) -> dict | None:
-    """{key: size} of the warm-start state a route takes, each (B, size); None: no state.
-
-    ``meta`` is a torch path's metadata (`_paths`) or {"kind": "conic", "n", "m"}.
-    """
-    kind = meta["kind"]
-    if kind == "qp":
-        return {"z": meta["n"], "lam": meta["p"], "s": meta["p"], "nu": meta["m"]}
-    if kind == "conic":
-        return {"x": meta["n"], "y": meta["m"], "s": meta["m"]}
-    if kind == "entropy" and meta.get("program_kind") != "softmax":
-        return {"nu": int(tensors["independent"].numel())}
-    return None
-
-
 def resolve_warm_start(warm_start, cache, backend: str, batch: int, shapes: dict | None):
     """The warm-start state for this call: from a `SolveInfo`, a dict, or the cache (True).
 
@@ -191,6 +182,8 @@ def resolve_warm_start(warm_start, cache, backend: str, batch: int, shapes: dict
         state, origin = warm_start.warm_start, "warm_start"
     elif isinstance(warm_start, dict):
         state, origin = warm_start, "warm_start"
+    elif isinstance(warm_start, Solution):  # a backend's result (QPFunction's return_info)
+        state, origin = warm_start.warm_start(), "warm_start"
     else:
         raise TypeError("warm_start must be True, False/None, a SolveInfo (return_info=True) "
                         f"or its .warm_start dict; got {type(warm_start).__name__}.")
@@ -222,7 +215,7 @@ def _warm_mismatch(state, shapes: dict, batch: int) -> str | None:
 
 def check_on_failure(on_failure: str) -> None:
     if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+        raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}.")
 
 
 def failed_samples(status, strict: bool) -> list[int]:
@@ -242,28 +235,87 @@ def mask_samples(flat, bad: list[int]):
     return out
 
 
-def handle_failures(flat, info: SolveInfo, on_failure: str, strict: bool):
-    """Raise, or NaN-mask, the failed samples; warn about the usable-but-imperfect ones."""
-    if all(s is Status.OPTIMAL for s in info.status):
+def settle(flat, status, on_failure: str, strict: bool):
+    """The failure policy on outputs ``flat`` (each (B, ·)) given each sample's
+    ``status``: raise, or NaN-mask, the failed samples; warn about the
+    usable-but-imperfect ones (max_iter, optimal_inaccurate) unless ``strict``."""
+    if all(s is Status.OPTIMAL for s in status):
         return flat
-    bad = failed_samples(info.status, strict)
+    bad = failed_samples(status, strict)
     if bad and on_failure == "raise":
-        raise SolverError(bad, [info.status[i] for i in bad])
+        raise SolverError(bad, [status[i] for i in bad])
     if bad:
         flat = mask_samples(flat, bad)
     if not strict:
-        warn_imperfect(info.status, stacklevel=4)
+        warn_imperfect(status)
     return flat
 
 
-def warn_imperfect(status, stacklevel: int = 3) -> None:
+def user_stacklevel() -> int:
+    """The stacklevel that points a warning at the caller's own line: the first frame
+    outside this package and torch (module calls go through torch's module.py)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("declarative") or name.startswith("torch")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
+def warn_imperfect(status) -> None:
     capped = [i for i, s in enumerate(status) if s is Status.MAX_ITER]
     if capped:
         warnings.warn(f"Samples {capped} stopped at the iteration or time limit (status "
                       "max_iter); their solutions are the best iterate. Pass strict=True to "
-                      "treat this as a failure.", UserWarning, stacklevel=stacklevel)
+                      "treat this as a failure.", UserWarning, stacklevel=user_stacklevel())
     inaccurate = [i for i, s in enumerate(status) if s is Status.OPTIMAL_INACCURATE]
     if inaccurate:
         warnings.warn(f"Samples {inaccurate} were solved inaccurately (status "
                       "optimal_inaccurate); tighten the solver tolerances.", UserWarning,
-                      stacklevel=stacklevel)
+                      stacklevel=user_stacklevel())
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Door:
+    """What a layer (or a loaded export) fixes at construction."""
+
+    layout: object  # `canon.parameters.ParameterLayout` (or the export's rebuild)
+    labels: tuple[str, ...]  # "parameter i ('name')" for messages
+    shapes: tuple  # each output's shape
+    exp: tuple[bool, ...]  # outputs to exponentiate (primal variables of a GP)
+    solver: str | None
+    solver_args: dict
+    on_failure: str
+    strict: bool
+
+
+def run(door: Door, route, params, *, solver_args=None, on_failure=None, strict=None,
+        warm_start=False, cache=None):
+    """One call: (outputs in the variables' shapes, `SolveInfo`).
+
+    ``cache`` is the state ``warm_start=True`` starts from (a previous info's).
+    """
+    if solver_args is not None and not isinstance(solver_args, dict):
+        raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
+    on_failure = door.on_failure if on_failure is None else on_failure
+    check_on_failure(on_failure)
+    strict = door.strict if strict is None else bool(strict)
+    settings = route.settings(door.solver_args, solver_args, door.solver)
+    params, batch, invalid = check_params(params, door.layout, door.labels, route.maskable,
+                                          on_failure)
+    if not route.functorch:
+        refuse_functorch(params)
+    warm = resolve_warm_start(warm_start, cache, route.kind, batch.size, route.warm_shapes())
+    theta = build_theta(params, batch, door.layout.log_space, route.theta_dtype or batch.dtype)
+    flat, solution = route.solve(theta, settings, warm)
+    info = SolveInfo.of(solution, route.kind, invalid)
+    flat = settle(flat, info.status, on_failure, strict)
+    return shape_outputs(flat, door.shapes, door.exp, batch), info

@@ -1,0 +1,111 @@
+"""The entropy and simplex routes: closed forms and the dual Newton solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..backends import entropy as backend
+from ..backends.functorch import any_wrapped
+from ..backends.solution import Solution
+from .base import Route, add_map
+
+
+def _closed_form(codes: torch.Tensor | None, B: int, device) -> Solution:
+    """A closed form's Solution: its codes (None: all optimal), no iterations, exact."""
+    if codes is None:
+        codes = torch.zeros(B, dtype=torch.long, device=device)
+    zeros = torch.zeros(B, 3, dtype=torch.float64, device=device)
+    return Solution(codes, torch.zeros(B, dtype=torch.long, device=device), zeros)
+
+
+class SimplexRoute(Route):
+    """Euclidean projection onto a simplex (sparsemax): sort and threshold."""
+
+    kind = "simplex"
+
+    @classmethod
+    def _compile(cls, form, layout, arrays, meta):
+        add_map(arrays, meta, "y", form.program.y_map)
+        add_map(arrays, meta, "r", form.program.r_map)
+
+    def __init__(self, tensors, meta):
+        super().__init__(tensors, meta)
+        self.y, self.r = self.map("y"), self.map("r")
+
+    def solve(self, theta, settings, warm):
+        # Nothing to warm-start. Statuses are not inspectable inside torch.func
+        # transforms (all optimal there: the closed form has no other failure mode).
+        y, r = self.y(theta), self.r(theta)
+        x, codes = backend.project_simplex(y, r, inspect=not any_wrapped(y, r))
+        return self.read(x), _closed_form(codes, theta.shape[0], theta.device)
+
+
+class EntropyRoute(Route):
+    """Entropy-regularized LPs: softmax in closed form, else dual Newton."""
+
+    kind = "entropy"
+
+    @classmethod
+    def _compile(cls, form, layout, arrays, meta):
+        program = form.program
+        meta.update(tau=float(program.tau), program_kind=program.kind,
+                    transport_shape=list(program.transport_shape or []),
+                    maskable=_maskable(form, layout))
+        add_map(arrays, meta, "theta", program.theta_map)
+        add_map(arrays, meta, "b", program.b_map)
+        arrays["A"] = np.asarray(program.A, dtype=np.float64)
+        arrays["independent"] = np.asarray(program.independent, dtype=np.int64)
+
+    def __init__(self, tensors, meta):
+        super().__init__(tensors, meta)
+        self.theta, self.b = self.map("theta"), self.map("b")
+        self.tau = meta["tau"]
+        self.program = meta["program_kind"]
+        self._eq: dict = {}  # device -> equality operator (immutable, shared by calls)
+
+    def warm_shapes(self):
+        if self.program == "softmax":
+            return None
+        return {"nu": int(self.t["independent"].numel())}
+
+    def _equalities(self, device):
+        """The equality operator, built once per device (float64: the solve's dtype)."""
+        key = str(device)
+        eq = self._eq.get(key)
+        if eq is None:
+            independent = self.t["independent"].to(device)
+            if self.program == "transport":
+                r, c = self.meta["transport_shape"]
+                eq = backend.TransportEqualities(r, c, independent)
+            else:
+                A = self.t["A"].to(dtype=backend.WORK_DTYPE, device=device)
+                eq = backend.DenseEqualities(A, independent)
+            self._eq[key] = eq
+        return eq
+
+    def solve(self, theta, settings, warm):
+        logits = self.theta(theta)
+        if self.program == "softmax":
+            x, codes = backend.softmax(logits, self.tau, inspect=not any_wrapped(logits))
+            return self.read(x), _closed_form(codes, theta.shape[0], theta.device)
+        x, result = backend.entropy_solve(logits, self.b(theta), self.tau,
+                                          self._equalities(theta.device),
+                                          None if warm is None else warm["nu"])
+        return self.read(x), result
+
+
+def _maskable(form, layout) -> list[bool]:
+    """Parameters that may hold −inf: masked logits (softmax's −inf → weight 0).
+
+    A parameter qualifies when it enters only the logits, with positive
+    coefficients, so −inf can only ever produce a −inf logit.
+    """
+    theta = form.program.theta_map.tocsc()
+    b_cols = set(form.program.b_map.tocoo().col.tolist())
+    out = []
+    for slot in layout.slots:
+        block = theta[:, slot.offset:slot.stop]
+        positive = block.nnz > 0 and bool((block.data > 0).all())
+        out.append(positive and not any(c in b_cols for c in range(slot.offset, slot.stop)))
+    return out

@@ -1,0 +1,81 @@
+"""The QP route: CVXPY's quadratic form, solved by the batched torch interior point."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.qp import QPSettings, solve_qp
+from ..backends.solver_args import check_type
+from .base import Route, add_map, refuse_keys
+
+BLOCKS = ("Q", "q", "G", "h", "A", "b")
+# QPSettings fields a caller may set through solver_args, with their types.
+_NUM = (int, float)
+QP_KEYS = {
+    "eps": _NUM, "max_iter": int, "time_limit": _NUM, "step_fraction": _NUM,
+    "step_fraction_max": _NUM,
+    "infeas_tol": _NUM, "not_improved_lim": int, "kkt": str, "regularization": _NUM,
+    "regularization_tries": int, "schur_max_condition": _NUM,
+    "fixed_iterations": bool, "backward": str, "iterative_tol": _NUM,
+    "iterative_max_iter": int,
+}
+# Conic-solver spellings the QP engine understands (drop-in code passes them).
+QP_ALIASES = {"max_iters": "max_iter", "time_limit_secs": "time_limit"}
+
+
+def qp_settings(*arg_dicts) -> QPSettings:
+    """QPSettings from solver_args: QP keys checked by name and type, conic-solver
+    keys accepted and ignored, anything else an error listing the accepted keys.
+    ``eps`` only tightens the default tolerance (code written for SCS passes
+    eps=1e-6 meaning "at least this accurate")."""
+    merged = refuse_keys("qp", *arg_dicts, accepted=set(QP_KEYS) | set(QP_ALIASES))
+    changes = {"eps_tightens": True}
+    for key, value in merged.items():
+        name = QP_ALIASES.get(key, key)
+        if name in QP_KEYS:
+            check_type("solver_args", key, value, QP_KEYS[name])
+            changes[name] = value.item() if hasattr(value, "item") else value
+    return QPSettings(**changes)
+
+
+class QPRoute(Route):
+    kind = "qp"
+
+    @classmethod
+    def _compile(cls, form, layout, arrays, meta):
+        program = form.program
+        meta.update(n=program.n, p=program.p, m=program.m,
+                    batched={k: bool(program.batched[k]) for k in BLOCKS})
+        for k in BLOCKS:
+            add_map(arrays, meta, k, program.maps[k])
+
+    def __init__(self, tensors, meta):
+        super().__init__(tensors, meta)
+        self.maps = {k: self.map(k) for k in BLOCKS}
+        n, p, m = meta["n"], meta["p"], meta["m"]
+        self.shapes = {"Q": (n, n), "q": (n,), "G": (p, n), "h": (p,), "A": (m, n), "b": (m,)}
+
+    def settings(self, layer_args, call_args=None, solver=None):
+        return qp_settings(layer_args, call_args)
+
+    def warm_shapes(self):
+        n, p, m = self.meta["n"], self.meta["p"], self.meta["m"]
+        return {"z": n, "lam": p, "s": p, "nu": m}
+
+    def blocks(self, theta: torch.Tensor):
+        """The six QP blocks; parameter-free blocks stay unbatched (shared)."""
+        B = theta.shape[0]
+        out = []
+        for k in BLOCKS:
+            lmap, shape = self.maps[k], self.shapes[k]
+            if self.meta["batched"][k]:
+                out.append(lmap(theta).reshape((B,) + shape))
+            else:
+                out.append(lmap.constant(theta.dtype, theta.device).reshape(shape))
+        return out
+
+    def solve(self, theta, settings, warm):
+        (x, lam, nu), result = solve_qp(*self.blocks(theta), batch=theta.shape[0],
+                                        settings=settings, warm=warm)
+        y = torch.cat([nu, lam], dim=-1)  # CVXPY's row order: zero cone, then nonneg
+        return self.read(x, y), result
