@@ -302,7 +302,9 @@ class TransportEqualities:
         return _TransportSweeps(self, a, log_b, nu)
 
     def column_weight(self):
-        ones = torch.ones(1, len(self.independent), dtype=torch.float64)
+        # On the device of the kept rows' index (a CPU vector indexed with a CUDA one fails).
+        ones = torch.ones(1, len(self.independent), dtype=torch.float64,
+                          device=self.independent.device)
         return self.rmatvec(ones)[0]  # (Aᵀ1)ᵢ over the kept rows
 
 

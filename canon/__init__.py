@@ -9,6 +9,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "CompiledProblem": ".compile",
+    "FORMS": ".compile",
+    "REQUIREMENTS": ".compile",
     "compile_problem": ".compile",
     "ConeProgram": ".cone",
     "NonconvexError": ".diagnostics",

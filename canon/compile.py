@@ -30,7 +30,7 @@ from .diagnostics import NotDPPError, ProblemError, check_problem
 from .parameters import ParameterLayout, needed_checks
 from .recovery import Recovery, dual_recovery, primal_recovery
 
-KINDS = ("simplex", "entropy", "qp", "conic")
+KINDS = ("simplex", "entropy", "qp", "conic")  # the order of `FORMS` below
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class CompiledProblem:
     # identity for DCP problems, Dgp2Dcp's reduction for geometric programs.
     _dcp: tuple | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # CVXPY's own QP test passed (quad_form with a Parameter allowed).
+    qp_ok: bool = False
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -81,15 +83,6 @@ class CompiledProblem:
                     )
                 self.forms["conic"] = _conic_form(problem, parameters, variables, self)
         return self.forms["conic"]
-
-    # Convenience for the conic form (what the first version of the layer used).
-    @property
-    def cone(self):
-        return self.form("conic").program
-
-    @property
-    def outputs(self) -> tuple[Recovery, ...]:
-        return self.form(self.kinds[-1]).outputs
 
 
 def _names(items) -> str:
@@ -194,16 +187,13 @@ def compile_problem(problem: cp.Problem, parameters, variables,
                              needed_checks(problem, parameters, _convex_test(gp, qp_ok)))
     compiled = CompiledProblem(layout, gp, log_space,
                                _source=(problem, parameters, variables, conic_ok),
-                               _dcp=(target, log_params, gp_var_ids))
-    if not gp:
-        compiled.forms.update(_structured_forms(problem, parameters, variables, compiled))
-    # A structured form's variable is one of the QP form's: past the QP size limit
-    # that form would be built (O(n²) work at large n) only to be discarded.
-    too_large = any(f.program.n > QP_MAX_VARIABLES for f in compiled.forms.values())
-    if qp_ok and not too_large:
-        form = _qp_form(problem, parameters, variables, compiled)
+                               _dcp=(target, log_params, gp_var_ids), qp_ok=qp_ok)
+    for kind, build in FORMS.items():
+        if kind == "conic":
+            continue  # built on first use: a layer on a structured route may never need it
+        form = build(problem, parameters, variables, compiled)
         if form is not None:
-            compiled.forms["qp"] = form
+            compiled.forms[kind] = form
     if not compiled.forms:
         compiled.form("conic")  # compile now: errors surface at construction
     return compiled
@@ -298,27 +288,59 @@ def _qp_form(problem, parameters, variables, compiled) -> Form | None:
     return Form("qp", program, outputs)
 
 
-def _structured_forms(problem, parameters, variables, compiled) -> dict:
-    """Simplex-projection and entropy forms, when the problem has that structure."""
-    primal = set(problem.variables())
-    if len(variables) == 0 or any(v not in primal for v in variables):
-        return {}  # these forms return the primal variable only
+def _structured(kind, recognize):
+    """A form builder for a structure read off the problem as written (primal outputs)."""
 
-    def S_fn(param_prob, param_ids):
-        return compiled.layout.to_cvxpy(_entries(compiled.layout, parameters, {}, param_ids),
-                                        param_prob.param_id_to_col,
-                                        param_prob.total_param_size)
+    def build(problem, parameters, variables, compiled) -> Form | None:
+        primal = set(problem.variables())
+        if compiled.gp or not variables or any(v not in primal for v in variables):
+            return None  # these forms return the primal variable only
 
-    user_cols = compiled.layout.user_size
-    forms = {}
-    for kind, recognize in (("simplex", entropy_canon.recognize_simplex),
-                            ("entropy", entropy_canon.recognize_entropy)):
-        program = recognize(problem, S_fn, user_cols)
-        if program is not None:
-            z = problem.variables()[0]
-            outputs = tuple(primal_recovery(v, 0, z.size) for v in variables)
-            forms[kind] = Form(kind, program, outputs)
-    return forms
+        def S_fn(param_prob, param_ids):
+            return compiled.layout.to_cvxpy(_entries(compiled.layout, parameters, {}, param_ids),
+                                            param_prob.param_id_to_col,
+                                            param_prob.total_param_size)
+
+        program = recognize(problem, S_fn, compiled.layout.user_size)
+        if program is None:
+            return None
+        z = problem.variables()[0]
+        return Form(kind, program, tuple(primal_recovery(v, 0, z.size) for v in variables))
+
+    return build
+
+
+def _qp_if_fits(problem, parameters, variables, compiled) -> Form | None:
+    if not compiled.qp_ok:
+        return None
+    # A structured form's variable is one of the QP form's: past the QP size limit
+    # that form would be built (O(n²) work at large n) only to be discarded.
+    if any(f.program.n > QP_MAX_VARIABLES for f in compiled.forms.values()):
+        return None
+    return _qp_form(problem, parameters, variables, compiled)
+
+
+# The registry of canonical forms, from the most specific structure to the most
+# general: a route is registered here (how its structure is recognized and
+# compiled) and in `declarative.routes.ROUTES` (how it runs).
+FORMS = {
+    "simplex": _structured("simplex", entropy_canon.recognize_simplex),
+    "entropy": _structured("entropy", entropy_canon.recognize_entropy),
+    "qp": _qp_if_fits,
+    "conic": lambda problem, parameters, variables, compiled: _conic_form(
+        problem, parameters, variables, compiled),
+}
+# What each form needs, for the error when a route is forced on a problem without it.
+REQUIREMENTS = {
+    "simplex": "minimize α·sum_squares(±z + e) [+ cᵀz] subject to sum(z) == r and z >= 0 for "
+               "one vector variable z, returning z only",
+    "entropy": "maximize θᵀz + τ·sum(entr(z)) (or minimize its negation) subject to A z == b "
+               "with A constant, for one variable z, returning z only",
+    "qp": f"a quadratic (or linear) objective and affine constraints, at most "
+          f"{QP_MAX_VARIABLES} variables and {QP_MAX_CONSTRAINTS} constraints in CVXPY's form, "
+          "and no geometric program",
+    "conic": "a DPP problem without quad_form(x, P) for a Parameter P",
+}
 
 
 def _recoveries(problem, variables, param_prob, ids, x_size, y_size, gp,

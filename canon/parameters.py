@@ -65,8 +65,6 @@ class ParameterSlot:
     attributes: dict = field(default_factory=dict, compare=False)
     # (row indices, column indices) of a parameter with a fixed sparsity pattern.
     sparse_index: tuple | None = field(default=None, compare=False)
-    # Scratch for the front door (the pattern's sorted keys per device).
-    cache: dict = field(default_factory=dict, compare=False, repr=False)
     # The value checks (VALUE_CHECK_NAMES) the front door runs on this slot.
     checks: tuple[str, ...] = field(default=(), compare=False)
 

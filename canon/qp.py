@@ -28,8 +28,6 @@ from cvxpy.utilities import scopes
 
 from .cone import ConeProgram, from_param_cone_prog
 
-BLOCKS = ("Q", "q", "G", "h", "A", "b")
-
 
 @dataclass(frozen=True)
 class QuadraticProgram:

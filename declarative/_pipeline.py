@@ -57,7 +57,7 @@ class SolveInfo:
         return cls(to_status(codes), iterations, residuals, route, solution.warm_start())
 
 
-def check_params(params, layout, labels, maskable, on_failure: str = "raise"):
+def check_params(params, door, maskable, on_failure: str = "raise"):
     """Validate the call's tensors against the parameter layout.
 
     Returns (params, batch, invalid): ``invalid`` lists the samples whose values
@@ -66,6 +66,7 @@ def check_params(params, layout, labels, maskable, on_failure: str = "raise"):
     (`stand_ins`) so that every route solves something harmless there; the
     caller reports them invalid_input (`mark_invalid`).
     """
+    layout, labels = door.layout, door.labels
     if len(params) != len(layout):
         names = ", ".join(f"'{s.name}'" for s in layout.slots)
         raise ValueError(
@@ -76,9 +77,9 @@ def check_params(params, layout, labels, maskable, on_failure: str = "raise"):
     for lab, p, slot in zip(labels, params, layout.slots):
         _checks.check_dense(lab, p, slot)
     params = tuple(
-        _checks.sparse_values(lab, p, slot.shape, slot.sparse_index, slot.cache)
+        _checks.sparse_values(lab, p, slot.shape, slot.sparse_index, cache)
         if slot.sparse_index is not None else p
-        for lab, p, slot in zip(labels, params, layout.slots))
+        for lab, p, slot, cache in zip(labels, params, layout.slots, door.sparse_caches))
     batch = _checks.check_batch(params, [s.value_shape for s in layout.slots], labels)
     inside = _checks.functorch_active(*params)
     failed = {}
@@ -285,32 +286,45 @@ def warn_imperfect(status) -> None:
 
 @dataclass(frozen=True)
 class Door:
-    """What a layer (or a loaded export) fixes at construction."""
+    """What a layer (or a loaded export) fixes at construction for one route."""
 
     layout: object  # `canon.parameters.ParameterLayout` (or the export's rebuild)
     labels: tuple[str, ...]  # "parameter i ('name')" for messages
     shapes: tuple  # each output's shape
     exp: tuple[bool, ...]  # outputs to exponentiate (primal variables of a GP)
+    # Per parameter: the sorted sparsity pattern on each device, for `sparse_values`.
+    sparse_caches: tuple = ()
+
+    @classmethod
+    def of(cls, layout, shapes, exp) -> Door:
+        labels = tuple(f"parameter {i} ('{s.name}')" for i, s in enumerate(layout.slots))
+        return cls(layout, labels, tuple(tuple(s) for s in shapes), tuple(exp),
+                   tuple({} for _ in layout.slots))
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The layer's own settings, which a call's keyword arguments override."""
+
     solver: str | None
     solver_args: dict
     on_failure: str
     strict: bool
 
 
-def run(door: Door, route, params, *, solver_args=None, on_failure=None, strict=None,
-        warm_start=False, cache=None):
+def run(door: Door, route, params, defaults: Defaults, *, solver_args=None, on_failure=None,
+        strict=None, warm_start=False, cache=None):
     """One call: (outputs in the variables' shapes, `SolveInfo`).
 
     ``cache`` is the state ``warm_start=True`` starts from (a previous info's).
     """
     if solver_args is not None and not isinstance(solver_args, dict):
         raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
-    on_failure = door.on_failure if on_failure is None else on_failure
+    on_failure = defaults.on_failure if on_failure is None else on_failure
     check_on_failure(on_failure)
-    strict = door.strict if strict is None else bool(strict)
-    settings = route.settings(door.solver_args, solver_args, door.solver)
-    params, batch, invalid = check_params(params, door.layout, door.labels, route.maskable,
-                                          on_failure)
+    strict = defaults.strict if strict is None else bool(strict)
+    settings = route.settings(defaults.solver_args, solver_args, defaults.solver)
+    params, batch, invalid = check_params(params, door, route.maskable, on_failure)
     if not route.functorch:
         refuse_functorch(params)
     warm = resolve_warm_start(warm_start, cache, route.kind, batch.size, route.warm_shapes())

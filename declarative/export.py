@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._pipeline import Door, run
+from ._pipeline import Defaults, Door, run
 from .canon.parameters import ParameterSlot, default_checks
 from .routes import load_route
 
@@ -58,9 +58,7 @@ class ExportedLayer(torch.nn.Module):
     def from_layer(cls, layer) -> ExportedLayer:
         module = cls()
         layout = layer.compiled.layout
-        layer.route(layer.backend)
-        _, arrays, route_meta = layer._routes[layer.backend]
-        door = layer._door(layer.backend)
+        _, door, arrays, route_meta = layer._route_parts(layer.backend)
         meta = {
             "format": FORMAT,
             "backend": layer.backend,
@@ -136,7 +134,10 @@ class ExportedLayer(torch.nn.Module):
         if self._meta is None:
             raise RuntimeError("ExportedLayer is empty: load a state dict or use from_layer().")
         door, route = self._call_parts()
-        outputs, info = run(door, route, params, solver_args=solver_args,
+        meta = self._meta
+        defaults = Defaults(meta["solver"], dict(meta["solver_args"]), meta["on_failure"],
+                            meta["strict"])
+        outputs, info = run(door, route, params, defaults, solver_args=solver_args,
                             on_failure=on_failure, strict=strict, warm_start=warm_start,
                             cache=getattr(self, "_warm_cache", None))
         self._warm_cache = info.warm_start
@@ -150,11 +151,7 @@ class ExportedLayer(torch.nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         meta, layout = self._meta, self._layout()
-        door = Door(layout, tuple(f"parameter {i} ('{s.name}')" for i, s in
-                                  enumerate(layout.slots)),
-                    tuple(tuple(sh) for sh in meta["shapes"]), tuple(meta["exp"]),
-                    meta["solver"], dict(meta["solver_args"]), meta["on_failure"],
-                    meta["strict"])
+        door = Door.of(layout, meta["shapes"], meta["exp"])
         tensors = {_name(k): v for k, v in self._buffers.items()}
         parts = (door, load_route(tensors, meta["route"]))
         self._parts = (key, parts)

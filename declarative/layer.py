@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ._pipeline import Door, SolveInfo, check_on_failure, run
-from .canon import CompiledProblem, compile_problem
+from ._pipeline import Defaults, Door, SolveInfo, check_on_failure, run
+from .canon import REQUIREMENTS, CompiledProblem, compile_problem
 from .routes import ROUTES, as_tensors, compile_route, load_route
 
 BACKENDS = ("auto",) + tuple(ROUTES)
@@ -69,7 +69,7 @@ class CvxpyLayer(torch.nn.Module):
             self.solver_args.setdefault("verbose", True)
         check_on_failure(on_failure)
         self.on_failure, self.strict = on_failure, bool(strict)
-        self._routes: dict = {}  # kind -> (Route, arrays, meta), built once each
+        self._routes: dict = {}  # kind -> (Route, Door, arrays, meta), built once each
         route = self.route(self.backend)
         # Resolve once so a bad key fails at construction, not at the first call.
         route.settings(self.solver_args, None, solver)
@@ -83,19 +83,20 @@ class CvxpyLayer(torch.nn.Module):
 
     def route(self, kind: str):
         """The runtime of route ``kind`` for this problem (compiled on first use)."""
-        if kind not in self._routes:
-            arrays, meta = compile_route(self._compiled.form(kind), self._compiled.layout)
-            self._routes[kind] = (load_route(as_tensors(arrays), meta), arrays, meta)
-        return self._routes[kind][0]
+        return self._route_parts(kind)[0]
 
-    def _door(self, kind: str) -> Door:
-        layout = self._compiled.layout
-        form = self._compiled.form(kind)
-        return Door(layout, tuple(f"parameter {i} ('{s.name}')" for i, s in
-                                  enumerate(layout.slots)),
-                    tuple(rec.shape for rec in form.outputs),
-                    tuple(self._compiled.gp and rec.is_primal for rec in form.outputs),
-                    self.solver, self.solver_args, self.on_failure, self.strict)
+    def _route_parts(self, kind: str):
+        """(Route, Door, arrays, meta) of route ``kind``, built once."""
+        if kind not in self._routes:
+            form, layout = self._compiled.form(kind), self._compiled.layout
+            arrays, meta = compile_route(form, layout)
+            door = Door.of(layout, [rec.shape for rec in form.outputs],
+                           [self._compiled.gp and rec.is_primal for rec in form.outputs])
+            self._routes[kind] = (load_route(as_tensors(arrays), meta), door, arrays, meta)
+        return self._routes[kind]
+
+    def _defaults(self) -> Defaults:
+        return Defaults(self.solver, self.solver_args, self.on_failure, self.strict)
 
     # ------------------------------------------------------------------
     def forward(self, *params: torch.Tensor, solver_args: dict | None = None,
@@ -109,10 +110,10 @@ class CvxpyLayer(torch.nn.Module):
         ``solver_args={"solve_method": ...}`` on a layer whose ``backend="auto"`` chose
         a torch path solves this call on the conic path with that solver.
         """
-        kind = self._route_kind(solver_args)
-        outputs, info = run(self._door(kind), self.route(kind), params,
-                            solver_args=solver_args, on_failure=on_failure, strict=strict,
-                            warm_start=warm_start, cache=self._warm_cache)
+        route, door, _, _ = self._route_parts(self._route_kind(solver_args))
+        outputs, info = run(door, route, params, self._defaults(), solver_args=solver_args,
+                            on_failure=on_failure, strict=strict, warm_start=warm_start,
+                            cache=self._warm_cache)
         self._warm_cache = info.warm_start
         return (outputs, info) if return_info else outputs
 
@@ -166,9 +167,7 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
     if backend not in kinds:
         raise ValueError(
             f"backend={backend!r} is not valid for this problem: its structure allows "
-            f"{kinds}. The QP path needs a quadratic (or linear) objective and affine "
-            "constraints."
-        )
+            f"{kinds}. The {backend!r} path needs {REQUIREMENTS[backend]}.")
     if named is not None and backend != "conic":
         raise ValueError(f"{named} names a conic solver, which backend={backend!r} does not "
                          "use. Leave it out, or use backend='conic' (or 'auto').")

@@ -50,8 +50,8 @@ def test_cone_data_matches_cvxpy_apply_parameters():
     Wv = RNG.standard_normal((2, n))
     hv = RNG.random(2)
     compiled = compile_problem(prob, [W, C, h], [X, x])  # user order differs from CVXPY's
-    c, A_vals, b = compiled.cone.data(_theta(compiled, [Wv, Cv, hv])[None, :])
-    A = compiled.cone.matrix(A_vals[0]).toarray()
+    c, A_vals, b = compiled.form("conic").program.data(_theta(compiled, [Wv, Cv, hv])[None, :])
+    A = compiled.form("conic").program.matrix(A_vals[0]).toarray()
     c_ref, A_ref, b_ref = _cvxpy_data(prob, [W, C, h], [Wv, Cv, hv])
     np.testing.assert_allclose(c[0], c_ref, atol=1e-12)
     np.testing.assert_allclose(A, sp.csc_array(A_ref).toarray(), atol=1e-12)
@@ -63,7 +63,7 @@ def test_data_adjoint_is_the_transpose():
     A = cp.Parameter((3, 4))
     b = cp.Parameter(3)
     prob = cp.Problem(cp.Minimize(cp.norm1(A @ x - b) + cp.sum_squares(x)), [x <= 2])
-    cone = compile_problem(prob, [A, b], [x]).cone
+    cone = compile_problem(prob, [A, b], [x]).form("conic").program
     th = RNG.standard_normal((2, 16))
     dc, dA, db = (RNG.standard_normal(s) for s in ((2, cone.n), (2, cone.nnz), (2, cone.m)))
     c, Av, bv = cone.data(th)
@@ -76,7 +76,7 @@ def _solve_compiled(compiled, values):
     """Solve with Clarabel on the compiled data and recover outputs through canon's maps."""
     import clarabel
 
-    cone = compiled.cone
+    cone = compiled.form("conic").program
     c, Av, b = cone.data(_theta(compiled, values)[None, :])
     A = cone.matrix(Av[0])
     from diffcp.cone_program import solve_internal
@@ -85,7 +85,7 @@ def _solve_compiled(compiled, values):
                          tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
     del clarabel
     out = []
-    for rec in compiled.outputs:
+    for rec in compiled.form("conic").outputs:
         v = res["x"] if rec.is_primal else res["y"]
         out.append(rec.apply(v[None, :])[0].reshape(rec.shape))
     return out
