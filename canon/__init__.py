@@ -5,7 +5,7 @@ Names load lazily (PEP 562) so that the CVXPY-free modules (`cone`,
 `parameters`, `recovery`) can serve an exported layer without importing CVXPY.
 """
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "CompiledProblem": ".compile",
@@ -23,10 +23,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'declarative.canon' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

@@ -7,9 +7,8 @@ A source checkout keeps ``canon/`` and ``backends/`` beside this folder; an
 installed wheel nests them. ``_layout`` makes both import the same way.
 """
 
-from importlib import import_module
-
 from ._layout import register as _register_checkout_stages
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -34,13 +33,7 @@ __all__ = sorted(_EXPORTS)
 _register_checkout_stages(__name__, __file__)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'declarative' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__():

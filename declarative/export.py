@@ -28,6 +28,7 @@ import torch
 from ._pipeline import Defaults, Door, run
 from .canon.parameters import ParameterSlot, default_checks
 from .routes import load_route
+from .routes.base import plain
 
 # Version 2: every route, conic included, is its `routes` arrays and metadata.
 FORMAT = 2
@@ -64,7 +65,7 @@ class ExportedLayer(torch.nn.Module):
             "backend": layer.backend,
             "route": route_meta,
             "slots": [dict(name=s.name, shape=list(s.shape), offset=s.offset, size=s.size,
-                           attributes=_plain(s.attributes), checks=list(s.checks),
+                           attributes=plain(s.attributes), checks=list(s.checks),
                            sparse_index=None if s.sparse_index is None else
                            [s.sparse_index[0].tolist(), s.sparse_index[1].tolist()])
                       for s in layout.slots],
@@ -72,7 +73,7 @@ class ExportedLayer(torch.nn.Module):
             "shapes": [list(sh) for sh in door.shapes],
             "exp": list(door.exp),
             "solver": layer.solver,
-            "solver_args": _plain(layer.solver_args),
+            "solver_args": plain(layer.solver_args),
             "on_failure": layer.on_failure,
             "strict": layer.strict,
         }
@@ -188,16 +189,3 @@ def _key(name: str) -> str:
 
 def _name(key: str) -> str:
     return key.replace("__", ".")
-
-
-def _plain(value):
-    """JSON-like copy (numpy scalars and arrays to Python) for the extra state."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value

@@ -95,6 +95,27 @@ def add_map(arrays: dict, meta: dict, name: str, matrix) -> None:
     meta[f"{name}.map"] = m
 
 
+def add_arrays(arrays: dict, meta: dict, maps: dict, dense: dict = ()) -> None:
+    """Store named scipy maps (`add_map`) and dense arrays (name -> (values, dtype))."""
+    for name, matrix in maps.items():
+        add_map(arrays, meta, name, matrix)
+    for name, (values, dtype) in dict(dense).items():
+        arrays[name] = np.asarray(values, dtype=dtype)
+
+
+def plain(value):
+    """A JSON-like copy (numpy scalars and arrays to Python) for metadata."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
 def refuse_keys(kind: str, *arg_dicts, accepted=()) -> dict:
     """The merged solver_args; keys neither ``accepted`` nor a conic solver's are an
     error naming the route (a misspelt key never passes silently). Conic keys are

@@ -15,7 +15,7 @@ import torch
 from ..backends.functorch import is_vmapped, is_wrapped
 from ..backends.guard import guard_second_order
 from ..backends.status import Box
-from .base import Route, add_map
+from .base import Route, add_arrays, plain
 
 
 class ConicRoute(Route):
@@ -26,12 +26,9 @@ class ConicRoute(Route):
     @classmethod
     def _compile(cls, form, layout, arrays, meta):
         cone = form.program
-        meta.update(n=cone.n, m=cone.m, cone_dict=_plain(cone.cone_dict))
-        add_map(arrays, meta, "c", cone.c_map)
-        add_map(arrays, meta, "A", cone.A_map)
-        add_map(arrays, meta, "b", cone.b_map)
-        arrays["indices"] = np.asarray(cone.indices, dtype=np.int64)
-        arrays["indptr"] = np.asarray(cone.indptr, dtype=np.int64)
+        meta.update(n=cone.n, m=cone.m, cone_dict=plain(cone.cone_dict))
+        add_arrays(arrays, meta, {"c": cone.c_map, "A": cone.A_map, "b": cone.b_map},
+                   {"indices": (cone.indices, np.int64), "indptr": (cone.indptr, np.int64)})
 
     def __init__(self, tensors, meta):
         from ..backends import conic
@@ -107,16 +104,3 @@ def refuse_functorch(params) -> None:
         "torch.autograd.functional.jacobian instead of jacrev, or a problem the QP or "
         "entropy paths take (they support vmap and jacrev)."
     )
-
-
-def _plain(value):
-    """JSON-like copy (numpy scalars and arrays to Python) for the metadata."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value

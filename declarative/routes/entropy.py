@@ -8,7 +8,7 @@ import torch
 from ..backends import entropy as backend
 from ..backends.functorch import any_wrapped
 from ..backends.solution import Solution
-from .base import Route, add_map
+from .base import Route, add_arrays, add_map
 
 
 def _closed_form(codes: torch.Tensor | None, B: int, device) -> Solution:
@@ -52,10 +52,8 @@ class EntropyRoute(Route):
         meta.update(tau=float(program.tau), program_kind=program.kind,
                     transport_shape=list(program.transport_shape or []),
                     maskable=_maskable(form, layout))
-        add_map(arrays, meta, "theta", program.theta_map)
-        add_map(arrays, meta, "b", program.b_map)
-        arrays["A"] = np.asarray(program.A, dtype=np.float64)
-        arrays["independent"] = np.asarray(program.independent, dtype=np.int64)
+        add_arrays(arrays, meta, {"theta": program.theta_map, "b": program.b_map},
+                   {"A": (program.A, np.float64), "independent": (program.independent, np.int64)})
 
     def __init__(self, tensors, meta):
         super().__init__(tensors, meta)
