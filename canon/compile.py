@@ -58,6 +58,19 @@ class CompiledProblem:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # CVXPY's own QP test passed (quad_form with a Parameter allowed).
     qp_ok: bool = False
+    # Passed to CVXPY's canonicalization (get_problem_data's canon_backend).
+    canon_backend: str | None = None
+
+    def __getstate__(self):
+        # Layers are copied and pickled (deepcopy, torch.save of a model, SWA's
+        # AveragedModel); a lock cannot be, and a fresh one serves the copy.
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -162,9 +175,13 @@ def _check_domain(problem: cp.Problem) -> None:
                 f"derivative). Drop {kind}=True to differentiate the continuous relaxation.")
 
 
-def compile_problem(problem: cp.Problem, parameters, variables,
-                    gp: bool = False) -> CompiledProblem:
-    """Compile ``problem`` for the given parameter order and requested outputs."""
+def compile_problem(problem: cp.Problem, parameters, variables, gp: bool = False,
+                    canon_backend: str | None = None) -> CompiledProblem:
+    """Compile ``problem`` for the given parameter order and requested outputs.
+
+    ``canon_backend`` is passed to CVXPY's ``get_problem_data`` (its choice of
+    canonicalization backend, e.g. "SCIPY" or "CPP"; None: CVXPY's default).
+    """
     if not isinstance(problem, cp.Problem):
         raise TypeError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}.")
     _check_domain(problem)
@@ -187,7 +204,8 @@ def compile_problem(problem: cp.Problem, parameters, variables,
                              needed_checks(problem, parameters, _convex_test(gp, qp_ok)))
     compiled = CompiledProblem(layout, gp, log_space,
                                _source=(problem, parameters, variables, conic_ok),
-                               _dcp=(target, log_params, gp_var_ids), qp_ok=qp_ok)
+                               _dcp=(target, log_params, gp_var_ids), qp_ok=qp_ok,
+                               canon_backend=canon_backend)
     for kind, build in FORMS.items():
         if kind == "conic":
             continue  # built on first use: a layer on a structured route may never need it
@@ -209,7 +227,7 @@ def _convex_test(gp: bool, qp_ok: bool):
 def _canonical(problem, parameters, compiled, data_fn):
     """CVXPY's program for ``problem`` and the selection S from the user's θ."""
     target, log_params, gp_var_ids = compiled._dcp
-    data, chain, _ = data_fn(target)
+    data, chain, _ = data_fn(target, compiled.canon_backend)
     param_prob = data[cp.settings.PARAM_PROB]
     param_ids = {k: v[0] for k, v in chain.compose_param_id_map().items()}
     var_ids = {k: v[0] for k, v in chain.compose_var_id_map().items()}
@@ -236,7 +254,8 @@ def _entries(layout, parameters, log_params, param_ids):
 
 def _conic_form(problem, parameters, variables, compiled) -> Form:
     data, param_prob, S, ids = _canonical(
-        problem, parameters, compiled, lambda t: t.get_problem_data(cp.DIFFCP))
+        problem, parameters, compiled,
+        lambda t, backend: t.get_problem_data(cp.DIFFCP, canon_backend=backend))
     cone = from_param_cone_prog(param_prob, S, cone_dict_from_dims(data["dims"]))
     gp_constraints = (_gp_constraint_ids(problem, compiled._dcp[0])
                       if compiled.gp and _wants_duals(problem, variables) else None)

@@ -48,13 +48,13 @@ def is_quadratic_program(problem: cp.Problem) -> bool:
         return bool(problem.is_qp()) and bool(problem.is_dpp(quad_form_dpp="qp"))
 
 
-def problem_data(problem: cp.Problem):
+def problem_data(problem: cp.Problem, canon_backend: str | None = None):
     """CVXPY's canonicalization keeping the quadratic objective."""
     # CVXPY's QP canonicalization reads its own sparse constants through
     # `.value` and warns about it; the user can do nothing about that.
     with scopes.quad_form_dpp_scope(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Reading from a sparse CVXPY expression")
-        return problem.get_problem_data(cp.CLARABEL)
+        return problem.get_problem_data(cp.CLARABEL, canon_backend=canon_backend)
 
 
 def from_param_prog(param_prob, S: sp.csr_array, dims) -> QuadraticProgram | None:

@@ -142,7 +142,11 @@ def build_theta(params, batch: _checks.BatchInfo, log_space, dtype: torch.dtype)
 
 
 def shape_outputs(flat, shapes, exp_mask, batch: _checks.BatchInfo):
-    """(B, size) outputs -> the variables' shapes; exp() for GP primal variables."""
+    """(B, size) outputs -> the variables' shapes; exp() for GP primal variables.
+
+    Each output is a fresh row-major tensor: a user may edit it in place (x[:, 0] = 0)
+    without touching what the backward saved, which it would be if it were a view.
+    """
     outs = []
     for value, shape, exp in zip(flat, shapes, exp_mask):
         value = value.reshape((batch.size,) + tuple(shape))
@@ -150,7 +154,7 @@ def shape_outputs(flat, shapes, exp_mask, batch: _checks.BatchInfo):
             value = torch.exp(value)
         if not batch.batched:
             value = value[0]
-        outs.append(value.to(batch.dtype))
+        outs.append(value.to(batch.dtype).clone(memory_format=torch.contiguous_format))
     return tuple(outs)
 
 

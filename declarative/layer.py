@@ -15,6 +15,8 @@ threads and two layers may share Parameters.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ._pipeline import Defaults, Door, SolveInfo, check_on_failure, run
@@ -55,15 +57,21 @@ class CvxpyLayer(torch.nn.Module):
     """
 
     def __init__(self, problem, parameters, variables, solver: str | None = None,
-                 gp: bool = False, verbose: bool = False, solver_args: dict | None = None,
-                 on_failure: str = "raise", backend: str = "auto", strict: bool = False):
+                 gp: bool = False, verbose: bool = False, canon_backend: str | None = None,
+                 solver_args: dict | None = None, *, on_failure: str = "raise",
+                 backend: str = "auto", strict: bool = False):
         super().__init__()
-        self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp)
+        self._compiled: CompiledProblem = compile_problem(problem, parameters, variables, gp=gp,
+                                                          canon_backend=canon_backend)
         if solver_args is not None and not isinstance(solver_args, dict):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         self._requested = backend
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
+        if self.backend != "conic" and isinstance(solver, str) and \
+                solver.upper() in BATCHED_SOLVERS:
+            solver = None  # its job is the torch route's (see BATCHED_SOLVERS)
         self.solver, self.gp, self.verbose = solver, gp, verbose
+        self.canon_backend = canon_backend
         self.solver_args = dict(solver_args or {})
         if verbose:
             self.solver_args.setdefault("verbose", True)
@@ -73,9 +81,10 @@ class CvxpyLayer(torch.nn.Module):
         route = self.route(self.backend)
         # Resolve once so a bad key fails at construction, not at the first call.
         route.settings(self.solver_args, None, solver)
-        # The last call's solution, for forward(warm_start=True). A cache only:
-        # a warm start changes how fast a solve converges, never its answer.
-        self._warm_cache = None
+        # Per thread, the last solution of a call that asked for warm starts, for the
+        # next forward(warm_start=True). A cache only: a warm start changes how fast a
+        # solve converges, never its answer; calls without warm starts keep nothing.
+        self._warm = threading.local()
 
     @property
     def compiled(self) -> CompiledProblem:
@@ -104,18 +113,30 @@ class CvxpyLayer(torch.nn.Module):
                 strict: bool | None = None, warm_start=False):
         """Solve for a batch of parameter values; returns a tuple in ``variables`` order.
 
-        ``warm_start``: True starts from the layer's previous solution (when the batch
-        size matches, as cvxpylayers' flag does), or pass a previous call's `SolveInfo`
-        (``return_info=True``). The QP and entropy paths and SCS use it.
+        ``warm_start``: True starts from this thread's previous call with a warm start
+        (when the batch size matches; the first such call starts cold), or pass a
+        previous call's `SolveInfo` (``return_info=True``). The QP and entropy paths
+        and SCS use it. Calls without a warm start keep no state on the layer.
         ``solver_args={"solve_method": ...}`` on a layer whose ``backend="auto"`` chose
         a torch path solves this call on the conic path with that solver.
         """
         route, door, _, _ = self._route_parts(self._route_kind(solver_args))
         outputs, info = run(door, route, params, self._defaults(), solver_args=solver_args,
                             on_failure=on_failure, strict=strict, warm_start=warm_start,
-                            cache=self._warm_cache)
-        self._warm_cache = info.warm_start
+                            cache=getattr(self._warm, "state", None))
+        if warm_start is not False and warm_start is not None:
+            self._warm.state = info.warm_start
         return (outputs, info) if return_info else outputs
+
+    def __getstate__(self):
+        # A thread-local warm-start cache is not picklable, and a copy starts cold.
+        state = dict(self.__dict__)
+        state.pop("_warm", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._warm = threading.local()
 
     def _route_kind(self, solver_args) -> str:
         """The path this call runs: the layer's, or conic when the call names a conic solver."""
@@ -147,10 +168,40 @@ _NO_CONIC = ("this problem has quad_form(x, P) with a Parameter P, which only th
              "DPP).")
 
 
+# cvxpylayers' batched solvers for GPUs and JAX: where a problem has a torch route,
+# that route does their job here (batched, on the inputs' device).
+BATCHED_SOLVERS = ("MOREAU", "CUCLARABEL", "MPAX")
+
+
+def _batched_solver(solver, compiled: CompiledProblem) -> bool:
+    """True if ``solver`` names one of cvxpylayers' batched solvers (then the layer runs
+    its torch route); other names are the conic path's (checked there)."""
+    if solver is None:
+        return False
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a solver name (a str, e.g. 'SCS', 'CLARABEL', "
+                        f"'ECOS'), got {type(solver).__name__}. Solver-interface objects are "
+                        "cvxpylayers'; this library selects its own routes.")
+    if solver.upper() not in BATCHED_SOLVERS:
+        return False
+    torch_routes = [k for k in compiled.kinds if k != "conic"]
+    if not torch_routes:
+        raise ValueError(
+            f"solver={solver!r} is a batched solver of cvxpylayers; here its job (a batched "
+            "solve on the inputs' device) is done by the torch routes (QP, entropy, simplex), "
+            "and this problem fits none of them. Leave solver out to solve it on the conic "
+            "path (SCS), or pass solver='CLARABEL'.")
+    return True
+
+
 def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_args) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     kinds = compiled.kinds
+    if _batched_solver(solver, compiled):
+        solver = None
+        if backend == "auto":
+            return kinds[0]
     # Naming a conic solver (solver=... or solver_args['solve_method']) asks for it.
     named = (f"solver={solver!r}" if solver is not None else
              f"solver_args['solve_method']={solver_args['solve_method']!r}"

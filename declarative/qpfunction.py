@@ -98,8 +98,9 @@ def QPFunction(eps: float | None = None, verbose: int = 0, notImprovedLim: int |
             print(f"declarative.QPFunction: batch {batch}, kkt={result.kkt.name}, "
                   f"iterations min/max {min(its)}/{max(its)}, statuses "
                   f"{ {str(s): status.count(s) for s in set(status)} }")
-        # verbose governs printing only: the policy's warnings stay warnings
-        (z,) = settle([z], status, on_failure, strict)
+        # verbose governs printing only: the policy's warnings stay warnings. A fresh
+        # tensor: editing it in place must not touch what the backward saved.
+        (z,) = settle([z.clone()], status, on_failure, strict)
         return (z, result) if return_info else z
 
     return qp_function

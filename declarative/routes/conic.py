@@ -30,11 +30,15 @@ class ConicRoute(Route):
         add_arrays(arrays, meta, {"c": cone.c_map, "A": cone.A_map, "b": cone.b_map},
                    {"indices": (cone.indices, np.int64), "indptr": (cone.indptr, np.int64)})
 
-    def __init__(self, tensors, meta):
-        from ..backends import conic
+    @property
+    def backend(self):
+        from ..backends import conic  # here, not at import: see the module docstring
 
+        return conic
+
+    def __init__(self, tensors, meta):
         super().__init__(tensors, meta)
-        self.backend = conic
+        conic = self.backend
         self.c, self.A, self.b = self.map("c"), self.map("A"), self.map("b")
         self.structure = conic.ConeStructure(
             meta["n"], meta["m"], dict(meta["cone_dict"]),
