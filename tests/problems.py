@@ -61,6 +61,33 @@ def _qp_duals():
     return prob, [A, b], [x, box.dual_variables[0]]
 
 
+def _lasso():
+    # CVXPY's QP form: t = A x − b for sum_squares, x = u − v style splits for norm1;
+    # the route substitutes the defined variables away (`canon.presolve`).
+    A, b, x = cp.Parameter((8, 4), name="A"), cp.Parameter(8, name="b"), cp.Variable(4)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + 0.3 * cp.norm1(x)))
+    return prob, [A, b], [x]
+
+
+def _relu():
+    # A projection onto x ≥ 0: after the substitution a box QP, solved in closed form.
+    y, x = cp.Parameter(5, name="y"), cp.Variable(5)
+    return cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= 0]), [y], [x]
+
+
+def _mpc():
+    # A dynamics chain: every state is defined by an equality (a pivot row), and the
+    # dynamics' duals are read back from stationarity on the eliminated states.
+    F = np.array([[1.0, 0.1], [0.0, 1.0]])
+    G = np.array([[0.0], [0.1]])
+    T, x0 = 5, cp.Parameter(2, name="x0")
+    X, U = cp.Variable((2, T + 1)), cp.Variable((1, T))
+    dynamics = [X[:, t + 1] == F @ X[:, t] + G @ U[:, t] for t in range(T)]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X) + 0.1 * cp.sum_squares(U)),
+                      [X[:, 0] == x0, cp.abs(U) <= 0.5, *dynamics])
+    return prob, [x0], [U, dynamics[0].dual_variables[0]]
+
+
 def _socp():
     F, g, x = cp.Parameter((4, 3), name="F"), cp.Parameter(4, name="g"), cp.Variable(3)
     prob = cp.Problem(cp.Minimize(cp.norm(F @ x - g, 2) + 0.1 * cp.sum_squares(x)),
@@ -97,6 +124,15 @@ CASES = [
     Case("qp-with-duals", "qp", _qp_duals,
          lambda rng, B: [rng.standard_normal((B, 6, 3)), 2.0 * rng.standard_normal((B, 6))],
          warm=True),
+    Case("lasso", "qp", _lasso,
+         lambda rng, B: [rng.standard_normal((B, 8, 4)), rng.standard_normal((B, 8))],
+         warm=True),
+    # Values keep entries away from 0, where the projection has a kink.
+    Case("relu-projection", "qp", _relu,
+         lambda rng, B: [np.sign(v) * (0.2 + np.abs(v)) for v in
+                         [rng.standard_normal((B, 5))]]),
+    # x0 large enough that the input bound is active on the first steps.
+    Case("mpc", "qp", _mpc, lambda rng, B: [3.0 * rng.standard_normal((B, 2))], warm=True),
     Case("socp", "conic", _socp,
          lambda rng, B: [rng.standard_normal((B, 4, 3)), rng.standard_normal((B, 4))],
          kwargs={"solver_args": SCS_TIGHT}, tol=1e-6),

@@ -105,7 +105,11 @@ def test_a_solver_object_is_refused_with_the_names_we_take():
 
 
 def test_warm_starts_are_per_thread_and_only_where_asked():
-    layer = _projection("qp")
+    # A projection onto {x ≥ 0, Σx ≤ 1}: solved by the interior point (a box alone is
+    # solved in closed form and leaves nothing to start from).
+    x, y = cp.Variable(3), cp.Parameter(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= 0, cp.sum(x) <= 1])
+    layer = CvxpyLayer(prob, [y], [x], backend="qp")
     y = as_tensor([[0.5, -1.0, 2.0]])
     layer(y)
     assert getattr(layer._warm, "state", None) is None  # no warm start asked: no state
