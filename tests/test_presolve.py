@@ -19,7 +19,7 @@ from declarative.canon import presolve
 from helpers import as_tensor, reference_solve
 
 from declarative import CvxpyLayer, Status
-from declarative.routes.qp import box_solve
+from declarative.routes.presolved import box_solve
 
 DT = torch.float64
 
