@@ -117,8 +117,10 @@ class Cones:
         return v.index_select(1, self.soc_head)
 
     def soc_det(self, u):
+        """u₀² − ‖u₁‖² as (u₀ − ‖u₁‖)(u₀ + ‖u₁‖): one cancellation instead of two."""
         u0 = self.head(u)
-        return 2 * u0 * u0 - self.seg_sum(u * u)
+        tail = (self.seg_sum(u * u) - u0 * u0).clamp_min(0).sqrt()
+        return (u0 - tail) * (u0 + tail)
 
     def soc_min_eig(self, u):
         """u₀ − ‖u₁‖: the smaller of the two spectral values."""

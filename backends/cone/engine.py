@@ -22,7 +22,7 @@ import torch
 from ..status import Status
 from . import ipm
 from .cones import Cones, ConeSpec
-from .kkt import NormalKKT
+from .limit import LimitSystem, project_dual
 from .metric import Metric
 from .scaling import Equilibration, equilibrate
 from .settings import ConeSettings
@@ -51,7 +51,7 @@ class ConeResult:
     scaled: tuple  # (Â, b̂, ĉ, x̂, ŷ, ŝ) for the backward
     equil: Equilibration
     cones: Cones
-    kkt: NormalKKT | None  # K at the solution (None without a backward)
+    kkt: LimitSystem | None  # the backward's system (None without a backward)
 
     @property
     def status(self) -> list[Status]:
@@ -81,6 +81,8 @@ def run(A, b, c, spec: ConeSpec, settings: ConeSettings, input_dtype, factor: bo
     if warm_s is not None:
         _retry_cold(it, As, bs, cs, cones, settings, eps)
     xs, ys, ss = _points(it, bs, cs, cones)
+    if settings.polish_steps and not cones.ne:
+        xs, ys, ss = _polish(As, bs, cs, xs, ys, ss, it, cones, settings, eps)
     kkt = _backward_system(As, xs, ys, ss, it.codes, cones, settings) if factor else None
     x, y, s = equil.solution(xs, ys, ss)
     x, y, s = _certificates(it.codes, x, y, s, b, c)
@@ -101,6 +103,45 @@ def _points(it: ipm.Iterates, b, c, cones: Cones):
     return x, z, s
 
 
+def _polish(A, b, c, x, y, s, it: ipm.Iterates, cones: Cones, settings: ConeSettings,
+            eps: float):
+    """Newton's method on the normal map from the interior point's solution.
+
+    With v = y − s, y = Π_K*(v) and s = y − v = Π_K(−v) (Moreau), the optimality
+    conditions are F(x, v) = [Aᵀy + c; Ax + s − b] = 0, and F's Jacobian is the
+    backward's J₂ (`limit`). Its Newton steps converge quadratically from the
+    interior point's point, and the result has s ∈ K, y ∈ K*, sᵀy = 0 exactly: the
+    interior point's sᵀz = ε leaves a second-order cone's s₁ and −z₁ an angle of
+    order √ε apart (x with them), which no stopping test on residuals and gap
+    removes. Each sample keeps the polished point only where its residuals do not
+    get worse (nor beyond eps) than the interior point's."""
+    solved = torch.isin(it.codes, torch.tensor((ipm.OPTIMAL, ipm.INACCURATE),
+                                               device=it.codes.device))
+    if not bool(solved.any()):
+        return x, y, s
+    v, xp = y - s, x
+    one = torch.ones_like(it.tau)
+    for _ in range(settings.polish_steps):
+        yp = project_dual(cones, v)
+        sp = yp - v
+        r = ipm.residuals(A, b, c, xp, yp, sp, one, torch.zeros_like(one))
+        F1 = r["rx"]
+        F2 = r["rz"]
+        system = LimitSystem(A, cones, yp, sp, settings.static_reg,
+                             settings.regularization_tries)
+        dx, dv = system.solve(-F1.unsqueeze(-1), -F2.unsqueeze(-1), settings.refine_steps)
+        xp, v = xp + dx.squeeze(-1), v + dv.squeeze(-1)
+    yp = project_dual(cones, v)
+    sp = yp - v
+    res = ipm.residuals(A, b, c, xp, yp, sp, one, torch.zeros_like(one))["res"].amax(-1)
+    limit = torch.maximum(it.residuals.amax(-1), torch.full_like(res, eps))
+    ok = (solved & (res <= limit)).unsqueeze(-1)
+    it.codes = torch.where(ok.squeeze(-1), ipm.OPTIMAL, it.codes)
+    it.residuals = torch.where(ok, ipm.residuals(A, b, c, xp, yp, sp, one,
+                                                 torch.zeros_like(one))["res"], it.residuals)
+    return torch.where(ok, xp, x), torch.where(ok, yp, y), torch.where(ok, sp, s)
+
+
 def _certificates(codes, x, y, s, b, c):
     """Normalize the rays (bᵀy = −1, cᵀx = −1) and blank what a status does not return."""
     nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
@@ -115,16 +156,17 @@ def _certificates(codes, x, y, s, b, c):
     return x, y, s
 
 
-def _backward_system(A, x, y, s, codes, cones: Cones, settings: ConeSettings) -> NormalKKT:
-    """K = [[0, Aᵀ], [A, −H]] at each solution (H from its s, y), factored once: the
-    backward's system. Samples without a point get the unit scaling (their
-    gradient is zero)."""
+def _backward_system(A, x, y, s, codes, cones: Cones, settings: ConeSettings) -> LimitSystem:
+    """The linearized optimality conditions at each solution (`limit`), their
+    preconditioner factored once: the backward's system. Samples without a point
+    get the unit point (their gradient is zero)."""
     solved = torch.isin(codes, torch.tensor(SOLVED, device=codes.device)).unsqueeze(-1)
     e = cones.unit(s)
     s_b = torch.where(solved, s, e)
     y_b = torch.where(solved, y, e)
-    metric = Metric(cones, s_b, y_b, settings.static_reg)
-    return NormalKKT(A, metric, settings.static_reg, settings.regularization_tries)
+    exp_metric = Metric(cones, s_b, y_b, settings.static_reg).exp if cones.ne else None
+    return LimitSystem(A, cones, y_b, s_b, settings.static_reg, settings.regularization_tries,
+                       exp_metric)
 
 
 def _retry_cold(it: ipm.Iterates, A, b, c, cones, settings, eps) -> None:

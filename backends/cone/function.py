@@ -35,7 +35,6 @@ from ..guard import guard_second_order
 from ..status import Box
 from . import engine
 from .cones import ConeSpec
-from .kkt import rmv
 from .settings import ConeSettings
 
 
@@ -81,10 +80,10 @@ def adjoint(result: engine.ConeResult, settings: ConeSettings, gx, gy, gs, needs
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     gx, gy, gs = (torch.where(ok, g, zero) for g in eq.cotangent(gx, gy, gs))
     gs = torch.cat([torch.zeros_like(gs[:, :result.cones.l0]), gs[:, result.cones.l0:]], 1)
-    r1 = gx - rmv(A, gs.unsqueeze(-1)).squeeze(-1)
-    w1, u = result.kkt.solve(r1.unsqueeze(-1), gy.unsqueeze(-1), settings.refine_steps)
+    w1, w2 = result.kkt.adjoint(gx.unsqueeze(-1), gy.unsqueeze(-1), gs.unsqueeze(-1),
+                                settings.refine_steps)
     ax = torch.where(ok, w1.squeeze(-1), zero)
-    ay = torch.where(ok, gs + u.squeeze(-1), zero)
+    ay = torch.where(ok, w2.squeeze(-1), zero)
     grads = [None, None, None]
     if needs[0]:
         y0, x0 = torch.where(ok, y, zero), torch.where(ok, x, zero)

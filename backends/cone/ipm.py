@@ -148,7 +148,11 @@ def classify(worst, converged, best, stall, pinf, dinf, eps, settings, last, fai
         code = torch.where(code == RUNNING, MAX_ITER, code)
     code = torch.where(dinf & ~converged, UNBOUNDED, code)
     code = torch.where(pinf & ~converged, INFEASIBLE, code)
-    code = torch.where(~torch.isfinite(worst) | failed, NUMERICAL, code)
+    # Rounding ends a solve near its accuracy floor (a cone's det lost to cancellation,
+    # a factorization that fails): within √eps that is optimal_inaccurate, at the
+    # best iterate; elsewhere a numerical error.
+    broken = ~torch.isfinite(worst) | failed
+    code = torch.where(broken, torch.where(best <= eps ** 0.5, INACCURATE, NUMERICAL), code)
     return torch.where(converged, OPTIMAL, code)
 
 
@@ -245,6 +249,7 @@ class _Tracker:
         self.residuals = torch.full((B, 3), float("nan"), dtype=dtype, device=device)
         self.best = torch.full((B,), float("inf"), dtype=dtype, device=device)
         self.stalled = torch.zeros(B, dtype=torch.long, device=device)
+        self.best_res = self.residuals.clone()
         self.best_state = list(state)
 
     def record(self, active, it, res, state):
@@ -254,8 +259,9 @@ class _Tracker:
             sel = active[better]
             self.best_state = [t.index_copy(0, sel, v[better])
                                for t, v in zip(self.best_state, state)]
+            self.best_res[sel] = res[better]
         improved = worst < 0.9 * self.best[active]
-        self.best[active] = torch.minimum(worst, self.best[active])
+        self.best[active] = torch.fmin(worst, self.best[active])  # NaN-blind
         stall = torch.where(improved, torch.zeros_like(active), self.stalled[active] + 1)
         self.stalled[active] = stall
         self.iterations[active] = it
@@ -307,8 +313,9 @@ def _retire(track: _Tracker, state: list, active, code, done, converged, worst) 
     sel = done.nonzero().squeeze(-1)
     track.codes[active[sel]] = code[sel]
     revert = done & ~converged & (code != INFEASIBLE) & (code != UNBOUNDED) & (
-        track.best[active] < worst)
+        (track.best[active] < worst) | ~torch.isfinite(worst))
     if bool(revert.any()):
         back = active[revert]
         for i, t in enumerate(state):
             state[i] = t.index_copy(0, back, track.best_state[i][back])
+        track.residuals[back] = track.best_res[back]

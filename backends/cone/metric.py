@@ -75,7 +75,7 @@ class Metric:
         v = torch.where(head, w + 1, w)
         jv = torch.where(head, v, -v)
         mask = c.soc_block_mask.to(s.dtype)
-        mj = torch.where(head, -1.0, 1.0)  # −J
+        mj = 1.0 - 2.0 * head.to(s.dtype)  # −J
         eta_r, w0_r = c.spread(eta), c.spread(w0)
         a = v * (eta_r / (1 + w0_r)).sqrt()
         ai = jv * (1 / (eta_r * (1 + w0_r))).sqrt()

@@ -36,6 +36,9 @@ class ConeSettings:
     # Stop a sample after this many iterations without a 10% improvement of its
     # worst residual; within √eps it is optimal_inaccurate, else it runs on.
     not_improved_lim: int = 8
+    # Newton steps on the normal map after the interior point (`engine._polish`):
+    # exact complementarity, so x to the arithmetic's accuracy (0: no polish).
+    polish_steps: int = 2
     # Ruiz sweeps of the equilibration (`scaling`).
     ruiz_sweeps: int = 10
     # The dtype the solver computes in (None: float64 whatever the input).

@@ -1,0 +1,181 @@
+"""The backward's system: the optimality conditions linearized at the solution.
+
+At a solution (x, y, s) the conditions Aᵀy + c = 0, Ax + s = b and the cone
+complementarity s = Π_K(−v), y = Π_K*(v) with v = y − s (Moreau) linearize to
+
+    E1  Aᵀdy = p₁,    E2  A dx + ds = p₂,    E3  (I − D) dy + D ds = 0,
+
+with D = DΠ_K*(v), the derivative of the projection (symmetric, 0 ⪯ D ⪯ I;
+cf. Agrawal et al. 2019, "Differentiating through a cone program"; Ali et al.
+2017 for the second-order cone's). Per block, from (y, s):
+
+    zero cone        D = 1 (s = 0, y free)
+    orthant row      D = 1 if y > s (active), 0 if s > y (inactive)
+    second-order     v = (t, u): D = I if ‖u‖ ≤ t, 0 if ‖u‖ ≤ −t, else eigenvalues
+                     1 on (1, û), 0 on (1, −û), ½(1 + t/‖u‖) on {(0, p): p ⊥ û}
+    exponential      D = (I + H)⁻¹ with the interior point's final H (`exp`)
+
+This is the limit of the interior point's Newton system ((I + H)⁻¹ → D as
+μ → 0 on the central path) without its O(μ) error and without its off-path
+error: the NT scaling's middle eigenvalue η² equals s₀/y₀ only on the central
+path, and it is the cone's curvature term. At a degenerate point (a weakly
+active row, v = 0) the rule picks one element of the generalized derivative
+(the B-subdifferential's), so the gradient stays finite.
+
+Solve. The adjoint system Jᵀw = ḡ is solved by iterative refinement,
+preconditioned by the same system with D's eigenvalues clipped to [δ, 1 − δ]:
+there D = (I + H_δ)⁻¹ with H_δ finite and positive definite, and its adjoint
+reduces to K_δ = [[0, Aᵀ], [A, −H_δ]] (`kkt`, normal equations, Cholesky):
+
+    K_δ [w₁; u] = [ḡ_x − Aᵀḡ_s; ḡ_y],   w₂ = ḡ_s + u,   w₃ = ḡ_y − A w₁ − u.
+
+The gradients are ∇c = −w₁, ∇b = w₂, ∇A = −(y w₁ᵀ + w₂ xᵀ) (`function`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cones import Cones
+from .kkt import NormalKKT, mv, rmv
+
+
+class LimitMetric:
+    """H_δ of the clipped limit system in `metric.Metric`'s interface (R, with
+    H_δ⁻¹ = RᵀR), plus D itself for the refinement's residuals."""
+
+    def __init__(self, cones: Cones, y, s, delta: float, exp_metric=None):
+        self.cones = cones
+        q0, B = cones.q0, y.shape[0]
+        d_lp = (cones.lp(y) > cones.lp(s)).to(y.dtype)
+        self.d_diag = torch.cat([torch.ones_like(y[:, :cones.l0]), d_lp], 1)
+        clipped = self.d_diag.clamp(delta, 1 - delta)
+        self.r_diag = (clipped / (1 - clipped)).sqrt()
+        self.v_diag = 1 / (1 - clipped)
+        self.k = cones.m - q0
+        if self.k:
+            self.D = y.new_zeros(B, self.k, self.k)
+            self.R = y.new_zeros(B, self.k, self.k)
+            self.V = y.new_zeros(B, self.k, self.k)
+            if cones.nq:
+                self._soc(cones.soc(y), cones.soc(s), delta)
+            if cones.ne:
+                e = cones.e0 - q0
+                exp_metric.place_limit(self.D[:, e:, e:], self.R[:, e:, e:], self.V[:, e:, e:])
+
+    def _soc(self, y, s, delta):
+        c = self.cones
+        v = y - s
+        t = c.head(v)
+        norm_u = (c.seg_sum(v * v) - t * t).clamp_min(0).sqrt()
+        inside, polar = norm_u <= t, norm_u <= -t
+        mid = 0.5 * (1 + t / norm_u.clamp_min(1e-300))
+        d_plus = (~polar).to(y.dtype)
+        d_minus = inside.to(y.dtype)
+        d_mid = torch.where(inside, 1.0, torch.where(polar, 0.0, mid))
+        uhat = torch.where(c.soc_head_mask, 0.0, v) / c.spread(norm_u.clamp_min(1e-300))
+        head = c.soc_head_mask.to(y.dtype) * 2 ** -0.5
+        e_plus, e_minus = head + uhat * 2 ** -0.5, head - uhat * 2 ** -0.5
+        mask = c.soc_block_mask.to(y.dtype)
+        q = y.shape[1]
+
+        def assemble(f):
+            """Σ f(d) q qᵀ over the eigen-pairs, as a dense block-diagonal matrix."""
+            fp, fm, fd = (c.spread(f(d)) for d in (d_plus, d_minus, d_mid))
+            pp = e_plus.unsqueeze(-1) * e_plus.unsqueeze(-2)
+            mm = e_minus.unsqueeze(-1) * e_minus.unsqueeze(-2)
+            eye = torch.diag_embed(fd)
+            return eye + mask * ((fp - fd).unsqueeze(-1) * pp + (fm - fd).unsqueeze(-1) * mm)
+
+        self.D[:, :q, :q] = assemble(lambda d: d)
+        self.R[:, :q, :q] = assemble(
+            lambda d: (d.clamp(delta, 1 - delta) / (1 - d.clamp(delta, 1 - delta))).sqrt())
+        self.V[:, :q, :q] = assemble(lambda d: 1 / (1 - d.clamp(delta, 1 - delta)))
+
+    def _apply(self, diag, M, v):
+        q0 = self.cones.q0
+        out = v[:, :q0] * diag.unsqueeze(-1)
+        return torch.cat([out, torch.bmm(M, v[:, q0:])], 1) if self.k else out
+
+    def wi(self, v, transpose: bool = False):
+        return self._apply(self.r_diag, self.R.mT if (transpose and self.k) else
+                           (self.R if self.k else None), v)
+
+    def wi_rows(self, M):
+        q0 = self.cones.q0
+        top = M[..., :q0, :] * self.r_diag.unsqueeze(-1)
+        if not self.k:
+            return top
+        return torch.cat([top, torch.matmul(self.R, M[..., q0:, :])], 1)
+
+    def d(self, v):
+        """D v (B, m, r)."""
+        return self._apply(self.d_diag, self.D if self.k else None, v)
+
+    def vinv(self, v):
+        """(I − D_δ)⁻¹ v: dv from the preconditioner's (Ax − r₂) (see `LimitSystem.solve`)."""
+        return self._apply(self.v_diag, self.V if self.k else None, v)
+
+
+class LimitSystem:
+    """J at the solution with its clipped preconditioner factored once."""
+
+    def __init__(self, A, cones: Cones, y, s, static_reg: float, tries: int, exp_metric=None):
+        self.A = A
+        self.metric = LimitMetric(cones, y, s, static_reg, exp_metric)
+        self.kkt = NormalKKT(A, self.metric, static_reg, tries)
+
+    def _precondition(self, gx, gy, gs):
+        A = self.A
+        w1, u = self.kkt.solve_regularized(gx - rmv(A, gs), gy)
+        return w1, gs + u, gy - mv(A, w1) - u
+
+    def adjoint(self, gx, gy, gs, steps: int):
+        """(w₁, w₂) of Jᵀw = ḡ (see the module doc); ḡ (B, n, r), (B, m, r), (B, m, r)."""
+        A, d = self.A, self.metric.d
+        w1, w2, w3 = self._precondition(gx, gy, gs)
+        for _ in range(steps):
+            dw3 = d(w3)
+            rx = gx - rmv(A, w2)
+            ry = gy - mv(A, w1) - (w3 - dw3)
+            rs = gs - w2 - dw3
+            e1, e2, e3 = self._precondition(rx, ry, rs)
+            w1, w2, w3 = w1 + e1, w2 + e2, w3 + e3
+        return w1, w2
+
+    def solve(self, r1, r2, steps: int):
+        """[dx; dv] with J₂ [dx; dv] = [r₁; r₂], J₂ = [[0, AᵀD], [A, D − I]] (the
+        normal map's Jacobian in v = y − s; dy = D dv, ds = (D − I) dv), refined.
+
+        The preconditioner's dv = D_δ⁻¹ dy is formed as (I − D_δ)⁻¹(A dx − r₂): the
+        same vector without dividing by D_δ's tiny eigenvalues after multiplying by
+        H_δ⁻¹'s huge ones (which would mix the eigen-directions' rounding)."""
+        A, d, metric = self.A, self.metric.d, self.metric
+
+        def precondition(p1, p2):
+            dx, _ = self.kkt.solve_regularized(p1, p2)
+            return dx, metric.vinv(mv(A, dx) - p2)
+
+        dx, dv = precondition(r1, r2)
+        for _ in range(steps):
+            ddv = d(dv)
+            e1, e2 = precondition(r1 - rmv(A, ddv), r2 - mv(A, dx) - ddv + dv)
+            dx, dv = dx + e1, dv + e2
+        return dx, dv
+
+
+def project_dual(cones: Cones, v):
+    """Π_K*(v): free on the zero cone, max(v, 0) on the orthant, the second-order
+    cone's projection ((t + ‖u‖)/2 · (1, u/‖u‖) on the boundary case). Exponential
+    rows are returned as they are (no closed form; they are not polished)."""
+    lp = cones.lp(v).clamp_min(0)
+    soc = cones.soc(v)
+    if cones.nq:
+        t = cones.head(soc)
+        norm_u = (cones.seg_sum(soc * soc) - t * t).clamp_min(0).sqrt()
+        inside, polar = norm_u <= t, norm_u <= -t
+        scale = torch.where(inside, 1.0, torch.where(polar, 0.0, (t + norm_u) / (
+            2 * norm_u.clamp_min(1e-300))))
+        head = torch.where(inside, t, torch.where(polar, 0.0, (t + norm_u) / 2))
+        soc = torch.where(cones.soc_head_mask, cones.spread(head), soc * cones.spread(scale))
+    return cones.join(v[:, :cones.l0], lp, soc, cones.exp(v))
