@@ -39,6 +39,13 @@ import torch
 from .cones import Cones
 from .kkt import NormalKKT, mv, rmv
 
+# The refined adjoint is accepted where its residual is at most this (relative);
+# elsewhere J is singular with an inconsistent right-hand side.
+REFINED = 1e-9
+# Singular values below this (relative to the largest) count as zero in the
+# fallback's pseudo-inverse.
+PINV_RTOL = 1e-10
+
 
 class LimitMetric:
     """H_δ of the clipped limit system in `metric.Metric`'s interface (R, with
@@ -130,17 +137,50 @@ class LimitSystem:
         w1, u = self.kkt.solve_regularized(gx - rmv(A, gs), gy)
         return w1, gs + u, gy - mv(A, w1) - u
 
+    def _residual(self, w, g):
+        A, (w1, w2, w3), (gx, gy, gs) = self.A, w, g
+        dw3 = self.metric.d(w3)
+        return gx - rmv(A, w2), gy - mv(A, w1) - (w3 - dw3), gs - w2 - dw3
+
     def adjoint(self, gx, gy, gs, steps: int):
-        """(w₁, w₂) of Jᵀw = ḡ (see the module doc); ḡ (B, n, r), (B, m, r), (B, m, r)."""
-        A, d = self.A, self.metric.d
-        w1, w2, w3 = self._precondition(gx, gy, gs)
+        """(w₁, w₂) of Jᵀw = ḡ (see the module doc); ḡ (B, n, r), (B, m, r), (B, m, r).
+
+        Where J is singular (a variable the solution leaves undetermined, such as an
+        auxiliary t of ‖x‖ ≤ t ≤ 1 with both sides inactive) and ḡ asks for its
+        derivative, the refinement does not converge; those samples get the
+        minimum-norm least-squares solution from a dense pseudo-inverse (`_lstsq`)."""
+        g = (gx, gy, gs)
+        w = self._precondition(*g)
         for _ in range(steps):
-            dw3 = d(w3)
-            rx = gx - rmv(A, w2)
-            ry = gy - mv(A, w1) - (w3 - dw3)
-            rs = gs - w2 - dw3
-            e1, e2, e3 = self._precondition(rx, ry, rs)
-            w1, w2, w3 = w1 + e1, w2 + e2, w3 + e3
+            e = self._precondition(*self._residual(w, g))
+            w = tuple(a + b for a, b in zip(w, e))
+        res = torch.stack([t.abs().amax((1, 2)) for t in self._residual(w, g)]).amax(0)
+        size = torch.stack([t.abs().amax((1, 2)) for t in g]).amax(0)
+        bad = ~(res <= REFINED * (1 + size))
+        if bool(bad.any()):
+            w1, w2 = self._lstsq(bad.nonzero().flatten(), g)
+            keep = bad.view(-1, 1, 1)
+            return torch.where(keep, w1, w[0]), torch.where(keep, w2, w[1])
+        return w[0], w[1]
+
+    def _lstsq(self, idx, g):
+        """Minimum-norm least squares of J₂ᵀ[w₁; w₂] = [ḡ_x; Dḡ_y + (D − I)ḡ_s] for the
+        samples ``idx`` (J₂ = [[0, AᵀD], [A, D − I]], dense), scattered into full
+        (B, n, r), (B, m, r) tensors."""
+        gx, gy, gs = g
+        B, n, r = gx.shape
+        m = gy.shape[1]
+        A = self.A if self.A.dim() == 3 else self.A.expand(B, -1, -1)
+        eye = torch.eye(m, dtype=gx.dtype, device=gx.device).expand(B, m, m)
+        D = self.metric.d(eye.contiguous())[idx]
+        Ai = A[idx]
+        top = torch.cat([torch.zeros_like(Ai.mT[..., :n]), Ai.mT @ D], -1)
+        bottom = torch.cat([Ai, D - eye[idx]], -1)
+        J = torch.cat([top, bottom], -2)
+        rhs = torch.cat([gx[idx], self.metric.d(gy)[idx] + self.metric.d(gs)[idx] - gs[idx]], 1)
+        sol = torch.linalg.pinv(J.mT, rtol=PINV_RTOL) @ rhs
+        w1 = gx.new_zeros(B, n, r).index_copy(0, idx, sol[:, :n])
+        w2 = gx.new_zeros(B, m, r).index_copy(0, idx, sol[:, n:])
         return w1, w2
 
     def solve(self, r1, r2, steps: int):
