@@ -86,6 +86,7 @@ class Cones:
         self.soc_block_mask = (self.soc_id.unsqueeze(0) == self.soc_id.unsqueeze(1)).to(
             torch.float64)
         self.degree = spec.degree
+        self._units = {}
 
     # ---- row blocks ---------------------------------------------------------
     def lp(self, v):
@@ -131,7 +132,14 @@ class Cones:
     # ---- vectors of the whole cone --------------------------------------------
     def unit(self, like):
         """e: ones on the orthant, (1, 0, …) on each second-order cone, the exponential
-        cone's central point; zero on the zero cone's rows."""
+        cone's central point; zero on the zero cone's rows. (B, m), read-only."""
+        key = (like.shape, like.dtype, like.device)
+        cached = self._units.get(key)
+        if cached is None:
+            cached = self._units[key] = self._unit(like)
+        return cached
+
+    def _unit(self, like):
         e = torch.zeros_like(like)
         e[:, self.l0:self.q0] = 1.0
         if self.nq:
@@ -185,24 +193,23 @@ class Cones:
         return big
 
     def _soc_step(self, u, du):
-        """Smallest positive root of det(u + α du) (a quadratic), per cone; from the
-        interior a path leaves K (or reaches −K) only through det = 0."""
-        a = self.soc_det(du)
-        b = 2 * (2 * self.head(u) * self.head(du) - self.seg_sum(u * du))
+        """The smallest positive root of det(u + α du) = aα² + bα + c (c = det u > 0),
+        per cone: from the interior a path leaves K (or reaches −K) only through
+        det = 0. Written as 2c/(−b + √(b² − 4ac)), which has no cancellation where it
+        matters (the other root is farther or negative)."""
+        pair = torch.stack([u, du], 1)  # (B, 2, q)
+        sums = self.seg_sum((pair.unsqueeze(2) * pair.unsqueeze(1)).flatten(1, 2).mT)
+        heads = pair.index_select(2, self.soc_head)  # (B, 2, nq)
+        h_u, h_d = heads[:, 0], heads[:, 1]
+        s_uu, s_ud, s_dd = sums[..., 0], sums[..., 1], sums[..., 3]
+        a = 2 * h_d * h_d - s_dd
+        b = 2 * (2 * h_u * h_d - s_ud)
         c = self.soc_det(u).clamp_min(0)
-        disc = b * b - 4 * a * c
-        root = disc.clamp_min(0).sqrt()
-        q = -0.5 * (b + torch.where(b >= 0, root, -root))
-        inf = torch.full_like(a, 1e30)
-        r1 = torch.where(a != 0, q / torch.where(a != 0, a, 1.0), inf)
-        r2 = torch.where(q != 0, c / torch.where(q != 0, q, 1.0), inf)
-        r1 = torch.where((r1 > 0) & (disc >= 0), r1, inf)
-        r2 = torch.where((r2 > 0) & (disc >= 0), r2, inf)
-        alpha = torch.minimum(r1, r2)
-        # The head must stay positive as well (guards rounding at a tiny det).
-        h, dh = self.head(u), self.head(du)
-        alpha = torch.minimum(alpha, torch.where(dh < 0, -h / torch.where(dh < 0, dh, -1.0),
-                                                 inf))
+        del s_uu
+        root = (b * b - 4 * a * c).clamp_min(0).sqrt()
+        den = root - b
+        ok = (b * b - 4 * a * c >= 0) & (den > 0)
+        alpha = torch.where(ok, 2 * c / torch.where(ok, den, 1.0), 1e30)
         return alpha.amin(-1)
 
     # ---- Jordan algebra (symmetric cones: orthant and second-order) ----------

@@ -129,7 +129,8 @@ def _polish(A, b, c, x, y, s, it: ipm.Iterates, cones: Cones, settings: ConeSett
         F2 = r["rz"]
         system = LimitSystem(A, cones, yp, sp, settings.static_reg,
                              settings.regularization_tries)
-        dx, dv = system.solve(-F1.unsqueeze(-1), -F2.unsqueeze(-1), settings.refine_steps)
+        dx, dv = system.solve(-F1.unsqueeze(-1), -F2.unsqueeze(-1),
+                              settings.limit_refine_steps)
         xp, v = xp + dx.squeeze(-1), v + dv.squeeze(-1)
     yp = project_dual(cones, v)
     sp = yp - v

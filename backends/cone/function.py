@@ -81,7 +81,7 @@ def adjoint(result: engine.ConeResult, settings: ConeSettings, gx, gy, gs, needs
     gx, gy, gs = (torch.where(ok, g, zero) for g in eq.cotangent(gx, gy, gs))
     gs = torch.cat([torch.zeros_like(gs[:, :result.cones.l0]), gs[:, result.cones.l0:]], 1)
     w1, w2 = result.kkt.adjoint(gx.unsqueeze(-1), gy.unsqueeze(-1), gs.unsqueeze(-1),
-                                settings.refine_steps)
+                                settings.limit_refine_steps)
     ax = torch.where(ok, w1.squeeze(-1), zero)
     ay = torch.where(ok, w2.squeeze(-1), zero)
     grads = [None, None, None]

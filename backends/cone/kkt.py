@@ -50,24 +50,24 @@ class NormalKKT:
         R = metric.wi_rows(A)
         self.R = R
         N = R.mT @ R
-        B, n = N.shape[0], N.shape[-1]
-        eye = torch.eye(n, dtype=N.dtype, device=N.device)
-        reg = torch.full((B,), static_reg, dtype=N.dtype, device=N.device)
+        B = N.shape[0]
         # δ absolute (the equilibrated problem has unit-sized data), then ×100 per
         # failed try: a product of huge and tiny weights can lose definiteness to
         # rounding near the end of a solve.
-        scale = torch.ones_like(reg)
-        L, info = torch.linalg.cholesky_ex(N + (reg * scale).view(B, 1, 1) * eye)
+        reg = torch.full((B,), static_reg, dtype=N.dtype, device=N.device)
+        diag = N.diagonal(dim1=-2, dim2=-1)
+        diag += static_reg
+        L, info = torch.linalg.cholesky_ex(N)
         for _ in range(tries):
             bad = info != 0
             if not bool(bad.any()):
                 break
+            diag[bad] += (99 * reg[bad]).unsqueeze(-1)
             reg = torch.where(bad, reg * 100, reg)
-            L2, info2 = torch.linalg.cholesky_ex(N[bad] + (reg[bad] * scale[bad]).view(-1, 1, 1)
-                                                 * eye)
+            L2, info2 = torch.linalg.cholesky_ex(N[bad])
             L[bad], info[bad] = L2, info2
         self.L, self.failed = L, info != 0
-        self.delta = (reg * scale).view(B, 1, 1)
+        self.delta = reg.view(B, 1, 1)
 
     def solve_regularized(self, r1, r2):
         t = self.metric.wi(r2)

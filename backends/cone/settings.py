@@ -29,8 +29,12 @@ class ConeSettings:
     static_reg: float = 1e-8
     # A failed Cholesky is retried with the x-block shift multiplied by 100.
     regularization_tries: int = 6
-    # Iterative-refinement steps on each Newton solve (and the backward's).
-    refine_steps: int = 3
+    # Iterative-refinement steps on each interior-point Newton solve: one repairs the
+    # regularization; the final polish and the backward refine further
+    # (`limit_refine_steps`), so the iterates' steps need no more.
+    refine_steps: int = 1
+    # Refinement steps of the polish's and the backward's solves (the limit system).
+    limit_refine_steps: int = 4
     # Relative threshold of the infeasibility certificates (Farkas ray / recession ray).
     infeas_tol: float = 1e-8
     # Stop a sample after this many iterations without a 10% improvement of its
