@@ -45,7 +45,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
-
 from declarative.backends.cone import solve_cone  # noqa: E402
 from declarative.backends.cone.data import ProgramData  # noqa: E402
 from declarative.canon import compile_problem  # noqa: E402

@@ -19,7 +19,8 @@ import torch
 def _sparse(mat, dtype, device):
     coo = mat.tocoo()
     index = torch.tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
-    return torch.sparse_coo_tensor(index, torch.tensor(coo.data), coo.shape).coalesce().to(
+    return torch.sparse_coo_tensor(index, torch.tensor(coo.data), coo.shape,
+                                   check_invariants=False).coalesce().to(
         dtype=dtype, device=device)
 
 

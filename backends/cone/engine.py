@@ -22,8 +22,7 @@ import torch
 from ..status import Status
 from . import ipm
 from .cones import Cones, ConeSpec
-from .limit import LimitSystem, project_dual
-from .metric import Metric
+from .limit import LimitSystem, project_dual, start_rho
 from .scaling import Equilibration, equilibrate
 from .settings import ConeSettings
 
@@ -81,7 +80,7 @@ def run(A, b, c, spec: ConeSpec, settings: ConeSettings, input_dtype, factor: bo
     if warm_s is not None:
         _retry_cold(it, As, bs, cs, cones, settings, eps)
     xs, ys, ss = _points(it, bs, cs, cones)
-    if settings.polish_steps and not cones.ne:
+    if settings.polish_steps:
         xs, ys, ss = _polish(As, bs, cs, xs, ys, ss, it, cones, settings, eps)
     kkt = _backward_system(As, xs, ys, ss, it.codes, cones, settings) if factor else None
     x, y, s = equil.solution(xs, ys, ss)
@@ -121,8 +120,10 @@ def _polish(A, b, c, x, y, s, it: ipm.Iterates, cones: Cones, settings: ConeSett
         return x, y, s
     v, xp = y - s, x
     one = torch.ones_like(it.tau)
+    rho = start_rho(cones, s) if cones.ne else None
     for _ in range(settings.polish_steps):
-        yp = project_dual(cones, v)
+        yp, extra = project_dual(cones, v, rho)
+        rho = None if extra is None else extra[1]
         sp = yp - v
         r = ipm.residuals(A, b, c, xp, yp, sp, one, torch.zeros_like(one))
         F1 = r["rx"]
@@ -132,7 +133,7 @@ def _polish(A, b, c, x, y, s, it: ipm.Iterates, cones: Cones, settings: ConeSett
         dx, dv = system.solve(-F1.unsqueeze(-1), -F2.unsqueeze(-1),
                               settings.limit_refine_steps)
         xp, v = xp + dx.squeeze(-1), v + dv.squeeze(-1)
-    yp = project_dual(cones, v)
+    yp, _ = project_dual(cones, v, rho)
     sp = yp - v
     res = ipm.residuals(A, b, c, xp, yp, sp, one, torch.zeros_like(one))["res"].amax(-1)
     limit = torch.maximum(it.residuals.amax(-1), torch.full_like(res, eps))
@@ -165,9 +166,7 @@ def _backward_system(A, x, y, s, codes, cones: Cones, settings: ConeSettings) ->
     e = cones.unit(s)
     s_b = torch.where(solved, s, e)
     y_b = torch.where(solved, y, e)
-    exp_metric = Metric(cones, s_b, y_b, settings.static_reg).exp if cones.ne else None
-    return LimitSystem(A, cones, y_b, s_b, settings.static_reg, settings.regularization_tries,
-                       exp_metric)
+    return LimitSystem(A, cones, y_b, s_b, settings.static_reg, settings.regularization_tries)
 
 
 def _retry_cold(it: ipm.Iterates, A, b, c, cones, settings, eps) -> None:

@@ -85,6 +85,14 @@ def initial_point(A, b, c, cones: Cones, settings: ConeSettings, warm: dict | No
     z the least-norm solution of Aᵀz = −c; s, z shifted into the cone; τ = κ = 1."""
     B, m = b.shape
     e = cones.unit(b)
+    if cones.ne:
+        # Nonsymmetric cones have no shift into the interior that keeps a start
+        # centered: every cone starts at its central point, x at 0 (as Clarabel).
+        tau = torch.ones(B, dtype=b.dtype, device=b.device)
+        x, z, s = torch.zeros_like(c), e.clone(), e.clone()
+        if warm is not None:
+            x, z, s = _warm_point(cones, warm, (x, z, s))
+        return x, z, s, tau, torch.ones_like(tau)
     metric = Metric(cones, e, e, settings.static_reg)
     kkt = NormalKKT(A, metric, settings.static_reg, settings.regularization_tries)
     r1 = torch.stack([torch.zeros_like(c), -c], -1)

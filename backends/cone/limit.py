@@ -51,7 +51,7 @@ class LimitMetric:
     """H_δ of the clipped limit system in `metric.Metric`'s interface (R, with
     H_δ⁻¹ = RᵀR), plus D itself for the refinement's residuals."""
 
-    def __init__(self, cones: Cones, y, s, delta: float, exp_metric=None):
+    def __init__(self, cones: Cones, y, s, delta: float):
         self.cones = cones
         q0, B = cones.q0, y.shape[0]
         d_lp = (cones.lp(y) > cones.lp(s)).to(y.dtype)
@@ -67,8 +67,7 @@ class LimitMetric:
             if cones.nq:
                 self._soc(cones.soc(y), cones.soc(s), delta)
             if cones.ne:
-                e = cones.e0 - q0
-                exp_metric.place_limit(self.D[:, e:, e:], self.R[:, e:, e:], self.V[:, e:, e:])
+                self._exp(y, s, delta)
 
     def _soc(self, y, s, delta):
         c = self.cones
@@ -99,6 +98,25 @@ class LimitMetric:
             lambda d: (d.clamp(delta, 1 - delta) / (1 - d.clamp(delta, 1 - delta))).sqrt())
         self.V[:, :q, :q] = assemble(lambda d: 1 / (1 - d.clamp(delta, 1 - delta)))
 
+    def _exp(self, y, s, delta):
+        """D = I − DΠ_K(s − y) on each exponential cone (Moreau), from the projection's
+        derivative at v = y − s (`exp.project_primal`); R and V from its eigenpairs."""
+        from .exp import _block_diag_into, project_primal
+
+        c = self.cones
+        w = (c.exp(s) - c.exp(y)).reshape(s.shape[0], -1, 3)
+        _, DP, _ = project_primal(w, start_rho(c, s))
+        eye = torch.eye(3, dtype=s.dtype, device=s.device)
+        d, Q = torch.linalg.eigh(eye - DP)
+
+        def spectral(f):
+            return (Q * f(d.clamp(delta, 1 - delta)).unsqueeze(-2)) @ Q.mT
+
+        e = c.e0 - c.q0
+        _block_diag_into(self.D[:, e:, e:], (Q * d.clamp(0, 1).unsqueeze(-2)) @ Q.mT)
+        _block_diag_into(self.R[:, e:, e:], spectral(lambda x: (x / (1 - x)).sqrt()))
+        _block_diag_into(self.V[:, e:, e:], spectral(lambda x: 1 / (1 - x)))
+
     def _apply(self, diag, M, v):
         q0 = self.cones.q0
         out = v[:, :q0] * diag.unsqueeze(-1)
@@ -127,9 +145,9 @@ class LimitMetric:
 class LimitSystem:
     """J at the solution with its clipped preconditioner factored once."""
 
-    def __init__(self, A, cones: Cones, y, s, static_reg: float, tries: int, exp_metric=None):
+    def __init__(self, A, cones: Cones, y, s, static_reg: float, tries: int):
         self.A = A
-        self.metric = LimitMetric(cones, y, s, static_reg, exp_metric)
+        self.metric = LimitMetric(cones, y, s, static_reg)
         self.kkt = NormalKKT(A, self.metric, static_reg, tries)
 
     def _precondition(self, gx, gy, gs):
@@ -204,10 +222,17 @@ class LimitSystem:
         return dx, dv
 
 
-def project_dual(cones: Cones, v):
+def start_rho(cones: Cones, s):
+    """ρ = r/s of each exponential cone's slack: the projection's starting guess."""
+    s3 = cones.exp(s).reshape(s.shape[0], -1, 3)
+    return torch.where(s3[..., 1] > 0, s3[..., 0] / s3[..., 1].clamp_min(1e-300), 0.0)
+
+
+def project_dual(cones: Cones, v, rho=None):
     """Π_K*(v): free on the zero cone, max(v, 0) on the orthant, the second-order
-    cone's projection ((t + ‖u‖)/2 · (1, u/‖u‖) on the boundary case). Exponential
-    rows are returned as they are (no closed form; they are not polished)."""
+    cone's projection ((t + ‖u‖)/2 · (1, u/‖u‖) on the boundary case), and on the
+    exponential cones v + Π_K(−v) (Moreau; `exp.project_primal`, from ``rho``).
+    Returns (Π_K*(v), the exponential cones' (DΠ_K(−v), ρ) or None)."""
     lp = cones.lp(v).clamp_min(0)
     soc = cones.soc(v)
     if cones.nq:
@@ -218,4 +243,12 @@ def project_dual(cones: Cones, v):
             2 * norm_u.clamp_min(1e-300))))
         head = torch.where(inside, t, torch.where(polar, 0.0, (t + norm_u) / 2))
         soc = torch.where(cones.soc_head_mask, cones.spread(head), soc * cones.spread(scale))
-    return cones.join(v[:, :cones.l0], lp, soc, cones.exp(v))
+    exp, extra = cones.exp(v), None
+    if cones.ne:
+        from .exp import project_primal
+
+        w = -exp.reshape(v.shape[0], -1, 3)
+        P, DP, rho = project_primal(w, torch.zeros_like(w[..., 0]) if rho is None else rho)
+        exp = (P - w).reshape(v.shape[0], -1)
+        extra = (DP, rho)
+    return cones.join(v[:, :cones.l0], lp, soc, exp), extra
