@@ -32,7 +32,7 @@ import torch
 CENTRAL = (-1.051383945322714, 0.556409619469370, 1.258967884768947)
 # Backtracking of the step to the cones' boundary: factor and number of tries.
 BACKTRACK = 0.8
-BACKTRACK_TRIES = 60
+BACKTRACK_TRIES = 40
 # The primal–dual scaling is used only where these stay clear of zero (Clarabel's
 # guards, relative to the arithmetic): |μμ̃ − 1| > √ε and |z̃ᵀH*z̃ − 3μ̃²| > ε.
 SCALING_GUARD = (1.5e-8, 2.2e-16)
@@ -149,52 +149,23 @@ class ExpScaling:
                + _outer(ds, ds) / torch.where(use, dot_dsz, 1.0).unsqueeze(-1)
                + t.unsqueeze(-1) * _outer(axis, axis))
         self.H = torch.where(use.unsqueeze(-1), Hpd, mu.unsqueeze(-1) * H_dual)
-        # R = Λ^{-½}Qᵀ from H = QΛQᵀ (so RᵀR = H⁻¹): near a solution with s and z both
-        # on the boundary H has eigenvalues ~1/μ and ~μ, beyond Cholesky's reach in
-        # float64; the eigenvalues are floored relative to the largest.
-        lam, Q = torch.linalg.eigh(self.H)
-        lam = lam.clamp_min(EIG_FLOOR * lam[..., -1:].abs().clamp_min(1e-300))
-        self.eig = (lam, Q)
-        self.R = (Q * lam.rsqrt().unsqueeze(-2)).mT
-        self.H = (Q * lam.unsqueeze(-2)) @ Q.mT  # the H that R factors, floor included
-
-    def place(self, R_block, H_block):
-        """Write R and H block-diagonally into (B, 3ne, 3ne) views."""
-        _block_diag_into(R_block, self.R)
-        _block_diag_into(H_block, self.H)
-
-    def place_limit(self, D_block, R_block, V_block):
-        """The backward's blocks at a solution (`limit`): D = (I + H)⁻¹, R with
-        H⁻¹ = RᵀR, V = (I − D)⁻¹ = I + H⁻¹, all from H's eigenpairs."""
-        lam, Q = self.eig
-
-        def spectral(f):
-            return (Q * f(lam).unsqueeze(-2)) @ Q.mT
-
-        _block_diag_into(D_block, spectral(lambda v: 1 / (1 + v)))
-        _block_diag_into(R_block, self.R)
-        _block_diag_into(V_block, spectral(lambda v: 1 + 1 / v))
+        # R = L⁻¹ from H = LLᵀ (so RᵀR = H⁻¹). Near a solution with s and z both on
+        # the boundary H has eigenvalues ~1/μ and ~μ, beyond Cholesky's reach in
+        # float64: there R = Λ^{-½}Qᵀ from H = QΛQᵀ with the eigenvalues floored
+        # relative to the largest, and H recomposed from them (R factors that H).
+        L, info = torch.linalg.cholesky_ex(self.H)
+        eye = torch.eye(3, dtype=s.dtype, device=s.device).expand_as(L)
+        self.R = torch.linalg.solve_triangular(L, eye, upper=False)
+        bad = info != 0
+        if bool(bad.any()):
+            lam, Q = torch.linalg.eigh(self.H[bad])
+            lam = lam.clamp_min(EIG_FLOOR * lam[..., -1:].abs().clamp_min(1e-300))
+            self.R[bad] = (Q * lam.rsqrt().unsqueeze(-2)).mT
+            self.H[bad] = (Q * lam.unsqueeze(-2)) @ Q.mT
 
 
 def _outer(u, v):
     return u.unsqueeze(-1) * v.unsqueeze(-2)
-
-
-_BLOCK_INDEX = {}
-
-
-def _block_diag_into(block, mats):
-    """block (B, 3ne, 3ne) view <- block-diagonal of mats (B, ne, 3, 3), one scatter."""
-    ne = mats.shape[1]
-    key = (ne, str(mats.device))
-    if key not in _BLOCK_INDEX:
-        base = 3 * torch.arange(ne, device=mats.device).view(ne, 1, 1)
-        a = torch.arange(3, device=mats.device)
-        rows = (base + a.view(1, 3, 1)).expand(ne, 3, 3).reshape(-1)
-        cols = (base + a.view(1, 1, 3)).expand(ne, 3, 3).reshape(-1)
-        _BLOCK_INDEX[key] = (rows, cols)
-    rows, cols = _BLOCK_INDEX[key]
-    block[:, rows, cols] = mats.reshape(mats.shape[0], -1)
 
 
 def higher_correction(H_dual, z, ds, dz):

@@ -38,6 +38,7 @@ import torch
 
 from .cones import Cones
 from .kkt import NormalKKT, mv, rmv
+from .metric import BlockOp
 
 # The refined adjoint is accepted where its residual is at most this (relative);
 # elsewhere J is singular with an inconsistent right-hand side.
@@ -53,21 +54,17 @@ class LimitMetric:
 
     def __init__(self, cones: Cones, y, s, delta: float):
         self.cones = cones
-        q0, B = cones.q0, y.shape[0]
+        q0 = cones.q0
         d_lp = (cones.lp(y) > cones.lp(s)).to(y.dtype)
         self.d_diag = torch.cat([torch.ones_like(y[:, :cones.l0]), d_lp], 1)
         clipped = self.d_diag.clamp(delta, 1 - delta)
         self.r_diag = (clipped / (1 - clipped)).sqrt()
         self.v_diag = 1 / (1 - clipped)
         self.k = cones.m - q0
-        if self.k:
-            self.D = y.new_zeros(B, self.k, self.k)
-            self.R = y.new_zeros(B, self.k, self.k)
-            self.V = y.new_zeros(B, self.k, self.k)
-            if cones.nq:
-                self._soc(cones.soc(y), cones.soc(s), delta)
-            if cones.ne:
-                self._exp(y, s, delta)
+        q, ne = cones.e0 - q0, cones.ne
+        soc = self._soc(cones.soc(y), cones.soc(s), delta) if q else (None,) * 3
+        exp = self._exp(y, s, delta) if ne else (None,) * 3
+        self.D, self.R, self.V = (BlockOp(a, b, q, ne) for a, b in zip(soc, exp))
 
     def _soc(self, y, s, delta):
         c = self.cones
@@ -83,7 +80,6 @@ class LimitMetric:
         head = c.soc_head_mask.to(y.dtype) * 2 ** -0.5
         e_plus, e_minus = head + uhat * 2 ** -0.5, head - uhat * 2 ** -0.5
         mask = c.soc_block_mask.to(y.dtype)
-        q = y.shape[1]
 
         def assemble(f):
             """Σ f(d) q qᵀ over the eigen-pairs, as a dense block-diagonal matrix."""
@@ -93,15 +89,15 @@ class LimitMetric:
             eye = torch.diag_embed(fd)
             return eye + mask * ((fp - fd).unsqueeze(-1) * pp + (fm - fd).unsqueeze(-1) * mm)
 
-        self.D[:, :q, :q] = assemble(lambda d: d)
-        self.R[:, :q, :q] = assemble(
-            lambda d: (d.clamp(delta, 1 - delta) / (1 - d.clamp(delta, 1 - delta))).sqrt())
-        self.V[:, :q, :q] = assemble(lambda d: 1 / (1 - d.clamp(delta, 1 - delta)))
+        return (assemble(lambda d: d),
+                assemble(lambda d: (d.clamp(delta, 1 - delta)
+                                    / (1 - d.clamp(delta, 1 - delta))).sqrt()),
+                assemble(lambda d: 1 / (1 - d.clamp(delta, 1 - delta))))
 
     def _exp(self, y, s, delta):
         """D = I − DΠ_K(s − y) on each exponential cone (Moreau), from the projection's
         derivative at v = y − s (`exp.project_primal`); R and V from its eigenpairs."""
-        from .exp import _block_diag_into, project_primal
+        from .exp import project_primal
 
         c = self.cones
         w = (c.exp(s) - c.exp(y)).reshape(s.shape[0], -1, 3)
@@ -112,34 +108,31 @@ class LimitMetric:
         def spectral(f):
             return (Q * f(d.clamp(delta, 1 - delta)).unsqueeze(-2)) @ Q.mT
 
-        e = c.e0 - c.q0
-        _block_diag_into(self.D[:, e:, e:], (Q * d.clamp(0, 1).unsqueeze(-2)) @ Q.mT)
-        _block_diag_into(self.R[:, e:, e:], spectral(lambda x: (x / (1 - x)).sqrt()))
-        _block_diag_into(self.V[:, e:, e:], spectral(lambda x: 1 / (1 - x)))
+        return ((Q * d.clamp(0, 1).unsqueeze(-2)) @ Q.mT,
+                spectral(lambda x: (x / (1 - x)).sqrt()), spectral(lambda x: 1 / (1 - x)))
 
     def _apply(self, diag, M, v):
         q0 = self.cones.q0
         out = v[:, :q0] * diag.unsqueeze(-1)
-        return torch.cat([out, torch.bmm(M, v[:, q0:])], 1) if self.k else out
+        return torch.cat([out, M(v[:, q0:], v.shape[0])], 1) if self.k else out
 
     def wi(self, v, transpose: bool = False):
-        return self._apply(self.r_diag, self.R.mT if (transpose and self.k) else
-                           (self.R if self.k else None), v)
+        return self._apply(self.r_diag, self.R.mT if transpose else self.R, v)
 
     def wi_rows(self, M):
         q0 = self.cones.q0
         top = M[..., :q0, :] * self.r_diag.unsqueeze(-1)
         if not self.k:
             return top
-        return torch.cat([top, torch.matmul(self.R, M[..., q0:, :])], 1)
+        return torch.cat([top, self.R(M[..., q0:, :], top.shape[0])], 1)
 
     def d(self, v):
         """D v (B, m, r)."""
-        return self._apply(self.d_diag, self.D if self.k else None, v)
+        return self._apply(self.d_diag, self.D, v)
 
     def vinv(self, v):
         """(I − D_δ)⁻¹ v: dv from the preconditioner's (Ax − r₂) (see `LimitSystem.solve`)."""
-        return self._apply(self.v_diag, self.V if self.k else None, v)
+        return self._apply(self.v_diag, self.V, v)
 
 
 class LimitSystem:

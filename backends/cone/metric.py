@@ -32,6 +32,37 @@ def _cols(t):
     return t.unsqueeze(-1) if t.dim() == 2 else t
 
 
+class BlockOp:
+    """A block-diagonal operator on the cone rows (second-order, then exponential):
+    one dense (B, q, q) matrix for the second-order rows (None: zero) and 3×3
+    blocks (B, ne, 3, 3) for the exponential rows (None: zero). Applied to
+    (B, k, r) vectors or (k, n) / (B, k, n) matrices; returns (B, k, ·)."""
+
+    def __init__(self, soc, exp, q: int, ne: int):
+        self.soc, self.exp, self.q, self.ne = soc, exp, q, ne
+
+    @property
+    def mT(self):
+        return BlockOp(None if self.soc is None else self.soc.mT,
+                       None if self.exp is None else self.exp.mT, self.q, self.ne)
+
+    def __call__(self, v, batch: int):
+        q, parts = self.q, []
+        if q:
+            vs = v[..., :q, :]
+            parts.append(torch.matmul(self.soc, vs) if self.soc is not None else
+                         vs.new_zeros((batch,) + tuple(vs.shape[-2:])))
+        if self.ne:
+            ve = v[..., q:, :]
+            if self.exp is None:
+                parts.append(ve.new_zeros((batch,) + tuple(ve.shape[-2:])))
+            else:
+                ve4 = ve.reshape(tuple(ve.shape[:-2]) + (self.ne, 3, ve.shape[-1]))
+                parts.append(torch.matmul(self.exp, ve4).reshape(batch, 3 * self.ne, -1))
+        parts = [t.expand(batch, -1, -1) if t.dim() == 2 else t for t in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
+
+
 class Metric:
     """H at one iterate (per sample), with the products the Newton solve needs."""
 
@@ -47,19 +78,19 @@ class Metric:
         self.h_diag = self.w_diag * self.w_diag
         self.k = cones.m - q0
         self.exp = None
-        if self.k:
-            B, k = s.shape[0], self.k
-            self.W = s.new_zeros(B, k, k)
-            self.R = s.new_zeros(B, k, k)
-            self.H = s.new_zeros(B, k, k)
-            if cones.nq:
-                self._nt_soc(cones.soc(s), cones.soc(z))
-            if cones.ne:
-                from .exp import ExpScaling
+        q, ne = cones.e0 - q0, cones.ne
+        W = R = H = None
+        if q:
+            W, R, H = self._nt_soc(cones.soc(s), cones.soc(z))
+        Re = He = None
+        if ne:
+            from .exp import ExpScaling
 
-                self.exp = ExpScaling(cones.exp(s), cones.exp(z))
-                e = cones.e0 - q0
-                self.exp.place(self.R[:, e:, e:], self.H[:, e:, e:])
+            self.exp = ExpScaling(cones.exp(s), cones.exp(z))
+            Re, He = self.exp.R, self.exp.H
+        self.W = BlockOp(W, None, q, ne)
+        self.R = BlockOp(R, Re, q, ne)
+        self.H = BlockOp(H, He, q, ne)
 
     def _nt_soc(self, s, z):
         c = self.cones
@@ -80,27 +111,26 @@ class Metric:
         a = v * (eta_r / (1 + w0_r)).sqrt()
         ai = jv * (1 / (eta_r * (1 + w0_r))).sqrt()
         hb = w * (2 ** 0.5 * eta_r)
-        q = s.shape[1]
+
         def outer(u):
             return mask * u.unsqueeze(-1) * u.unsqueeze(-2)
 
-        self.W[:, :q, :q] = torch.diag_embed(mj * eta_r) + outer(a)
-        self.R[:, :q, :q] = torch.diag_embed(mj / eta_r) + outer(ai)
-        self.H[:, :q, :q] = torch.diag_embed(mj * eta_r * eta_r) + outer(hb)
+        return (torch.diag_embed(mj * eta_r) + outer(a), torch.diag_embed(mj / eta_r) + outer(ai),
+                torch.diag_embed(mj * eta_r * eta_r) + outer(hb))
 
     def _apply(self, diag, M, v):
         v3 = _cols(v)
         q0 = self.cones.q0
         out = v3[:, :q0] * diag.unsqueeze(-1)
         if self.k:
-            out = torch.cat([out, torch.bmm(M, v3[:, q0:])], 1)
+            out = torch.cat([out, M(v3[:, q0:], v3.shape[0])], 1)
         return out if v.dim() == 3 else out.squeeze(-1)
 
     def w(self, v, inverse: bool = False):
         """W v (W⁻¹ v) on the symmetric cones' rows (the exponential rows' value is
         meaningless and the Jordan products that use it ignore them)."""
         return self._apply(self.r_diag if inverse else self.w_diag,
-                           (self.R if inverse else self.W) if self.k else None, v)
+                           self.R if inverse else self.W, v)
 
     def lam(self, z):
         """λ = W z (symmetric rows)."""
@@ -108,8 +138,7 @@ class Metric:
 
     def wi(self, v, transpose: bool = False):
         """R v (Rᵀ v) on all rows: H_δ⁻¹ = RᵀR."""
-        return self._apply(self.r_diag, self.R.mT if transpose and self.k else
-                           (self.R if self.k else None), v)
+        return self._apply(self.r_diag, self.R.mT if transpose else self.R, v)
 
     def wi_rows(self, M):
         """R M for a matrix M (m, n) or (B, m, n), each column a vector: (B, m, n)."""
@@ -117,9 +146,8 @@ class Metric:
         top = M[..., :q0, :] * self.r_diag.unsqueeze(-1)
         if not self.k:
             return top
-        bottom = torch.matmul(self.R, M[..., q0:, :])
-        return torch.cat([top, bottom], 1)
+        return torch.cat([top, self.R(M[..., q0:, :], top.shape[0])], 1)
 
     def h(self, v):
         """H v with the zero cone's H = 0 (the unregularized system)."""
-        return self._apply(self.h_diag, self.H if self.k else None, v)
+        return self._apply(self.h_diag, self.H, v)
