@@ -14,9 +14,10 @@ primal barrier's gradient z̃ = ∇f(s) (through the Wright ω function), and
 
 a positive definite 3×3 matrix with H z = s and H z̃ = g-side secant conditions;
 near the central path (or where a denominator is unsafe) H = μH* (dual
-scaling). The affine step uses d_s = s, the corrector d_s = s + σμg (the
-centering term; Clarabel's third-order correction is left out, at the price
-of an iteration or two). Steps stay inside by backtracking on membership.
+scaling). The affine step uses d_s = s, the corrector d_s = s + σμg − η with
+Clarabel's third-order correction η. Steps stay inside by backtracking on
+membership. The projection onto K and its derivative (`project_primal`)
+serve the polish and the backward.
 
 Shapes: a block of ``ne`` cones is (B, 3·ne) in the engine's vectors and
 (B, ne, 3) here; H, its inverse factor R (H⁻¹ = RᵀR) are (B, ne, 3, 3).

@@ -5,26 +5,24 @@ s ∈ K, with dual y ∈ K*, Aᵀy + c = 0. Inputs: A (m, n) shared or (B, m, n)
 b (m,) or (B, m), c (n,) or (B, n), dense, any float dtype; outputs x (B, n),
 y (B, m), s (B, m) in the inputs' dtype.
 
-Backward. At the solution the optimality conditions linearize to
+Backward (the implicit function theorem at the solution, `limit`). With
+v = y − s, y = Π_K*(v) and s = Π_K(−v), the optimality conditions
+Aᵀy + c = 0, Ax + s = b linearize to
 
-    Aᵀdy = −dc − dAᵀy,    A dx + ds = db − dA x,    ds + H dy = 0,
+    Aᵀdy = −dc − dAᵀy,    A dx + ds = db − dA x,    (I − D) dy + D ds = 0,
 
-the last being the complementarity condition's linearization with H the
-interior point's scaling at its final iterate (`metric`; H = 0 on the zero
-cone). On a strictly complementary solution H is the limit system's (0 on an
-active orthant row, ∞ on an inactive one, the cone's curvature on a curved
-face) up to O(μ) ≈ eps; on a degenerate one (a weakly active row, s = y = 0)
-it is one finite element of the generalized derivative, the one the central
-path picks (ds + H dy = 0 with H = s/y finite). Eliminating ds, with
-K = [[0, Aᵀ], [A, −H]], the gradients of a loss L with ḡ = ∂L/∂(x, y, s) are
+D = DΠ_K*(v) the projection's derivative at the (polished) solution: exact
+on a strictly complementary solution, one element of the generalized
+derivative at a degenerate one (a weakly active row). For ḡ = ∂L/∂(x, y, s)
+the adjoint system Jᵀw = ḡ gives
 
-    a = K⁻¹ [ḡ_x; ḡ_y − Hḡ_s] = (w₁, ḡ_s + u),  K [w₁; u] = [ḡ_x − Aᵀḡ_s; ḡ_y],
-    ∇c = −a_x,   ∇b = a_y,   ∇A = −(y a_xᵀ + a_y xᵀ),
+    ∇c = −w₁,   ∇b = w₂,   ∇A = −(y w₁ᵀ + w₂ xᵀ),
 
-solved in the equilibrated space with the factorization the forward pass made
-at the solution (`kkt`), refined against the unregularized K. The second form
-never multiplies by H (huge on inactive rows). A shared input receives the
-sum over the batch; samples without a solution receive zero gradient.
+solved in the equilibrated space by iterative refinement preconditioned with
+the factorization the forward pass made at the solution (normal equations,
+Cholesky; a dense minimum-norm least squares where J is singular). A shared
+input receives the sum over the batch; samples without a solution receive
+zero gradient.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ cones (symmetric), Lᵀ from H⁻¹ = LLᵀ on exponential cones, and 1/√δ on
 zero cone's rows, where H = 0 is regularized to δ.
 
 Layout: the zero cone's and the orthant's rows are diagonal (vectors (B, q0));
-the second-order and exponential rows ("cone rows", k of them) keep dense
-block-diagonal (B, k, k) matrices W, R and H, so that every product with them
-is one batched matrix product (the sizes users put in layers keep k small).
+the second-order rows keep one dense block-diagonal (B, q, q) matrix and the
+exponential rows (B, ne, 3, 3) blocks (`BlockOp`), so that every product with
+them is one batched matrix product (the sizes users put in layers keep q small).
 Vectors are (B, m) or (B, m, r) (r right-hand sides).
 """
 
