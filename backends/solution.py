@@ -89,6 +89,18 @@ def judge(codes: torch.Tensor, residuals: torch.Tensor,
     return torch.where(fails, proof, codes)
 
 
+# The interior points' own codes (`qp.ipm`, `cone.ipm`: RUNNING, OPTIMAL, INFEASIBLE,
+# UNBOUNDED, MAX_ITER, NUMERICAL, INACCURATE = 0 … 6) as shared codes; a sample
+# still running when the loop ended reached the iteration cap.
+_FROM_IPM = torch.tensor([MAX_ITER, OPTIMAL, INFEASIBLE, UNBOUNDED, MAX_ITER, NUMERICAL,
+                          INACCURATE])
+
+
+def from_ipm(codes: torch.Tensor) -> torch.Tensor:
+    """An interior point's codes (B,) as shared codes, on their device."""
+    return _FROM_IPM.to(codes.device)[codes]
+
+
 def to_status(codes) -> tuple[Status, ...]:
     """Codes (a tensor or an array) as `Status` values: one host transfer."""
     if isinstance(codes, torch.Tensor):

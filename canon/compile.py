@@ -359,6 +359,10 @@ REQUIREMENTS = {
           f"{QP_MAX_VARIABLES} variables and {QP_MAX_CONSTRAINTS} constraints in CVXPY's form, "
           "and no geometric program",
     "conic": "a DPP problem without quad_form(x, P) for a Parameter P",
+    # A route on the conic form (`declarative.routes.cone`), not a form of its own.
+    "cone": "a DPP problem without quad_form(x, P) for a Parameter P whose cone program has "
+            "zero, nonnegative, second-order and exponential cones only (no PSD, power or "
+            "dual exponential cones)",
 }
 
 

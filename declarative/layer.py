@@ -21,7 +21,7 @@ import torch
 
 from ._pipeline import Defaults, Door, SolveInfo, check_on_failure, run
 from .canon import REQUIREMENTS, CompiledProblem, compile_problem
-from .routes import ROUTES, as_tensors, compile_route, load_route
+from .routes import ROUTES, as_tensors, available, compile_route, load_route
 
 BACKENDS = ("auto",) + tuple(ROUTES)
 
@@ -97,8 +97,9 @@ class CvxpyLayer(torch.nn.Module):
     def _route_parts(self, kind: str):
         """(Route, Door, arrays, meta) of route ``kind``, built once."""
         if kind not in self._routes:
-            form, layout = self._compiled.form(kind), self._compiled.layout
-            arrays, meta = compile_route(form, layout)
+            form = self._compiled.form(ROUTES[kind].form_kind())
+            layout = self._compiled.layout
+            arrays, meta = compile_route(kind, form, layout)
             door = Door.of(layout, [rec.shape for rec in form.outputs],
                            [self._compiled.gp and rec.is_primal for rec in form.outputs])
             self._routes[kind] = (load_route(as_tensors(arrays), meta), door, arrays, meta)
@@ -184,20 +185,22 @@ def _batched_solver(solver, compiled: CompiledProblem) -> bool:
                         "cvxpylayers'; this library selects its own routes.")
     if solver.upper() not in BATCHED_SOLVERS:
         return False
-    torch_routes = [k for k in compiled.kinds if k != "conic"]
+    torch_routes = [k for k in available(compiled) if k != "conic"]
     if not torch_routes:
         raise ValueError(
             f"solver={solver!r} is a batched solver of cvxpylayers; here its job (a batched "
-            "solve on the inputs' device) is done by the torch routes (QP, entropy, simplex), "
-            "and this problem fits none of them. Leave solver out to solve it on the conic "
-            "path (SCS), or pass solver='CLARABEL'.")
+            "solve on the inputs' device) is done by the torch routes (QP, entropy, simplex, "
+            "cone), and this problem fits none of them. Leave solver out to solve it on the "
+            "conic path (SCS), or pass solver='CLARABEL'.")
     return True
 
 
 def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_args) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    kinds = compiled.kinds
+    if backend in ("conic", "cone"):
+        compiled.form("conic")  # raises the specific reason when there is none
+    kinds = available(compiled)
     if _batched_solver(solver, compiled):
         solver = None
         if backend == "auto":
@@ -213,12 +216,13 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
             raise ValueError(f"{named} names a conic solver, but {_NO_CONIC} Leave it out: "
                              "the layer then runs the torch QP engine.")
         return "conic"
-    if backend == "conic":
-        compiled.form("conic")  # raises the specific reason when there is none
     if backend not in kinds:
+        form = compiled.forms.get(ROUTES[backend].form_kind())
+        why = ROUTES[backend].misfit(form) if form is not None else None
         raise ValueError(
-            f"backend={backend!r} is not valid for this problem: its structure allows "
-            f"{kinds}. The {backend!r} path needs {REQUIREMENTS[backend]}.")
+            f"backend={backend!r} is not valid for this problem"
+            + (f": {why}" if why else "") + f". Its structure allows {kinds}. The "
+            f"{backend!r} path needs {REQUIREMENTS[backend]}.")
     if named is not None and backend != "conic":
         raise ValueError(f"{named} names a conic solver, which backend={backend!r} does not "
                          "use. Leave it out, or use backend='conic' (or 'auto').")

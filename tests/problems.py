@@ -133,13 +133,21 @@ CASES = [
                          [rng.standard_normal((B, 5))]]),
     # x0 large enough that the input bound is active on the first steps.
     Case("mpc", "qp", _mpc, lambda rng, B: [3.0 * rng.standard_normal((B, 2))], warm=True),
-    Case("socp", "conic", _socp,
+    # Zero, nonnegative, second-order and exponential cones: the batched torch
+    # interior point by default; diffcp's solvers when asked (backend="conic").
+    Case("socp", "cone", _socp,
          lambda rng, B: [rng.standard_normal((B, 4, 3)), rng.standard_normal((B, 4))],
-         kwargs={"solver_args": SCS_TIGHT}, tol=1e-6),
-    # Exponential cones: SCS at 1e-10 (central differences through Clarabel's
+         warm=True),
+    Case("socp-diffcp", "conic", _socp,
+         lambda rng, B: [rng.standard_normal((B, 4, 3)), rng.standard_normal((B, 4))],
+         kwargs={"backend": "conic", "solver_args": SCS_TIGHT}, tol=1e-6),
+    Case("logistic", "cone", _logistic, _rand((6, 2)), warm=True),
+    # Exponential cones on diffcp: SCS at 1e-10 (central differences through Clarabel's
     # points, accurate to ~1e-8, miss the derivative by 20 % at a step of 1e-5).
-    Case("logistic", "conic", _logistic, _rand((6, 2)),
-         kwargs={"solver_args": SCS_EXP}, tol=1e-6),
-    Case("geometric", "conic", _gp, lambda rng, B: [0.5 + rng.random((B,))],
-         kwargs={"gp": True, "solver_args": SCS_EXP}, tol=1e-6),
+    Case("logistic-diffcp", "conic", _logistic, _rand((6, 2)),
+         kwargs={"backend": "conic", "solver_args": SCS_EXP}, tol=1e-6),
+    Case("geometric", "cone", _gp, lambda rng, B: [0.5 + rng.random((B,))],
+         kwargs={"gp": True}, warm=True),
+    Case("geometric-diffcp", "conic", _gp, lambda rng, B: [0.5 + rng.random((B,))],
+         kwargs={"gp": True, "backend": "conic", "solver_args": SCS_EXP}, tol=1e-6),
 ]

@@ -93,8 +93,11 @@ def test_the_peers_batched_solvers_run_the_torch_route(name):
     assert layer.backend == "qp" and layer.solver is None
     x, t = cp.Variable(2), cp.Parameter(2)
     socp = cp.Problem(cp.Minimize(cp.norm(x - t, 2)), [cp.sum(x) == 1])
+    assert CvxpyLayer(socp, [t], [x], solver=name).backend == "cone"
+    X, C = cp.Variable((2, 2), PSD=True), cp.Parameter((2, 2))
+    sdp = cp.Problem(cp.Minimize(cp.trace(C @ X)), [cp.trace(X) == 1])
     with pytest.raises(ValueError, match=f"solver='{name}' is a batched solver"):
-        CvxpyLayer(socp, [t], [x], solver=name)
+        CvxpyLayer(sdp, [C], [X], solver=name)
 
 
 def test_a_solver_object_is_refused_with_the_names_we_take():

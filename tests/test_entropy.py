@@ -1020,11 +1020,11 @@ def _fall_through_cases():
     return [
         ("entropy_plus_quadratic",
          cp.Problem(cp.Maximize(theta @ z + H - cp.sum_squares(z)), [cp.sum(z) == 1]),
-         [theta], "conic"),
+         [theta], "cone"),
         ("entropy_with_inequality",
-         cp.Problem(cp.Maximize(theta @ z + H), [cp.sum(z) == 1, z <= 0.4]), [theta], "conic"),
+         cp.Problem(cp.Maximize(theta @ z + H), [cp.sum(z) == 1, z <= 0.4]), [theta], "cone"),
         ("parameter_temperature",
-         cp.Problem(cp.Maximize(theta @ z + tau * H), [cp.sum(z) == 1]), [theta, tau], "conic"),
+         cp.Problem(cp.Maximize(theta @ z + tau * H), [cp.sum(z) == 1]), [theta, tau], "cone"),
         ("sparsemax_with_upper_bound",
          cp.Problem(cp.Minimize(cp.sum_squares(z - y)), [cp.sum(z) == 1, z >= 0, z <= 0.4]),
          [y], "qp"),
@@ -1037,14 +1037,13 @@ def _fall_through_cases():
 def test_problems_that_do_not_match_fall_through(name):
     _, prob, params, expected = next(c for c in _fall_through_cases() if c[0] == name)
     z = prob.variables()[0]
-    layer = CvxpyLayer(prob, params, [z],
-                       solver_args=SCS_EXP if expected == "conic" else None)
+    layer = CvxpyLayer(prob, params, [z])
     assert layer.backend == expected
     assert not {"entropy", "simplex"} & set(layer.compiled.kinds)
     rng = np.random.default_rng(29)
     values = [rng.standard_normal(4) if p.shape else np.array(0.5) for p in params]
     (z_star,), _ = _solve(layer, *[as_tensor(v) for v in values])
-    if expected == "conic":
+    if expected == "cone":
         ref = _exp_cone_reference(prob, params, values, z)
     else:
         (ref,) = reference_solve(prob, params, values, [z])

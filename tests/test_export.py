@@ -34,7 +34,8 @@ def _problems():
         "qp": (CvxpyLayer(qp, [A, b, lo], [x]), qp_in),
         "entropy": (CvxpyLayer(soft, [th], [z]), [rng.standard_normal((3, n))]),
         "simplex": (CvxpyLayer(sparse, [th], [z]), [rng.standard_normal((3, n))]),
-        "conic": (CvxpyLayer(socp, [lo], [x], solver_args={"eps": 1e-10}),
+        "cone": (CvxpyLayer(socp, [lo], [x]), [rng.standard_normal((2, n))]),
+        "conic": (CvxpyLayer(socp, [lo], [x], backend="conic", solver_args={"eps": 1e-10}),
                   [rng.standard_normal((2, n))]),
     }
 
@@ -44,7 +45,7 @@ def problems():
     return _problems()
 
 
-@pytest.mark.parametrize("kind", ["qp", "entropy", "simplex", "conic"])
+@pytest.mark.parametrize("kind", ["qp", "entropy", "simplex", "cone", "conic"])
 def test_export_matches_the_layer_in_process(problems, kind):
     layer, inputs = problems[kind]
     assert layer.backend == kind

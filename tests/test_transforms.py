@@ -31,16 +31,17 @@ def _layers():
     sparsemax = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(z - th)),
                                       [cp.sum(z) == 1, z >= 0]), [th], [z])
     t = cp.Variable()
-    conic = CvxpyLayer(cp.Problem(cp.Minimize(t + cp.sum_squares(x - q)), [cp.norm(x) <= t]),
-                       [q], [x])
+    socp = cp.Problem(cp.Minimize(t + cp.sum_squares(x - q)), [cp.norm(x) <= t])
+    cone = CvxpyLayer(socp, [q], [x])
+    conic = CvxpyLayer(socp, [q], [x], backend="conic")
     return {"qp": qp, "softmax": softmax, "general": general, "sparsemax": sparsemax,
-            "conic": conic}
+            "cone": cone, "conic": conic}
 
 
 LAYERS = _layers()
-TORCH_PATHS = ["qp", "softmax", "general", "sparsemax"]
+TORCH_PATHS = ["qp", "softmax", "general", "sparsemax", "cone"]
 EXPECTED = {"qp": "qp", "softmax": "entropy", "general": "entropy", "sparsemax": "simplex",
-            "conic": "conic"}
+            "cone": "cone", "conic": "conic"}
 
 
 def _input(seed=0, batch=3):

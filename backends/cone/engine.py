@@ -19,46 +19,37 @@ from dataclasses import dataclass
 
 import torch
 
-from ..status import Status
+from .. import solution
+from ..solution import Solution
 from . import ipm
 from .cones import Cones, ConeSpec
 from .limit import LimitSystem, project_dual, start_rho
 from .scaling import Equilibration, equilibrate
 from .settings import ConeSettings
 
-CODE_TO_STATUS = {
-    ipm.OPTIMAL: Status.OPTIMAL,
-    ipm.INFEASIBLE: Status.INFEASIBLE,
-    ipm.UNBOUNDED: Status.UNBOUNDED,
-    ipm.MAX_ITER: Status.MAX_ITER,
-    ipm.NUMERICAL: Status.NUMERICAL_ERROR,
-    ipm.INACCURATE: Status.OPTIMAL_INACCURATE,
-    ipm.RUNNING: Status.MAX_ITER,
-}
 # Codes whose samples carry a point (and a gradient).
 SOLVED = (ipm.OPTIMAL, ipm.INACCURATE, ipm.MAX_ITER)
 
 
 @dataclass
-class ConeResult:
+class ConeResult(Solution):
+    """The batch's solution and what the backward needs; ``codes`` are the shared
+    codes (`solution.CODES`), judged by the shared accuracy policy; ``residuals``
+    the interior point's scaled primal, dual residuals and relative gap."""
+
     x: torch.Tensor  # (B, n) user's units, compute dtype
     y: torch.Tensor  # (B, m)
     s: torch.Tensor  # (B, m)
-    codes: torch.Tensor  # (B,) ipm codes
-    iterations: torch.Tensor  # (B,)
-    residuals: torch.Tensor  # (B, 3) scaled primal, dual, gap
     scaled: tuple  # (Â, b̂, ĉ, x̂, ŷ, ŝ) for the backward
     equil: Equilibration
     cones: Cones
     kkt: LimitSystem | None  # the backward's system (None without a backward)
 
     @property
-    def status(self) -> list[Status]:
-        return [CODE_TO_STATUS[int(c)] for c in self.codes.tolist()]
-
-    @property
     def solved(self) -> torch.Tensor:
-        return torch.isin(self.codes, torch.tensor(SOLVED, device=self.codes.device))
+        """Samples with a point (and a gradient)."""
+        return torch.isin(self.codes, torch.tensor(solution.WITH_POINT,
+                                                   device=self.codes.device))
 
     def warm_start(self) -> dict:
         """This solution as the next solve's starting point (detached)."""
@@ -85,7 +76,8 @@ def run(A, b, c, spec: ConeSpec, settings: ConeSettings, input_dtype, factor: bo
     kkt = _backward_system(As, xs, ys, ss, it.codes, cones, settings) if factor else None
     x, y, s = equil.solution(xs, ys, ss)
     x, y, s = _certificates(it.codes, x, y, s, b, c)
-    return ConeResult(x, y, s, it.codes, it.iterations, it.residuals, (As, bs, cs, xs, ys, ss),
+    codes = solution.judge(solution.from_ipm(it.codes), it.residuals)
+    return ConeResult(codes, it.iterations, it.residuals, x, y, s, (As, bs, cs, xs, ys, ss),
                       equil, cones, kkt)
 
 

@@ -29,45 +29,51 @@ from __future__ import annotations
 
 import torch
 
-from ..guard import guard_second_order
+from ..autograd import ImplicitSolve
 from ..status import Box
 from . import engine
 from .cones import ConeSpec
 from .settings import ConeSettings
 
 
-class ConeSolve(torch.autograd.Function):
-    """(A, b, c) -> (x, y, s); ``box.result`` receives the `ConeResult`."""
+class ConeProblem:
+    """The cone solve as `autograd.ImplicitSolve` sees it: inputs (A, b, c), outputs
+    (x, y, s); torch.func's vmap folds its dimension into the batch."""
 
-    @staticmethod
-    def forward(A, b, c, spec: ConeSpec, settings: ConeSettings, box, warm, need_grad):
-        dtype = settings.compute_dtype or torch.float64
-        B = box.batch
+    name = "cone layer"
+    ranks = (2, 1, 1)
+
+    def __init__(self, batch: int, spec: ConeSpec, settings: ConeSettings, warm, need_grad):
+        self.batch, self.spec, self.settings = batch, spec, settings
+        self.warm, self.need_grad = warm, need_grad
+
+    def solve(self, A, b, c):
+        dtype = self.settings.compute_dtype or torch.float64
+        B = self.batch
         A_w = A.to(dtype)
         b_w = b.to(dtype).expand(B, -1) if b.dim() == 1 else b.to(dtype)
         c_w = c.to(dtype).expand(B, -1) if c.dim() == 1 else c.to(dtype)
-        result = engine.run(A_w, b_w, c_w, spec, settings, A.dtype, factor=need_grad, warm=warm)
-        box.result = result
-        return tuple(t.to(A.dtype) for t in (result.x, result.y, result.s))
+        result = engine.run(A_w, b_w, c_w, self.spec, self.settings, A.dtype,
+                            factor=self.need_grad, warm=self.warm)
+        outputs = tuple(t.to(A.dtype) for t in (result.x, result.y, result.s))
+        return outputs, _Solved(result, self.settings, A.dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.result = inputs[5].result
-        ctx.settings = inputs[4]
-        ctx.shared = tuple(t.dim() == d for t, d in zip(inputs[:3], (2, 1, 1)))
-        ctx.dtype = inputs[0].dtype
-        ctx.save_for_backward(*output)
+    def folded(self, V: int) -> ConeProblem:
+        return ConeProblem(V * self.batch, self.spec, self.settings, None, self.need_grad)
 
-    @staticmethod
-    def backward(ctx, gx, gy, gs):
-        outputs = ctx.saved_tensors  # raises if the graph was already freed
-        r = ctx.result
-        gx, gy, gs = (torch.zeros_like(t) if g is None else g.to(t.dtype)
-                      for g, t in zip((gx, gy, gs), (r.x, r.y, r.s)))
-        grads = adjoint(r, ctx.settings, gx, gy, gs, ctx.needs_input_grad[:3], ctx.shared)
-        grads = tuple(None if g is None else g.to(ctx.dtype) for g in grads)
-        grads = guard_second_order("cone layer", grads, outputs)
-        return (*grads, None, None, None, None, None)
+
+class _Solved:
+    """What the backward needs from a forward solve (kept off the autograd graph)."""
+
+    def __init__(self, result: engine.ConeResult, settings: ConeSettings, dtype):
+        self.result, self.settings, self.dtype = result, settings, dtype
+        self.batch = result.x.shape[0]
+
+    def adjoint(self, cotangents, needs, shared):
+        r = self.result
+        gx, gy, gs = (g.to(t.dtype) for g, t in zip(cotangents, (r.x, r.y, r.s)))
+        grads = adjoint(r, self.settings, gx, gy, gs, needs, shared)
+        return tuple(None if g is None else g.to(self.dtype) for g in grads)
 
 
 def adjoint(result: engine.ConeResult, settings: ConeSettings, gx, gy, gs, needs, shared):
@@ -106,10 +112,10 @@ def solve_cone(A, b, c, cone_dict: dict | ConeSpec, settings: ConeSettings | Non
     settings = settings or ConeSettings()
     spec = cone_dict if isinstance(cone_dict, ConeSpec) else ConeSpec.from_dict(cone_dict)
     batch = _check(A, b, c, spec)
-    box = Box()
-    box.batch = batch
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (A, b, c))
-    x, y, s = ConeSolve.apply(A, b, c, spec, settings, box, warm, need_grad)
+    box = Box()
+    x, y, s = ImplicitSolve.apply(ConeProblem(batch, spec, settings, warm, need_grad), box,
+                                  A, b, c)
     return (x, y, s), box.result
 
 

@@ -6,18 +6,37 @@ the order `backend="auto"` prefers among the routes a problem's structure allows
 """
 
 from .base import Route, as_tensors
+from .cone import ConeRoute
 from .conic import ConicRoute
 from .entropy import EntropyRoute, SimplexRoute
 from .qp import QPRoute
 
 ROUTES: dict[str, type[Route]] = {
-    route.kind: route for route in (SimplexRoute, EntropyRoute, QPRoute, ConicRoute)
+    route.kind: route
+    for route in (SimplexRoute, EntropyRoute, QPRoute, ConeRoute, ConicRoute)
 }
 
 
-def compile_route(form, layout) -> tuple[dict, dict]:
-    """(arrays, meta) of the route that takes ``form`` (numpy side, at construction)."""
-    return ROUTES[form.kind].compile(form, layout)
+def compile_route(kind: str, form, layout) -> tuple[dict, dict]:
+    """(arrays, meta) of route ``kind`` for ``form`` (numpy side, at construction)."""
+    return ROUTES[kind].compile(form, layout)
+
+
+def available(compiled) -> tuple[str, ...]:
+    """The routes a compiled problem's structure allows, in `ROUTES` order. A route
+    whose form is built on first use (the conic program) is listed when that form
+    is built: forcing it (backend=...) builds it and says why if it does not fit."""
+    kinds = compiled.kinds
+    out = []
+    for kind, route in ROUTES.items():
+        form = route.form_kind()
+        if form not in kinds:
+            continue
+        if route.misfit.__func__ is not Route.misfit.__func__:  # the form must be read
+            if form not in compiled.forms or route.misfit(compiled.forms[form]):
+                continue
+        out.append(kind)
+    return tuple(out)
 
 
 def load_route(tensors: dict, meta: dict) -> Route:
@@ -25,4 +44,4 @@ def load_route(tensors: dict, meta: dict) -> Route:
     return ROUTES[meta["kind"]](tensors, meta)
 
 
-__all__ = ["ROUTES", "Route", "as_tensors", "compile_route", "load_route"]
+__all__ = ["ROUTES", "Route", "as_tensors", "available", "compile_route", "load_route"]

@@ -37,12 +37,23 @@ CONIC_KEYS = frozenset(DIFFCP_KEYS).union(*SOLVER_KEYS.values())
 
 class Route:
     kind: ClassVar[str]
+    # The canonical form it compiles from (`canon.compile.FORMS`); None: its own kind.
+    form: ClassVar[str | None] = None
     # Whether the route runs under torch.func transforms (vmap, jacrev, ...).
     functorch: ClassVar[bool] = True
     # The dtype θ is built in (None: the inputs' promoted dtype).
     theta_dtype: ClassVar[torch.dtype | None] = None
 
     # ---- numpy side ---------------------------------------------------------
+    @classmethod
+    def form_kind(cls) -> str:
+        return cls.form or cls.kind
+
+    @classmethod
+    def misfit(cls, form) -> str | None:
+        """Why this route cannot take a problem that has its form (None: it can)."""
+        return None
+
     @classmethod
     def compile(cls, form, layout) -> tuple[dict, dict]:
         arrays: dict = {}
