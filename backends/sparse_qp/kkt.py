@@ -62,6 +62,7 @@ class SampleKKT:
         self.K0 = np.empty(lay.nnz)
         self.Kreg = np.empty(lay.nnz)
         self.U0 = lay.upper(self.K0)  # views: the matrices follow the arrays
+        self.U0T = lay.upper(self.K0, transpose=True)
         self.Ureg = lay.upper(self.Kreg)
         self.diag = np.concatenate([lay.diag_x, lay.diag_nu, lay.diag_lam])
         self.delta = settings.static_regularization
@@ -132,7 +133,7 @@ class SampleKKT:
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """K₀ v (both triangles from the stored upper one)."""
-        return self.U0 @ v + self.U0.T @ v - self.d0 * v
+        return self.U0 @ v + self.U0T @ v - self.d0 * v
 
     def solve(self, rhs: np.ndarray, steps: int | None = None):
         """K₀⁻¹ rhs by the factor plus iterative refinement; returns (solution, relative

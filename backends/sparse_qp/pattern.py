@@ -245,10 +245,12 @@ class KKTLayout:
         self.Gc = Compressed(pattern.rows("G"), pattern.cols("G"), (self.p, self.n))
         self.Ac = Compressed(pattern.rows("A"), pattern.cols("A"), (self.m, self.n))
 
-    def upper(self, data: np.ndarray) -> sp.csc_matrix:
-        """K's upper triangle with stored values ``data`` (shares the array). A
-        csc_matrix, not a csc_array: qdldl converts anything else on every call."""
-        return sp.csc_matrix((data, self.indices, self.indptr), shape=(self.N, self.N))
+    def upper(self, data: np.ndarray, transpose: bool = False):
+        """K's upper triangle with stored values ``data`` (shares the array), or its
+        transpose (a CSR view of the same arrays). A csc_matrix, not a csc_array:
+        qdldl converts anything else on every call."""
+        kind = sp.csr_matrix if transpose else sp.csc_matrix
+        return kind((data, self.indices, self.indptr), shape=(self.N, self.N))
 
     @functools.cached_property
     def symbolic(self) -> dict:
