@@ -139,17 +139,22 @@ def _solve_sample(op: SampleKKT, vec: ipm.Vectors, settings, eps, warm, deadline
         track = ipm.Tracker()
         code, pt = ipm.iterate(op, vec, ipm.initial_point(op, vec, None), settings, eps,
                                rounds[0], track, deadline)
-    for rows in rounds[1:] + [None]:
+    # Polish; where that fails on a sample stopped at a round's test, iterate on to
+    # the next round's (the last is STRICT, which is None: hence the explicit end).
+    for rows in rounds[1:] + [_END]:
         if code not in POLISHABLE:
             break
         ok, polished, res = polish(op, vec, pt, eps)
         if ok:
             pt, track.res, code = polished, res, OPTIMAL
             break
-        if rows is None or code != OPTIMAL:
+        if rows is _END or code != OPTIMAL:
             break
         code, pt = ipm.iterate(op, vec, pt, settings, eps, rows, track, deadline)
     return code, pt, track
+
+
+_END = object()
 
 
 def _nan_point(op: SampleKKT) -> ipm.Point:
