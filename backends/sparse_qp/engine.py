@@ -111,7 +111,7 @@ def run(pattern: SparsePattern, values: dict, settings: SparseQPSettings, need_g
         if need_grad and code in WITH_POINT:
             states[i] = _backward_state(op, pt, vec)
 
-    run_samples(one, B, settings.workers(B))
+    run_samples(one, B, settings.workers(B, pattern.symbolic()["factor_flops"]))
     z, s, lam, nu = scaling.solution(out["x"], out["s"], out["lam"], out["nu"])
     s = np.where(np.isposinf(h), np.inf, s)
     codes = torch.tensor([SHARED_CODES[int(c)] for c in out["codes"]], dtype=torch.long)

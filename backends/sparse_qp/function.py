@@ -104,7 +104,8 @@ def _adjoint_solves(result: engine.SparseQPResult, gz, gl, gn, ok):
             return
         a[i] = solve_limit(state.op, state.active, np.concatenate([rz[i], rn[i], rl[i]]))
 
-    run_samples(one, B, result.settings.workers(B))
+    flops = result.pattern.symbolic()["factor_flops"]
+    run_samples(one, B, result.settings.workers(B, flops))
     n, m = rz.shape[1], rn.shape[1]
     return sc.congruence(a[:, :n], a[:, n:n + m], a[:, n + m:])
 

@@ -146,8 +146,10 @@ class SparsePattern:
 
     def symbolic(self) -> dict:
         """Sizes for a cost model: the KKT dimension and entries, and the LDLᵀ factor's
-        entries and flops (Σ over columns of count², with the AMD ordering the
-        factorization uses). Computed once per pattern."""
+        entries and flops (Σ over columns of (count + 1)², with the AMD ordering the
+        factorization uses). Computed once per pattern and cached: qdldl has no
+        symbolic-only entry point, so this is one factorization of a matrix with
+        this pattern (as long as one of the interior point's iterations)."""
         return self.layout.symbolic
 
 
