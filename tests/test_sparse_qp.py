@@ -559,3 +559,14 @@ def test_pattern_errors_name_the_block():
                       (np.zeros(2, dtype=int), np.zeros(0, dtype=int)))
     with pytest.raises(ValueError, match=r"^static_regularization must be positive"):
         SparseQPSettings(static_regularization=0.0)
+
+
+def test_settings_shared_with_the_dense_engine_carry_over():
+    from declarative.backends.qp import QPSettings
+
+    s = SparseQPSettings.from_qp(QPSettings(eps=1e-8, max_iter=30, regularization=1e-3),
+                                 threads=1)
+    assert (s.eps, s.max_iter, s.threads) == (1e-8, 30, 1)
+    assert s.static_regularization == SparseQPSettings().static_regularization  # not shared
+    assert s.tolerance() == 1e-8
+    assert s.with_(eps_tightens=True).tolerance() == 1e-10
