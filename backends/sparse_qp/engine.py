@@ -100,7 +100,7 @@ def run(pattern: SparsePattern, values: dict, settings: SparseQPSettings, need_g
     deadline = None if settings.time_limit is None else time.monotonic() + settings.time_limit
 
     def one(i):
-        op = SampleKKT(pattern, Qv[i], Gv[i], Av[i], np.isposinf(h[i]), settings)
+        op = SampleKKT(pattern, Qv[i], Gv[i], Av[i], settings)
         vec = ipm.vectors(q[i], h[i], b[i])
         start = None if warm_scaled is None else ipm.Point(
             *(t[i] for t in (warm_scaled[0], warm_scaled[3], warm_scaled[2], warm_scaled[1])))

@@ -44,10 +44,11 @@ class SampleKKT:
     """One sample's operators (scaled units) and KKT factor; used by one thread at a time.
 
     ``Qv``, ``Gv``, ``Av``: the sample's scaled value arrays in the pattern's
-    order. ``free``: (p,) rows with h = +inf (never constrain, never factored).
+    order. Which rows of G are in the matrix is set per factorization
+    (`set_matrix`): h = +inf rows never are, inactive rows of the limit neither.
     """
 
-    def __init__(self, pattern: SparsePattern, Qv, Gv, Av, free, settings: SparseQPSettings):
+    def __init__(self, pattern: SparsePattern, Qv, Gv, Av, settings: SparseQPSettings):
         lay = pattern.layout
         self.layout, self.settings = lay, settings
         self.n, self.m, self.p, self.N = lay.n, lay.m, lay.p, lay.N
@@ -56,7 +57,6 @@ class SampleKKT:
         self.Am, self.ATm = lay.Ac.matrices(Av)
         self.Gv, self.g_row = Gv, pattern.rows("G")
         self.base = lay.S_Q @ Qv + lay.S_A @ Av  # K₀ without G and the λ diagonal
-        self.free = free
         self._g_rows = None  # the rows of G currently in `_g_part`
         self._g_part = None
         self.K0 = np.empty(lay.nnz)
@@ -68,6 +68,7 @@ class SampleKKT:
         self.delta = settings.static_regularization
         self.solver = None
         self.factored = None  # what is factored: "ipm" or the limit's active mask
+        self._probe = np.ones(self.N)
 
     # ---- products (scaled units) --------------------------------------------
     def hess(self, x):
@@ -123,13 +124,6 @@ class SampleKKT:
     def _pivots_finite(self) -> bool:
         # qdldl's update does not report a zero pivot; a probe solve shows it.
         return bool(np.isfinite(self.solver.solve(self._probe)).all())
-
-    @property
-    def _probe(self):
-        probe = getattr(self, "_probe_vec", None)
-        if probe is None:
-            probe = self._probe_vec = np.ones(self.N)
-        return probe
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """K₀ v (both triangles from the stored upper one)."""
