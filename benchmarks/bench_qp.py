@@ -273,7 +273,6 @@ def cvx_accuracy(inst: Instance, layer: CvxpyLayersQP, samples: int, pass_: str)
 
 def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[Case], list[Case]]:
     main, cvx = [], []
-    acc = args.no_accuracy is False
     for neq in args.neq:
         for mode in args.modes:
             inst = make_instance(neq, mode, args.batch, args.device, DTYPES[args.dtype])
@@ -287,24 +286,30 @@ def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[Case], lis
             label = {"QP": f"n={N}, nineq={NINEQ}, neq={neq}",
                      "batched": "all" if mode == "all" else "p, h only"}
             for pass_ in args.passes:
-                columns = {"ours": make_call(ours_fn(), inst, pass_), "qpth": None if qpth_qp
-                           is None else with_threads(make_call(qpth_fn(qpth_qp), inst, pass_,
-                                                               ref_z), threads)}
-                extras = (lambda i=inst, t=threads: forward_accuracy(i, qpth_qp, t, args.ref_samples)
-                          ) if pass_ == "fwd" else (lambda i=inst, t=threads: backward_accuracy(
-                              i, qpth_qp, t, args.fd_coords))
-                main.append(Case(dict(label, B=str(args.batch)) | {"pass": pass_}, columns,
-                                 extras if acc else None, list(notes)))
-            if args.cvx_batch > 0 and args.device == "cpu":
-                small = inst.sliced(min(args.cvx_batch, args.batch))
-                layer = None if cvx_peer is None else CvxpyLayersQP(cvx_peer, small)
-                for pass_ in args.passes:
-                    columns = {"ours": make_call(ours_fn(), small, pass_),
-                               "cvxpylayers": None if layer is None else layer.call(pass_)}
-                    extras = (lambda s=small, lay=layer, p=pass_: cvx_accuracy(
-                        s, lay, args.ref_samples, p)) if acc and layer is not None else None
-                    cvx.append(Case(dict(label, B=str(small.batch)) | {"pass": pass_}, columns, extras,
-                                    [cvx_note] if cvx_note else []))
+                qpth = None if qpth_qp is None else with_threads(
+                    make_call(qpth_fn(qpth_qp), inst, pass_, ref_z), threads)
+
+                def extras(i=inst, t=threads, p=pass_):
+                    return (forward_accuracy(i, qpth_qp, t, args.ref_samples) if p == "fwd"
+                            else backward_accuracy(i, qpth_qp, t, args.fd_coords))
+
+                main.append(Case(label | {"B": str(args.batch), "pass": pass_},
+                                 {"ours": make_call(ours_fn(), inst, pass_), "qpth": qpth},
+                                 None if args.no_accuracy else extras, list(notes)))
+            if args.cvx_batch <= 0 or args.device != "cpu":
+                continue
+            small = inst.sliced(min(args.cvx_batch, args.batch))
+            layer = None if cvx_peer is None else CvxpyLayersQP(cvx_peer, small)
+            for pass_ in args.passes:
+                columns = {"ours": make_call(ours_fn(), small, pass_),
+                           "cvxpylayers": None if layer is None else layer.call(pass_)}
+
+                def cvx_extras(s=small, lay=layer, p=pass_):
+                    return cvx_accuracy(s, lay, args.ref_samples, p)
+
+                cvx.append(Case(label | {"B": str(small.batch), "pass": pass_}, columns,
+                                None if args.no_accuracy or layer is None else cvx_extras,
+                                [cvx_note] if cvx_note else []))
     return main, cvx
 
 
