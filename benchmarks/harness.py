@@ -234,7 +234,8 @@ def ratio_summary(results: Sequence[Result], peer: str, group: str | None = None
     for r in results:
         q = ratio(r, peer, "ours")
         if q is not None:
-            groups.setdefault(r.case.labels[group] if group else "all rows", []).append((q, r))
+            key = f"{group} = {r.case.labels[group]}" if group else "all rows"
+            groups.setdefault(key, []).append((q, r))
     lines, slow = [], []
     for g, items in groups.items():
         q_min, worst = min(items, key=lambda t: t[0])
