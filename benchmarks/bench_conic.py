@@ -22,23 +22,9 @@ from dataclasses import dataclass
 from functools import cache
 
 import cvxpy as cp
+import harness as h
 import numpy as np
 import torch
-from harness import (
-    Case,
-    argument_parser,
-    csv_list,
-    emit,
-    header,
-    layer_call,
-    markdown_table,
-    optional_import,
-    profile,
-    ratio_summary,
-    run,
-    select,
-    setup,
-)
 from references import reference_solve
 
 from declarative.torch import CvxpyLayer
@@ -124,13 +110,13 @@ def _lp_reference(p):
     c, A, b = p
     eye = torch.eye(LP_N, dtype=A.dtype)
     G = torch.cat([A, -eye, eye])
-    h = torch.cat([b, torch.zeros(LP_N, dtype=A.dtype), torch.ones(LP_N, dtype=A.dtype)])
-    slack = h.detach().numpy() - G.detach().numpy() @ _tight_solve("lp", p)
+    rhs = torch.cat([b, torch.zeros(LP_N, dtype=A.dtype), torch.ones(LP_N, dtype=A.dtype)])
+    slack = rhs.detach().numpy() - G.detach().numpy() @ _tight_solve("lp", p)
     active = torch.from_numpy(np.flatnonzero(np.abs(slack) < ACTIVE_TOL))
     if active.numel() != LP_N:
         raise RuntimeError(f"LP reference: {active.numel()} active constraints, expected "
                            f"{LP_N} (degenerate vertex)")
-    return [torch.linalg.solve(G[active], h[active]) + 0.0 * c.sum()]  # x is flat in c
+    return [torch.linalg.solve(G[active], rhs[active]) + 0.0 * c.sum()]  # x is flat in c
 
 
 # (c) an SOCP: minimize cᵀx s.t. ||Ax − b|| <= 1, so x = A⁻¹(b − w/||w||), w = A⁻ᵀc.
@@ -198,10 +184,6 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
 ]}
 
 
-# ---------------------------------------------------------------------------
-# Instances, accuracy, cases
-# ---------------------------------------------------------------------------
-
 @dataclass
 class Instance:
     """One problem at one batch size (1: unbatched inputs): layers, inputs, loss weights."""
@@ -264,7 +246,7 @@ def accuracy(name: str, batch: int, setting: str) -> dict[str, float | None]:
     runs = {}
     for key, layer in inst.layers.items():
         try:
-            outs, grads = layer_call(layer, inst.params, inst.weights,
+            outs, grads = h.layer_call(layer, inst.params, inst.weights,
                                      auto_args(args) if key == "auto" else args)()
             runs[key] = ([o.detach() for o in outs], grads)
         except Exception:  # its timing column reports the failure
@@ -284,21 +266,21 @@ AUTO_NOTE = ("ours auto: the default backend='auto' route (QP or entropy path) w
              "row's tolerance and no diffcp keys; '—' where auto is the conic path.")
 
 
-def build_cases(args, peer, peer_note) -> list[Case]:
+def build_cases(args, peer, peer_note) -> list[h.Case]:
     cases = []
-    for name in csv_list(args.problems, str, SPECS):
-        for B in csv_list(args.batch, int):
+    for name in h.csv_list(args.problems, str, SPECS):
+        for B in h.csv_list(args.batch, int):
             inst = INSTANCES[(name, B)] = make_instance(SPECS[name], B, peer, args.auto)
-            for setting in csv_list(args.settings, str, SETTINGS):
+            for setting in h.csv_list(args.settings, str, SETTINGS):
                 s = SETTINGS[setting]
-                for pass_ in csv_list(args.passes, str, PASSES):
-                    columns = {"ours": layer_call(inst.layers["ours"], inst.params,
+                for pass_ in h.csv_list(args.passes, str, PASSES):
+                    columns = {"ours": h.layer_call(inst.layers["ours"], inst.params,
                                                   inst.weights, s, pass_)}
-                    columns["cvxpylayers"] = layer_call(inst.layers["cvxpyl"], inst.params,
+                    columns["cvxpylayers"] = h.layer_call(inst.layers["cvxpyl"], inst.params,
                                                         inst.weights, s, pass_) \
                         if "cvxpyl" in inst.layers else None
                     if args.auto:
-                        columns["ours auto"] = layer_call(inst.layers["auto"], inst.params,
+                        columns["ours auto"] = h.layer_call(inst.layers["auto"], inst.params,
                                                           inst.weights, auto_args(s), pass_) \
                             if "auto" in inst.layers else None
                     shown = GRADIENT_COLS if pass_ == "fwd+bwd" else SOLUTION_COLS
@@ -309,13 +291,13 @@ def build_cases(args, peer, peer_note) -> list[Case]:
                     labels = {"problem": name, "size": SPECS[name].size, "B": str(B),
                               "solver_args": setting, "pass": pass_}
                     notes = ([peer_note] if peer_note else []) + ([AUTO_NOTE] if args.auto else [])
-                    cases.append(Case(labels, columns, extras if pass_ != "infer" else None,
+                    cases.append(h.Case(labels, columns, extras if pass_ != "infer" else None,
                                       notes))
     return cases
 
 
 def main(argv=None) -> None:
-    p = argument_parser(__doc__.splitlines()[0], repeats=5, warmup=1)
+    p = h.argument_parser(__doc__.splitlines()[0], repeats=5, warmup=1)
     p.add_argument("--problems", default=",".join(SPECS), help=f"subset of {', '.join(SPECS)}")
     p.add_argument("--batch", default="1,16",
                    help="batch sizes; 1 means unbatched inputs (default 1,16)")
@@ -330,21 +312,21 @@ def main(argv=None) -> None:
     if args.quick:
         args.problems, args.batch, args.settings, args.repeats = "socp,softmax-10", "1,4", \
             "default", 3
-    setup(args.threads)
-    peer, note = optional_import("cvxpylayers.torch")
-    cases = select(build_cases(args, peer, note), args.filter)
+    h.setup(args.threads)
+    peer, note = h.optional_import("cvxpylayers.torch")
+    cases = h.select(build_cases(args, peer, note), args.filter)
     if args.profile:
-        return emit(profile(cases, args.repeats), args.out, __file__)
+        return h.emit(h.profile(cases, args.repeats), args.out, __file__)
     start = time.perf_counter()
-    results = run(cases, repeats=args.repeats, warmup=args.warmup, collect=not args.no_gc)
-    text = (header("Conic path vs cvxpylayers (SCS via diffcp, identical solver_args)", args,
+    results = h.run(cases, repeats=args.repeats, warmup=args.warmup, collect=not args.no_gc)
+    text = (h.header("Conic path vs cvxpylayers (SCS via diffcp, identical solver_args)", args,
                    ["cvxpy", "diffcp", "scs", "cvxpylayers", "numpy", "scipy"],
                    "; errors are max abs vs the closed-form reference")
-            + markdown_table(results, "ours", [c for c in SOLUTION_COLS + GRADIENT_COLS
+            + h.markdown_table(results, "ours", [c for c in SOLUTION_COLS + GRADIENT_COLS
                                                if args.auto or not c.endswith("auto")])
-            + "\n" + "\n".join(ratio_summary(results, "cvxpylayers", "pass", SLOWER))
+            + "\n" + "\n".join(h.ratio_summary(results, "cvxpylayers", "pass", SLOWER))
             + f"\n\n(total {time.perf_counter() - start:.0f} s)\n")
-    emit(text, args.out, __file__)
+    h.emit(text, args.out, __file__)
 
 
 if __name__ == "__main__":

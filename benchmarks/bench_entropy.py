@@ -25,25 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cvxpy as cp
+import harness as h
 import numpy as np
 import torch
-from harness import (
-    CVXPYL_CLARABEL_TIGHT,
-    Case,
-    Result,
-    argument_parser,
-    csv_list,
-    emit,
-    environment,
-    fwd_bwd,
-    lu_trap_threads,
-    markdown_table,
-    optional_import,
-    profile,
-    run,
-    setup,
-    with_threads,
-)
 from references import log_sinkhorn, simplex_projection, sparsemax, sparsemax_jacobian
 
 from declarative.torch import CvxpyLayer
@@ -55,7 +39,7 @@ SINKHORN_TOL, SINKHORN_SWEEPS = 1e-12, 50
 REF_SINKHORN_TOL, REF_SINKHORN_SWEEPS = 1e-14, 300
 CVX_SETTINGS = {
     "scs": ("cvxpyl SCS", {"solve_method": "SCS", "eps": 1e-8, "max_iters": 100_000}),
-    "clarabel": ("cvxpyl Clarabel", CVXPYL_CLARABEL_TIGHT),
+    "clarabel": ("cvxpyl Clarabel", h.CVXPYL_CLARABEL_TIGHT),
     "scs-default": ("cvxpyl SCS default", {"solve_method": "SCS"}),
 }
 FAST = ("ours", "torch")
@@ -81,12 +65,12 @@ class Row:
 def _columns(problem, params, variables, tensors, theta, w, peer, settings, torch_fn):
     """ours, torch and one column per cvxpylayers setting, each (z, ∇θ) after fwd+bwd."""
     ours = CvxpyLayer(problem, parameters=params, variables=variables)
-    calls = {"ours": fwd_bwd(lambda: ours(*tensors)[0], [theta], [w]),
-             "torch": fwd_bwd(torch_fn, [theta], [w])}
+    calls = {"ours": h.fwd_bwd(lambda: ours(*tensors)[0], [theta], [w]),
+             "torch": h.fwd_bwd(torch_fn, [theta], [w])}
     layer = None if peer is None else peer.CvxpyLayer(problem, parameters=params,
                                                        variables=variables)
     for name, args in settings:
-        calls[name] = None if layer is None else fwd_bwd(
+        calls[name] = None if layer is None else h.fwd_bwd(
             lambda a=args: layer(*tensors, solver_args=dict(a))[0], [theta], [w])
     return calls, ours.backend
 
@@ -131,12 +115,12 @@ def sparsemax_row(n: int, batch: int, peer, qpth_qp, qpth_threads, settings) -> 
                             lambda: sparsemax(theta))
     calls["qpth"], notes = None, []
     if qpth_qp is not None and qpth_threads != "off":
-        Q, G, h, A, b = sparsemax_qp_data(n)
+        Q, *GhAb = sparsemax_qp_data(n)
         fn = qpth_qp.QPFunction(verbose=-1, maxIter=QPTH_MAXITER)
-        threads, note = lu_trap_threads(f"sparsemax-{n}", n + 1, __file__,
+        threads, note = h.lu_trap_threads(f"sparsemax-{n}", n + 1, __file__,
                                         {"n": n, "batch": batch}, qpth_threads)
         notes += [note] if note else []
-        calls["qpth"] = with_threads(fwd_bwd(lambda: fn(Q, -2.0 * theta, G, h, A, b), [theta],
+        calls["qpth"] = h.with_threads(h.fwd_bwd(lambda: fn(Q, -2.0 * theta, *GhAb), [theta],
                                              [w]), threads)
 
     def reference():  # row by row: z = max(y − t, 0), ∇ = (diag(s) − ssᵀ/|S|) w
@@ -176,7 +160,7 @@ def ot_row(r: int, c: int, batch: int, peer, settings, scs_eps: float) -> Row:
 def _probe_main(spec: dict) -> None:
     """qpth's LU-trap probe (a subprocess): one fwd+bwd, checked against the closed form."""
     torch.set_num_threads(spec["threads"])
-    qpth_qp, note = optional_import("qpth.qp")
+    qpth_qp, note = h.optional_import("qpth.qp")
     if qpth_qp is None:
         raise SystemExit(note)
     theta, _ = _data(0, (spec["batch"], spec["n"]))
@@ -189,11 +173,7 @@ def _probe_main(spec: dict) -> None:
     print('"ok"')
 
 
-# ---------------------------------------------------------------------------
-# Timing (a fast and a slow group per row), accuracy, report
-# ---------------------------------------------------------------------------
-
-def time_row(row: Row, args) -> Result:
+def time_row(row: Row, args) -> h.Result:
     labels = {"problem": row.name, "size": row.size, "B": str(row.batch),
               "route (ours)": row.route}
 
@@ -216,12 +196,12 @@ def time_row(row: Row, args) -> Result:
         groups.append((slow, args.large_repeats, 0, not args.no_gc) if row.large
                       else (slow, args.slow_repeats, args.warmup, not args.no_gc))
     for columns, repeats, warmup, collect in groups:
-        (res,) = run([Case(labels, columns)], repeats, warmup, collect, None, args.case_timeout)
+        (res,) = h.run([h.Case(labels, columns)], repeats, warmup, collect, None, args.case_timeout)
         times.update(res.times)
         failures.update(res.failures)
-    full = Case(labels, {k: (lambda: None) if c else None for k, c in row.calls.items()},
+    full = h.Case(labels, {k: (lambda: None) if c else None for k, c in row.calls.items()},
                 notes=row.notes)
-    return Result(full, times, failures, {})
+    return h.Result(full, times, failures, {})
 
 
 def accuracy_table(rows: list[Row], columns: list[str]) -> str:
@@ -239,7 +219,7 @@ def accuracy_table(rows: list[Row], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary(rows: list[Row], results: list[Result]) -> str:
+def summary(rows: list[Row], results: list[h.Result]) -> str:
     lines = []
     for row, res in zip(rows, results):
         ours = res.median_ms("ours")
@@ -252,7 +232,7 @@ def summary(rows: list[Row], results: list[Result]) -> str:
 
 
 def main(argv=None) -> None:
-    p = argument_parser(__doc__.splitlines()[0], repeats=15, warmup=1)
+    p = h.argument_parser(__doc__.splitlines()[0], repeats=15, warmup=1)
     p.add_argument("--problems", default="softmax,sparsemax,ot", help="softmax, sparsemax, ot")
     p.add_argument("--sizes", default="10,100,1000", help="n for softmax and sparsemax")
     p.add_argument("--batch", type=int, default=16, help="batch of softmax, sparsemax (16)")
@@ -279,17 +259,17 @@ def main(argv=None) -> None:
     if args.quick:
         args.sizes, args.ot = "10,100", "20x20"
         args.repeats, args.slow_repeats, args.large_repeats = 5, 2, 1
-    setup(args.threads)
-    peer, peer_note = optional_import("cvxpylayers.torch")
-    qpth_qp, qpth_note = (None, None) if args.no_qpth else optional_import("qpth.qp")
-    cvx = [CVX_SETTINGS[s] for s in csv_list(args.cvx_settings, str, CVX_SETTINGS)]
+    h.setup(args.threads)
+    peer, peer_note = h.optional_import("cvxpylayers.torch")
+    qpth_qp, qpth_note = (None, None) if args.no_qpth else h.optional_import("qpth.qp")
+    cvx = [CVX_SETTINGS[s] for s in h.csv_list(args.cvx_settings, str, CVX_SETTINGS)]
     qpth_threads = "off" if args.no_qpth else args.qpth_threads
     rows: list[Row] = []
-    for kind in csv_list(args.problems, str, {"softmax", "sparsemax", "ot"}):
+    for kind in h.csv_list(args.problems, str, {"softmax", "sparsemax", "ot"}):
         if kind == "ot":
             r, c = (int(x) for x in args.ot.lower().split("x"))
             rows.append(ot_row(r, c, args.ot_batch, peer, cvx, args.ot_scs_eps))
-        for n in csv_list(args.sizes, int) if kind != "ot" else ():
+        for n in h.csv_list(args.sizes, int) if kind != "ot" else ():
             rows.append(softmax_row(n, args.batch, peer, cvx) if kind == "softmax" else
                         sparsemax_row(n, args.batch, peer, qpth_qp, qpth_threads, cvx))
     rows = [r for r in rows if not args.filter
@@ -300,8 +280,8 @@ def main(argv=None) -> None:
         r.notes += [f"{r.name}: ours took the {r.route!r} path, not {expected!r}."
                     ] if r.route != expected else []
     if args.profile:
-        cases = [Case({"problem": r.name, "B": str(r.batch)}, r.calls) for r in rows]
-        return emit(profile(cases, lambda c: 5 if c.name.startswith("ot") else 300, FAST),
+        cases = [h.Case({"problem": r.name, "B": str(r.batch)}, r.calls) for r in rows]
+        return h.emit(h.profile(cases, lambda c: 5 if c.name.startswith("ot") else 300, FAST),
                     args.out, __file__)
     start, results = time.perf_counter(), []
     for i, row in enumerate(rows, 1):
@@ -314,16 +294,16 @@ def main(argv=None) -> None:
     columns = list(dict.fromkeys(c for r in rows for c, f in r.calls.items()))
     text = (
         "# Entropy and simplex paths vs torch, qpth and cvxpylayers (float64, CPU, fwd+bwd)\n\n"
-        f"{environment(['cvxpy', 'cvxpylayers', 'diffcp', 'scs', 'clarabel', 'qpth'])}\n"
+        f"{h.environment(['cvxpy', 'cvxpylayers', 'diffcp', 'scs', 'clarabel', 'qpth'])}\n"
         f"ours and torch: medians of {args.repeats} interleaved rounds after {args.warmup} "
         f"warmup call(s); peers: {args.slow_repeats} rounds ({args.large_repeats}, no warmup, "
         "at n = 1000 and on transport); every ratio is peer / ours, above 1: ours is faster\n\n"
-        + markdown_table(results, baseline="ours")
+        + h.markdown_table(results, baseline="ours")
         + "\n## Accuracy (max abs error of z and of ∇ vs the reference, from each column's "
         "last timed call)\n\n" + accuracy_table(rows, columns)
         + "\n## Summary\n\n" + summary(rows, results)
         + f"\n(total {time.perf_counter() - start:.0f} s)\n")
-    emit(text, args.out, __file__)
+    h.emit(text, args.out, __file__)
 
 
 if __name__ == "__main__":

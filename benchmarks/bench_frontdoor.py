@@ -25,33 +25,16 @@ import argparse
 import contextlib
 import json
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import cvxpy as cp
+import harness as h
 import numpy as np
 import torch
 from bench_conic import SPECS as CONIC
-from harness import (
-    CVXPYL_CLARABEL_TIGHT,
-    Case,
-    argument_parser,
-    csv_list,
-    emit,
-    header,
-    layer_call,
-    markdown_table,
-    optional_import,
-    ratio,
-    ratio_summary,
-    run,
-    run_child,
-    select,
-    setup,
-)
 from references import qp_polished_reference, reference_solve
 
 from declarative.torch import CvxpyLayer
@@ -166,10 +149,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-# ---------------------------------------------------------------------------
-# References (untimed)
-# ---------------------------------------------------------------------------
-
 @cache
 def _reference_problem(name: str):  # its own Parameters: the layers' are never touched
     return FAMILIES[name].build()
@@ -206,11 +185,7 @@ def reference_x(name: str, i: int, seed: int, batch: int) -> np.ndarray:
     return reference_solve(problem, params, values, [x], **CLARABEL_REF)[0]
 
 
-# ---------------------------------------------------------------------------
-# Cases, summary, memory
-# ---------------------------------------------------------------------------
-
-def build_cases(args, peer, note) -> list[Case]:
+def build_cases(args, peer, note) -> list[h.Case]:
     jobs = {"n_jobs_forward": args.threads, "n_jobs_backward": args.threads}
     top, cases = max(args.batch), []
     for name in args.families:
@@ -226,9 +201,9 @@ def build_cases(args, peer, note) -> list[Case]:
             w = [torch.tensor(np.random.default_rng([args.seed, 1]).standard_normal(
                 lead + variables[0].shape))]
             layers = {"ours": (ours, jobs if ours.backend == "conic" else None),
-                      "cvxpylayers": (theirs, jobs), "cvxpyl tight": (theirs, CVXPYL_CLARABEL_TIGHT
-                                                                     | jobs)}
-            columns = {k: None if lay is None else layer_call(lay, tensors, w, a)
+                      "cvxpylayers": (theirs, jobs),
+                      "cvxpyl tight": (theirs, h.CVXPYL_CLARABEL_TIGHT | jobs)}
+            columns = {k: None if lay is None else h.layer_call(lay, tensors, w, a)
                        for k, (lay, a) in layers.items()}
 
             def extras(layers=layers, tensors=tensors, B=B, name=name):
@@ -243,7 +218,7 @@ def build_cases(args, peer, note) -> list[Case]:
                 return out
 
             labels = {"family": name, "size": fam.size, "B": str(B), "route": ours.backend}
-            cases.append(Case(labels, columns, extras, [note] if note else []))
+            cases.append(h.Case(labels, columns, extras, [note] if note else []))
     return cases
 
 
@@ -251,7 +226,7 @@ def pivot(results, peer: str, batches) -> str:
     """``peer / ours`` per family (rows) and batch (columns)."""
     cells: dict[str, dict[str, str]] = {}
     for r in results:
-        q = ratio(r, peer, "ours")
+        q = h.ratio(r, peer, "ours")
         cells.setdefault(r.case.labels["family"], {})[r.case.labels["B"]] = \
             "—" if q is None else f"{q:.2f}"
     head = ["family"] + [f"B={b}" for b in batches]
@@ -277,12 +252,12 @@ def _memory_child(spec: dict) -> dict:
 
     def call(B):
         y = torch.tensor(rng.standard_normal((B, spec["n"])), requires_grad=True)
-        return layer_call(layer, [y], [torch.ones(B, spec["n"], dtype=torch.float64)], args)()
+        return h.layer_call(layer, [y], [torch.ones(B, spec["n"], dtype=torch.float64)], args)()
 
     call(2)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = h.peak_rss_mb()
     call(spec["batch"])
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    peak = h.peak_rss_mb() - base
     start = time.perf_counter()
     call(spec["batch"])
     return {"s": time.perf_counter() - start, "mb": peak,
@@ -294,14 +269,14 @@ def memory_table(args, libs) -> str:
              "|---|---:|---:|---|---:|---:|"]
     for lib in libs:
         spec = {"lib": lib, "n": 200, "batch": args.memory_batch, "threads": args.threads}
-        ok, r = run_child(__file__, spec, args.memory_timeout)
+        ok, r = h.run_child(__file__, spec, args.memory_timeout)
         lines.append(f"| {lib} | 200 | {args.memory_batch} | " + (
             f"{r['route']} | {r['s']:.2f} | {r['mb']:.0f} |" if ok else f"failed: {r} | | |"))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    p = argument_parser(__doc__.splitlines()[0], repeats=3, warmup=1, threads=1)
+    p = h.argument_parser(__doc__.splitlines()[0], repeats=3, warmup=1, threads=1)
     p.add_argument("--families", default=",".join(FAMILIES), help=", ".join(FAMILIES))
     p.add_argument("--batch", default="1,16,64", help="batch sizes; 1: unbatched inputs")
     p.add_argument("--ref-samples", type=int, default=4, help="samples checked (default 4)")
@@ -316,25 +291,25 @@ def main(argv=None) -> None:
     if args.quick:
         args.batch, args.repeats, args.ref_samples = "1,16", 2, 2
         args.memory_batch = min(args.memory_batch, 32)
-    args.families = csv_list(args.families, str, FAMILIES)
-    args.batch = csv_list(args.batch, int)
-    setup(args.threads)
-    peer, note = optional_import("cvxpylayers.torch")
+    args.families = h.csv_list(args.families, str, FAMILIES)
+    args.batch = h.csv_list(args.batch, int)
+    h.setup(args.threads)
+    peer, note = h.optional_import("cvxpylayers.torch")
     start = time.perf_counter()
-    results = run(select(build_cases(args, peer, note), args.filter), args.repeats,
+    results = h.run(h.select(build_cases(args, peer, note), args.filter), args.repeats,
                   args.warmup, not args.no_gc)
-    text = header("Front door: CvxpyLayer (auto) vs cvxpylayers, forward + backward", args,
+    text = h.header("Front door: CvxpyLayer (auto) vs cvxpylayers, forward + backward", args,
                   ["cvxpy", "cvxpylayers", "diffcp", "scs", "ecos", "clarabel", "numpy"],
                   f"; err: max |x − x_ref| over the first {args.ref_samples} samples")
-    text += markdown_table(results, "ours", [f"err {c}" for c in ("ours",) + PEERS])
+    text += h.markdown_table(results, "ours", [f"err {c}" for c in ("ours",) + PEERS])
     text += "\n## Summary\n\n" + "\n".join(pivot(results, c, args.batch) for c in PEERS)
     for c in PEERS:
-        lines = ratio_summary(results, c)[:1] + ratio_summary(results, c, "B")[:-1]
+        lines = h.ratio_summary(results, c)[:1] + h.ratio_summary(results, c, "B")[:-1]
         text += "\n" + "\n".join(lines)
     if args.memory_batch > 0:
         text += (f"\n\n## Projection n = 200, batch {args.memory_batch}: time and memory\n\n"
                  + memory_table(args, ["ours"] + (["cvxpylayers"] if peer else [])))
-    emit(text + f"\n(total {time.perf_counter() - start:.0f} s)\n", args.out, __file__)
+    h.emit(text + f"\n(total {time.perf_counter() - start:.0f} s)\n", args.out, __file__)
 
 
 if __name__ == "__main__":

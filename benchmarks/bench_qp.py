@@ -22,25 +22,9 @@ import json
 import math
 import time
 
+import harness as h
 import numpy as np
 import torch
-from harness import (
-    Case,
-    argument_parser,
-    csv_list,
-    emit,
-    header,
-    lu_trap_threads,
-    markdown_table,
-    noise_flag,
-    optional_import,
-    profile,
-    ratio,
-    run,
-    select,
-    setup,
-    with_threads,
-)
 from references import central_differences, qp_polished_reference, qp_reference, random_qp_arrays
 from references import rel_err as _rel
 
@@ -161,7 +145,7 @@ class CvxpyLayersQP:
 def _probe_main(spec: dict) -> None:
     """qpth's LU-trap probe (a subprocess): 3 fwd+bwd calls checked against ours."""
     torch.set_num_threads(spec["threads"])
-    qpth_qp, note = optional_import("qpth.qp")
+    qpth_qp, note = h.optional_import("qpth.qp")
     if qpth_qp is None:
         raise SystemExit(note)
     inst = make_instance(spec["neq"], spec["mode"], spec["batch"])
@@ -171,10 +155,6 @@ def _probe_main(spec: dict) -> None:
             raise SystemExit("non-finite gradient")
     print('"ok"')
 
-
-# ---------------------------------------------------------------------------
-# Accuracy
-# ---------------------------------------------------------------------------
 
 def reference_z(inst: Instance, i: int) -> np.ndarray:
     """Sample i: Clarabel polished on its active set (`references.qp_polished_reference`),
@@ -229,7 +209,7 @@ def qpth_iterations(qpth_qp, inst: Instance, threads: int | None) -> int:
     buf = io.StringIO()
     fn = qpth_qp.QPFunction(verbose=1, maxIter=QPTH_MAXITER)
     with contextlib.redirect_stdout(buf), torch.no_grad():
-        with_threads(lambda: fn(*inst.inputs), threads)()
+        h.with_threads(lambda: fn(*inst.inputs), threads)()
     return sum(1 for line in buf.getvalue().splitlines() if line.startswith("iter:"))
 
 
@@ -238,7 +218,7 @@ def forward_accuracy(inst, qpth_qp, threads, samples) -> dict:
     out = {"z err ours": z_error(inst, z, samples), "ours iters": str(int(info.iterations.max()))}
     out["Clarabel raw err"] = max(inst.cache[("raw", i)] for i in range(min(samples, inst.batch)))
     if qpth_qp is not None:
-        zq = with_threads(lambda: qpth_fn(qpth_qp)(*inst.inputs), threads)()
+        zq = h.with_threads(lambda: qpth_fn(qpth_qp)(*inst.inputs), threads)()
         out["z err qpth"] = z_error(inst, zq, samples)
         out["qpth iters"] = str(qpth_iterations(qpth_qp, inst, threads))
     return out
@@ -250,7 +230,7 @@ def backward_accuracy(inst, qpth_qp, threads, fd_coords) -> dict:
         out["grad FD rel (ours)"], out["worst input"] = fd_check(inst, fd_coords)
     if qpth_qp is not None:
         _, g_ours = solve_and_grad(ours_fn(), inst)
-        _, g_q = with_threads(lambda: solve_and_grad(qpth_fn(qpth_qp), inst), threads)()
+        _, g_q = h.with_threads(lambda: solve_and_grad(qpth_fn(qpth_qp), inst), threads)()
         # qpth averages a shared input's gradient over the batch; autograd (and we) sum.
         g_q = [g if inst.is_batched(n) else g * inst.batch for n, g in zip(inst.grad_names(), g_q)]
         out["grad ours-qpth rel"] = max(_rel(a, b) for a, b in zip(g_q, g_ours))
@@ -267,18 +247,14 @@ def cvx_accuracy(inst: Instance, layer: CvxpyLayersQP, samples: int, pass_: str)
                                         if n != "L")}  # its Q-gradient is in L
 
 
-# ---------------------------------------------------------------------------
-# Cases, report, main
-# ---------------------------------------------------------------------------
-
-def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[Case], list[Case]]:
+def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[h.Case], list[h.Case]]:
     main, cvx = [], []
     for neq in args.neq:
         for mode in args.modes:
             inst = make_instance(neq, mode, args.batch, args.device, DTYPES[args.dtype])
             notes, threads = [qpth_note] if qpth_note else [], None
             if qpth_qp is not None and args.device == "cpu":  # the trap is MKL's CPU LU
-                threads, note = lu_trap_threads(
+                threads, note = h.lu_trap_threads(
                     f"neq={neq} {mode}", NINEQ + neq, __file__,
                     {"neq": neq, "mode": mode, "batch": args.batch}, args.qpth_threads)
                 notes += [note] if note else []
@@ -286,14 +262,14 @@ def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[Case], lis
             label = {"QP": f"n={N}, nineq={NINEQ}, neq={neq}",
                      "batched": "all" if mode == "all" else "p, h only"}
             for pass_ in args.passes:
-                qpth = None if qpth_qp is None else with_threads(
+                qpth = None if qpth_qp is None else h.with_threads(
                     make_call(qpth_fn(qpth_qp), inst, pass_, ref_z), threads)
 
                 def extras(i=inst, t=threads, p=pass_):
                     return (forward_accuracy(i, qpth_qp, t, args.ref_samples) if p == "fwd"
                             else backward_accuracy(i, qpth_qp, t, args.fd_coords))
 
-                main.append(Case(label | {"B": str(args.batch), "pass": pass_},
+                main.append(h.Case(label | {"B": str(args.batch), "pass": pass_},
                                  {"ours": make_call(ours_fn(), inst, pass_), "qpth": qpth},
                                  None if args.no_accuracy else extras, list(notes)))
             if args.cvx_batch <= 0 or args.device != "cpu":
@@ -307,7 +283,7 @@ def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[Case], lis
                 def cvx_extras(s=small, lay=layer, p=pass_):
                     return cvx_accuracy(s, lay, args.ref_samples, p)
 
-                cvx.append(Case(label | {"B": str(small.batch), "pass": pass_}, columns,
+                cvx.append(h.Case(label | {"B": str(small.batch), "pass": pass_}, columns,
                                 None if args.no_accuracy or layer is None else cvx_extras,
                                 [cvx_note] if cvx_note else []))
     return main, cvx
@@ -318,12 +294,12 @@ def summary(main, cvx, batch: int, float64: bool) -> str:
     lines = []
     rows = [r for r in main if r.case.labels["pass"] == "fwd+bwd"]
     for r in rows:
-        q = ratio(r, "qpth", "ours")
+        q = h.ratio(r, "qpth", "ours")
         if q is not None:
             lines.append(f"- qpth / ours, fwd+bwd, {r.case.labels['QP']}, "
-                         f"{r.case.labels['batched']} batched: {q:.2f}" + noise_flag(r))
+                         f"{r.case.labels['batched']} batched: {q:.2f}" + h.noise_flag(r))
     for r in (r for r in cvx if r.case.labels["pass"] == "fwd+bwd"):
-        direct, k = ratio(r, "cvxpylayers", "ours"), int(r.case.labels["B"])
+        direct, k = h.ratio(r, "cvxpylayers", "ours"), int(r.case.labels["B"])
         if direct is None:
             continue
         big = next((b for b in rows if b.case.labels["QP"] == r.case.labels["QP"]
@@ -335,7 +311,7 @@ def summary(main, cvx, batch: int, float64: bool) -> str:
             line += (f"; {peer * batch / k / big.median_ms('ours'):.1f} with cvxpylayers scaled "
                      f"linearly to B = {batch} ({peer:.0f} ms × {batch}/{k}) over ours at "
                      f"B = {batch}")
-        lines.append(line + noise_flag(r, big))
+        lines.append(line + h.noise_flag(r, big))
     for r in main if float64 else []:
         where = f"{r.case.labels['QP']}, {r.case.labels['batched']}"
         if r.extras.get("z err ours") is not None:
@@ -347,7 +323,7 @@ def summary(main, cvx, batch: int, float64: bool) -> str:
 
 
 def main(argv=None) -> None:
-    p = argument_parser(__doc__.splitlines()[0], repeats=5, warmup=1)
+    p = h.argument_parser(__doc__.splitlines()[0], repeats=5, warmup=1)
     p.add_argument("--batch", type=int, default=128, help="batch size B (default 128)")
     p.add_argument("--neq", default="0,50", help="equality counts (default 0,50)")
     p.add_argument("--modes", default="all,shared", help="all, shared (only p, h batched)")
@@ -373,38 +349,38 @@ def main(argv=None) -> None:
     if args.quick:
         args.batch, args.cvx_batch = 32, min(args.cvx_batch, 4)
         args.repeats, args.cvx_repeats, args.ref_samples, args.fd_coords = 3, 2, 2, 2
-    args.neq = csv_list(args.neq, int)
-    args.modes = csv_list(args.modes, str, {"all", "shared"})
-    args.passes = csv_list(args.passes, str, {"fwd", "fwd+bwd"})
+    args.neq = h.csv_list(args.neq, int)
+    args.modes = h.csv_list(args.modes, str, {"all", "shared"})
+    args.passes = h.csv_list(args.passes, str, {"fwd", "fwd+bwd"})
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available")
-    setup(args.threads)
-    qpth_qp, qpth_note = optional_import("qpth.qp")
-    cvx_peer, cvx_note = (optional_import("cvxpylayers.torch") if args.cvx_batch > 0
+    h.setup(args.threads)
+    qpth_qp, qpth_note = h.optional_import("qpth.qp")
+    cvx_peer, cvx_note = (h.optional_import("cvxpylayers.torch") if args.cvx_batch > 0
                           else (None, None))
     start = time.perf_counter()
-    main_cases, cvx_cases = (select(c, args.filter)
+    main_cases, cvx_cases = (h.select(c, args.filter)
                              for c in build(args, qpth_qp, qpth_note, cvx_peer, cvx_note))
     if args.profile:
-        return emit(profile(main_cases, max(1, min(args.repeats, 3)), ("ours",)), args.out,
+        return h.emit(h.profile(main_cases, max(1, min(args.repeats, 3)), ("ours",)), args.out,
                     __file__)
     kw = dict(warmup=args.warmup, collect=not args.no_gc, timeout=args.case_timeout)
-    main_res = run(main_cases, args.repeats, **kw)
-    cvx_res = run(cvx_cases, args.cvx_repeats, **kw)
+    main_res = h.run(main_cases, args.repeats, **kw)
+    cvx_res = h.run(cvx_cases, args.cvx_repeats, **kw)
     dev = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
-    text = header(f"Dense QP: declarative.QPFunction vs qpth{' vs cvxpylayers' if cvx_res else ''}"
-                  f" ({args.dtype}, {dev})", args,
+    peers = "qpth" + (" vs cvxpylayers" if cvx_res else "")
+    text = h.header(f"Dense QP: declarative.QPFunction vs {peers} ({args.dtype}, {dev})", args,
                   ["qpth", "cvxpylayers", "cvxpy", "diffcp", "scs", "clarabel", "numpy"],
                   f"; errors: max |z − z_ref| over the first {args.ref_samples} samples (z_ref: "
                   "Clarabel polished on its active set), gradient errors relative")
-    text += markdown_table(main_res, "ours", FWD_COLS + BWD_COLS)
+    text += h.markdown_table(main_res, "ours", FWD_COLS + BWD_COLS)
     if cvx_res:
         text += (f"\n## cvxpylayers (diffcp + SCS, default tolerances) at B = "
                  f"{cvx_cases[0].labels['B']}, {args.cvx_repeats} rounds\n\n"
-                 + markdown_table(cvx_res, "ours", ("z err cvxpyl", "grad ours-cvxpyl rel")))
+                 + h.markdown_table(cvx_res, "ours", ("z err cvxpyl", "grad ours-cvxpyl rel")))
     text += ("\n## Summary\n\n" + summary(main_res, cvx_res, args.batch, args.dtype == "float64")
              + f"\n(total {time.perf_counter() - start:.0f} s)\n")
-    emit(text, args.out, __file__)
+    h.emit(text, args.out, __file__)
 
 
 if __name__ == "__main__":

@@ -86,20 +86,22 @@ class Result:
         return (q3 - q1) / statistics.median(t)
 
 
+def _attempt(fn: Callable[[], Any], failures: dict, name: str) -> bool:
+    """Call ``fn``; on an error record it under ``name`` and return False (one failing
+    column must not sink the whole run)."""
+    try:
+        fn()
+        return True
+    except Exception as err:
+        failures[name] = f"{type(err).__name__}: {err}"
+        return False
+
+
 def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Result:
     """Warm up, then time the case's columns in interleaved, rotated rounds."""
     failures: dict[str, str] = {}
-    live: list[tuple[str, Callable[[], Any]]] = []
-    for name, fn in case.columns.items():
-        if fn is None:
-            continue
-        try:
-            for _ in range(warmup):
-                fn()
-        except Exception as err:  # a failing column must not sink the whole run
-            failures[name] = f"{type(err).__name__}: {err}"
-            continue
-        live.append((name, fn))
+    live = [(name, fn) for name, fn in case.columns.items() if fn is not None and _attempt(
+        lambda f=fn: [f() for _ in range(warmup)], failures, name)]
     times: dict[str, list[float]] = {name: [] for name, _ in live}
     for r in range(repeats):
         k = r % len(live) if live else 0
@@ -107,18 +109,11 @@ def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Re
             if collect:
                 gc.collect()  # a collection inside a timed call is noise
             start = time.perf_counter()
-            try:
-                fn()
-            except Exception as err:
-                failures[name] = f"{type(err).__name__}: {err}"
-                continue
-            times[name].append(time.perf_counter() - start)
-    extras: dict[str, float | str | None] = {}
+            if _attempt(fn, failures, name):
+                times[name].append(time.perf_counter() - start)
+    extras: dict = {}
     if case.extras is not None:
-        try:
-            extras = dict(case.extras())
-        except Exception as err:
-            failures["extras"] = f"{type(err).__name__}: {err}"
+        _attempt(lambda: extras.update(case.extras()), failures, "extras")
     return Result(case, times, failures, extras)
 
 
@@ -129,29 +124,16 @@ def run(cases: Iterable[Case], repeats: int = 5, warmup: int = 1, collect: bool 
     results, cases = [], list(cases)
     for i, case in enumerate(cases, 1):
         start = time.perf_counter()
-        with watchdog(timeout):
-            results.append(time_case(case, repeats, warmup, collect))
+        if timeout:
+            faulthandler.dump_traceback_later(timeout, exit=True)
+        results.append(time_case(case, repeats, warmup, collect))
+        faulthandler.cancel_dump_traceback_later()
         if progress is not None:
             meds = ", ".join(f"{c} {fmt_ms(results[-1].median_ms(c))}" for c in case.columns)
             print(f"[{i}/{len(cases)}] {case.name}: {meds} ms "
                   f"({time.perf_counter() - start:.1f} s)", file=progress, flush=True)
     return results
 
-
-@contextlib.contextmanager
-def watchdog(seconds: float | None):
-    if seconds:
-        faulthandler.dump_traceback_later(seconds, exit=True)
-    try:
-        yield
-    finally:
-        if seconds:
-            faulthandler.cancel_dump_traceback_later()
-
-
-# ---------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------
 
 def ratio(result: Result, column: str, baseline: str) -> float | None:
     """median(column) / median(baseline), ``None`` when either is missing."""
@@ -164,11 +146,7 @@ def fmt_ms(v: float | None) -> str:
 
 
 def _fmt_extra(v: float | str | None) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, str):
-        return v
-    return "nan" if v != v else f"{v:.1e}"
+    return "" if v is None else v if isinstance(v, str) else "nan" if v != v else f"{v:.1e}"
 
 
 def markdown_table(results: Sequence[Result], baseline: str | None = None,
@@ -280,10 +258,6 @@ def header(title: str, args, packages: Sequence[str], what: str = "") -> str:
             f"every ratio is peer / ours, above 1: ours is faster{what}\n\n")
 
 
-# ---------------------------------------------------------------------------
-# Command line, threads, output
-# ---------------------------------------------------------------------------
-
 def argument_parser(description: str, repeats: int = 5, warmup: int = 1,
                     threads: int | None = None) -> argparse.ArgumentParser:
     """The options every benchmark shares."""
@@ -341,10 +315,6 @@ def emit(text: str, out: str | None, script: str) -> None:
         f.write(text)
     print(f"(written to {os.path.relpath(path)})", file=sys.stderr)
 
-
-# ---------------------------------------------------------------------------
-# Calls, peers, subprocesses
-# ---------------------------------------------------------------------------
 
 def fwd_bwd(solve: Callable[[], Any], inputs: Sequence, weights: Sequence,
             pass_: str = "fwd+bwd") -> Callable[[], Any]:
@@ -411,6 +381,18 @@ def run_child(script: str, spec: dict, timeout: float | None = None, flag: str =
     return True, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec;
+    ru_maxrss would carry over the forking parent's peak."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 _PROBES: dict[str, tuple[bool, Any]] = {}
 
 
@@ -443,10 +425,6 @@ def lu_trap_threads(name: str, size: int, script: str, spec: dict,
                f"batched LU is unreliable with 2 threads from {LU_TRAP_SIZE}×{LU_TRAP_SIZE}; "
                "its column runs with torch.set_num_threads(1).")
 
-
-# ---------------------------------------------------------------------------
-# Profiles
-# ---------------------------------------------------------------------------
 
 # Where profiled time goes, by the component that spent it (own time).
 COMPONENTS = (
