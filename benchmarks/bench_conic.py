@@ -247,7 +247,7 @@ def accuracy(name: str, batch: int, setting: str) -> dict[str, float | None]:
     for key, layer in inst.layers.items():
         try:
             outs, grads = h.layer_call(layer, inst.params, inst.weights,
-                                     auto_args(args) if key == "auto" else args)()
+                                       auto_args(args) if key == "auto" else args)()
             runs[key] = ([o.detach() for o in outs], grads)
         except Exception:  # its timing column reports the failure
             pass
@@ -275,13 +275,13 @@ def build_cases(args, peer, peer_note) -> list[h.Case]:
                 s = SETTINGS[setting]
                 for pass_ in h.csv_list(args.passes, str, PASSES):
                     columns = {"ours": h.layer_call(inst.layers["ours"], inst.params,
-                                                  inst.weights, s, pass_)}
+                                                    inst.weights, s, pass_)}
                     columns["cvxpylayers"] = h.layer_call(inst.layers["cvxpyl"], inst.params,
-                                                        inst.weights, s, pass_) \
+                                                          inst.weights, s, pass_) \
                         if "cvxpyl" in inst.layers else None
                     if args.auto:
                         columns["ours auto"] = h.layer_call(inst.layers["auto"], inst.params,
-                                                          inst.weights, auto_args(s), pass_) \
+                                                            inst.weights, auto_args(s), pass_) \
                             if "auto" in inst.layers else None
                     shown = GRADIENT_COLS if pass_ == "fwd+bwd" else SOLUTION_COLS
 
@@ -292,7 +292,7 @@ def build_cases(args, peer, peer_note) -> list[h.Case]:
                               "solver_args": setting, "pass": pass_}
                     notes = ([peer_note] if peer_note else []) + ([AUTO_NOTE] if args.auto else [])
                     cases.append(h.Case(labels, columns, extras if pass_ != "infer" else None,
-                                      notes))
+                                        notes))
     return cases
 
 
@@ -320,10 +320,10 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     results = h.run(cases, repeats=args.repeats, warmup=args.warmup, collect=not args.no_gc)
     text = (h.header("Conic path vs cvxpylayers (SCS via diffcp, identical solver_args)", args,
-                   ["cvxpy", "diffcp", "scs", "cvxpylayers", "numpy", "scipy"],
-                   "; errors are max abs vs the closed-form reference")
+                     ["cvxpy", "diffcp", "scs", "cvxpylayers", "numpy", "scipy"],
+                     "; errors are max abs vs the closed-form reference")
             + h.markdown_table(results, "ours", [c for c in SOLUTION_COLS + GRADIENT_COLS
-                                               if args.auto or not c.endswith("auto")])
+                                                 if args.auto or not c.endswith("auto")])
             + "\n" + "\n".join(h.ratio_summary(results, "cvxpylayers", "pass", SLOWER))
             + f"\n\n(total {time.perf_counter() - start:.0f} s)\n")
     h.emit(text, args.out, __file__)

@@ -68,7 +68,7 @@ def _columns(problem, params, variables, tensors, theta, w, peer, settings, torc
     calls = {"ours": h.fwd_bwd(lambda: ours(*tensors)[0], [theta], [w]),
              "torch": h.fwd_bwd(torch_fn, [theta], [w])}
     layer = None if peer is None else peer.CvxpyLayer(problem, parameters=params,
-                                                       variables=variables)
+                                                      variables=variables)
     for name, args in settings:
         calls[name] = None if layer is None else h.fwd_bwd(
             lambda a=args: layer(*tensors, solver_args=dict(a))[0], [theta], [w])
@@ -118,10 +118,10 @@ def sparsemax_row(n: int, batch: int, peer, qpth_qp, qpth_threads, settings) -> 
         Q, *GhAb = sparsemax_qp_data(n)
         fn = qpth_qp.QPFunction(verbose=-1, maxIter=QPTH_MAXITER)
         threads, note = h.lu_trap_threads(f"sparsemax-{n}", n + 1, __file__,
-                                        {"n": n, "batch": batch}, qpth_threads)
+                                          {"n": n, "batch": batch}, qpth_threads)
         notes += [note] if note else []
         calls["qpth"] = h.with_threads(h.fwd_bwd(lambda: fn(Q, -2.0 * theta, *GhAb), [theta],
-                                             [w]), threads)
+                                                 [w]), threads)
 
     def reference():  # row by row: z = max(y − t, 0), ∇ = (diag(s) − ssᵀ/|S|) w
         zs, gs = [], []
@@ -200,7 +200,7 @@ def time_row(row: Row, args) -> h.Result:
         times.update(res.times)
         failures.update(res.failures)
     full = h.Case(labels, {k: (lambda: None) if c else None for k, c in row.calls.items()},
-                notes=row.notes)
+                  notes=row.notes)
     return h.Result(full, times, failures, {})
 
 
@@ -282,7 +282,7 @@ def main(argv=None) -> None:
     if args.profile:
         cases = [h.Case({"problem": r.name, "B": str(r.batch)}, r.calls) for r in rows]
         return h.emit(h.profile(cases, lambda c: 5 if c.name.startswith("ot") else 300, FAST),
-                    args.out, __file__)
+                      args.out, __file__)
     start, results = time.perf_counter(), []
     for i, row in enumerate(rows, 1):
         t0 = time.perf_counter()

@@ -297,10 +297,10 @@ def main(argv=None) -> None:
     peer, note = h.optional_import("cvxpylayers.torch")
     start = time.perf_counter()
     results = h.run(h.select(build_cases(args, peer, note), args.filter), args.repeats,
-                  args.warmup, not args.no_gc)
+                    args.warmup, not args.no_gc)
     text = h.header("Front door: CvxpyLayer (auto) vs cvxpylayers, forward + backward", args,
-                  ["cvxpy", "cvxpylayers", "diffcp", "scs", "ecos", "clarabel", "numpy"],
-                  f"; err: max |x − x_ref| over the first {args.ref_samples} samples")
+                    ["cvxpy", "cvxpylayers", "diffcp", "scs", "ecos", "clarabel", "numpy"],
+                    f"; err: max |x − x_ref| over the first {args.ref_samples} samples")
     text += h.markdown_table(results, "ours", [f"err {c}" for c in ("ours",) + PEERS])
     text += "\n## Summary\n\n" + "\n".join(pivot(results, c, args.batch) for c in PEERS)
     for c in PEERS:

@@ -106,7 +106,7 @@ def make_call(fn, inst: Instance, pass_: str, check: torch.Tensor | None = None)
             if not bool(torch.isfinite(z).all()) or err > tol:
                 raise RuntimeError(f"garbage output: max |z - z_ours| = {err:.3g}")
         out = z if pass_ == "fwd" else torch.autograd.grad((inst.weights * z).sum(),
-                                                             inst.grad_inputs())
+                                                           inst.grad_inputs())
         sync()  # CUDA kernels are asynchronous: the time must include them
         return out
 
@@ -180,7 +180,7 @@ def z_error(inst: Instance, z: torch.Tensor, samples: int) -> float:
 def solve_and_grad(fn, inst: Instance):
     z = fn(*inst.inputs)
     return z.detach(), [g.detach() for g in torch.autograd.grad((inst.weights * z).sum(),
-                                                               inst.grad_inputs())]
+                                                                inst.grad_inputs())]
 
 
 def fd_check(inst: Instance, coords: int, seed: int = 0) -> tuple[float, str]:
@@ -270,8 +270,8 @@ def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[h.Case], l
                             else backward_accuracy(i, qpth_qp, t, args.fd_coords))
 
                 main.append(h.Case(label | {"B": str(args.batch), "pass": pass_},
-                                 {"ours": make_call(ours_fn(), inst, pass_), "qpth": qpth},
-                                 None if args.no_accuracy else extras, list(notes)))
+                                   {"ours": make_call(ours_fn(), inst, pass_), "qpth": qpth},
+                                   None if args.no_accuracy else extras, list(notes)))
             if args.cvx_batch <= 0 or args.device != "cpu":
                 continue
             small = inst.sliced(min(args.cvx_batch, args.batch))
@@ -284,8 +284,8 @@ def build(args, qpth_qp, qpth_note, cvx_peer, cvx_note) -> tuple[list[h.Case], l
                     return cvx_accuracy(s, lay, args.ref_samples, p)
 
                 cvx.append(h.Case(label | {"B": str(small.batch), "pass": pass_}, columns,
-                                None if args.no_accuracy or layer is None else cvx_extras,
-                                [cvx_note] if cvx_note else []))
+                                  None if args.no_accuracy or layer is None else cvx_extras,
+                                  [cvx_note] if cvx_note else []))
     return main, cvx
 
 
@@ -363,16 +363,16 @@ def main(argv=None) -> None:
                              for c in build(args, qpth_qp, qpth_note, cvx_peer, cvx_note))
     if args.profile:
         return h.emit(h.profile(main_cases, max(1, min(args.repeats, 3)), ("ours",)), args.out,
-                    __file__)
+                      __file__)
     kw = dict(warmup=args.warmup, collect=not args.no_gc, timeout=args.case_timeout)
     main_res = h.run(main_cases, args.repeats, **kw)
     cvx_res = h.run(cvx_cases, args.cvx_repeats, **kw)
     dev = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
     peers = "qpth" + (" vs cvxpylayers" if cvx_res else "")
     text = h.header(f"Dense QP: declarative.QPFunction vs {peers} ({args.dtype}, {dev})", args,
-                  ["qpth", "cvxpylayers", "cvxpy", "diffcp", "scs", "clarabel", "numpy"],
-                  f"; errors: max |z − z_ref| over the first {args.ref_samples} samples (z_ref: "
-                  "Clarabel polished on its active set), gradient errors relative")
+                    ["qpth", "cvxpylayers", "cvxpy", "diffcp", "scs", "clarabel", "numpy"],
+                    f"; errors: max |z − z_ref| over the first {args.ref_samples} samples (z_ref: "
+                    "Clarabel polished on its active set), gradient errors relative")
     text += h.markdown_table(main_res, "ours", FWD_COLS + BWD_COLS)
     if cvx_res:
         text += (f"\n## cvxpylayers (diffcp + SCS, default tolerances) at B = "
