@@ -200,7 +200,7 @@ def compare(quick: bool, repeats: int, threads: int, lines: list[str]) -> None:
 
 
 def main(argv=None):
-    p = argument_parser(__doc__.splitlines()[0], repeats=3, warmup=1)
+    p = argument_parser(__doc__.splitlines()[0], repeats=3, warmup=None)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--no-figure", action="store_true", help="skip the figure")
     p.add_argument("--figure", default=FIGURE, help="where the figure goes (default "
@@ -212,7 +212,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         return print(json.dumps(child(json.loads(args.child))))
-    if args.threads is None:  # each child gets this process's count (OMP_NUM_THREADS applies)
+    if args.threads is None:  # each child gets this process's (OMP_NUM_THREADS applies)
         import torch
 
         args.threads = torch.get_num_threads()

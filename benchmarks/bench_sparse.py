@@ -6,7 +6,7 @@
 nonzeros per row, declared ``cp.Parameter((n, n), sparsity=pattern)`` and passed
 as a torch sparse tensor (θ holds only the nonzeros; the gradient comes back
 sparse), against the same problem with a dense parameter (what cvxpylayers
-requires) at small n. Each configuration runs in a fresh process on one thread;
+requires) at small n. Each configuration runs in a fresh process (--threads, 1);
 "build peak MB" is the growth of its peak resident memory while the layer is
 built. Every row solves through diffcp with Clarabel (``--solve-method``): SCS
 at its defaults takes thousands of iterations on this cone form (6500 at
@@ -27,7 +27,7 @@ def child(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec["threads"])
     n, sparse = spec["n"], spec["kind"] == "sparse"
     rng = np.random.default_rng(0)
     pattern = np.unique(np.stack([np.repeat(np.arange(n), 5), rng.integers(0, n, 5 * n)]), axis=1)
@@ -58,7 +58,7 @@ def child(spec: dict) -> dict:
 
 
 def main(argv=None):
-    p = argument_parser(__doc__.splitlines()[0])
+    p = argument_parser(__doc__.splitlines()[0], repeats=None, warmup=None, threads=1)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="1000,2000,4000", help="n of the sparse rows")
     p.add_argument("--dense-sizes", default="250,500", help="n of the dense rows")
@@ -76,7 +76,7 @@ def main(argv=None):
              "| n | parameter | library | nnz(A) | build (s) | build peak MB | "
              "solve + backward (s) | gradient |", "|---:|---|---|---:|---:|---:|---:|---|"]
     for n, kind, lib in rows:
-        ok, r = run_child(__file__, dict(n=n, kind=kind, lib=lib,
+        ok, r = run_child(__file__, dict(n=n, kind=kind, lib=lib, threads=args.threads,
                                          solve_method=args.solve_method), args.timeout)
         lines.append(f"| {n} | {kind} | {lib} | " + (
             f"{r['nnz']} | {r['build_s']:.1f} | {r['build_peak_mb']:.0f} | {r['solve_s']:.2f} | "

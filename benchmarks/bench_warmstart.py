@@ -59,7 +59,7 @@ def run_loop(layer, inputs_at, steps):
 
 
 def main(argv=None):
-    p = argument_parser(__doc__.splitlines()[0])
+    p = argument_parser(__doc__.splitlines()[0], repeats=None, warmup=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args(argv)

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --out gpu_report.md   # about 5–10 min
     python benchmarks/gpu_check.py --skip-tests --batch 2048 --dtypes float32
+    python benchmarks/gpu_check.py --device cpu --quick   # a dry run of the script itself
 
 Each step runs in a subprocess with a timeout and no standard input:
 ``pytest -m cuda tests``, then ``bench_qp.py --device cuda --batch 1024`` per
@@ -35,7 +36,7 @@ def _step(cmd: list[str], timeout: float) -> tuple[str, str, float]:
 
 
 def main(argv=None) -> int:
-    p = argument_parser(__doc__.splitlines()[0], repeats=5)
+    p = argument_parser(__doc__.splitlines()[0], repeats=5, warmup=None)
     p.add_argument("--batch", type=int, default=1024, help="QP batch size (default 1024)")
     p.add_argument("--dtypes", default="float64,float32", help="default float64,float32")
     p.add_argument("--test-timeout", type=float, default=900, help="seconds for pytest (900)")
@@ -59,12 +60,15 @@ def main(argv=None) -> int:
     steps = [] if args.skip_tests else [("pytest -m cuda", [
         sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
         os.path.join(ROOT, "tests")], args.test_timeout, 40)]
+    bench = [sys.executable, os.path.join(HERE, "bench_qp.py"), "--device", args.device,
+             "--batch", str(args.batch), "--cvx-batch", "0", "--repeats", str(args.repeats),
+             "--ref-samples", "2", "--case-timeout", str(max(60.0, args.bench_timeout / 2))]
+    bench += (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--quick"] if args.quick else [])
     for dtype in [] if args.skip_bench else csv_list(args.dtypes):
-        steps.append((f"QP benchmark, {dtype}, B = {args.batch}", [
-            sys.executable, os.path.join(HERE, "bench_qp.py"), "--device", args.device, "--dtype",
-            dtype, "--batch", str(args.batch), "--cvx-batch", "0", "--repeats", str(args.repeats),
-            "--ref-samples", "2", "--case-timeout", str(max(60.0, args.bench_timeout / 2)),
-            "--out", os.path.join(HERE, "results", f"gpu_qp_{dtype}.md")], args.bench_timeout, 60))
+        out = os.path.join(HERE, "results", f"gpu_qp_{dtype}.md")
+        steps.append((f"QP benchmark, {dtype}",
+                      bench + ["--dtype", dtype, "--out", out], args.bench_timeout, 60))
     for title, cmd, timeout, tail in steps:
         status, text, secs = _step(cmd, timeout)
         ok &= status == "ok"  # pytest's 5 (nothing collected) is a failure too: the tests exist

@@ -258,24 +258,27 @@ def header(title: str, args, packages: Sequence[str], what: str = "") -> str:
             f"every ratio is peer / ours, above 1: ours is faster{what}\n\n")
 
 
-def argument_parser(description: str, repeats: int = 5, warmup: int = 1,
+def argument_parser(description: str, repeats: int | None = 5, warmup: int | None = 1,
                     threads: int | None = None) -> argparse.ArgumentParser:
-    """The options every benchmark shares."""
+    """The options every benchmark shares; ``repeats`` / ``warmup`` None: a benchmark
+    that does not time rounds of cases (no --repeats, --warmup, --filter, --no-gc)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--repeats", type=int, default=repeats,
-                   help=f"timed rounds per row; the median is reported (default {repeats})")
-    p.add_argument("--warmup", type=int, default=warmup,
-                   help=f"untimed calls per column before timing (default {warmup})")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats,
+                       help=f"timed rounds per row; the median is reported (default {repeats})")
+    if warmup is not None:
+        p.add_argument("--warmup", type=int, default=warmup,
+                       help=f"untimed calls per column before timing (default {warmup})")
+        p.add_argument("--filter", default=None,
+                       help="only rows whose labels, joined by ' | ', contain this text")
+        p.add_argument("--no-gc", action="store_true",
+                       help="do not run gc.collect() before each timed call")
     p.add_argument("--threads", type=int, default=threads,
                    help="torch (and BLAS) threads for the whole run (default: "
                         + ("torch's own)" if threads is None else f"{threads})"))
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--out", default=None,
                    help="where the report goes (default benchmarks/results/<script>.md)")
-    p.add_argument("--filter", default=None,
-                   help="only rows whose labels, joined by ' | ', contain this text")
-    p.add_argument("--no-gc", action="store_true",
-                   help="do not run gc.collect() before each timed call")
     return p
 
 
