@@ -309,10 +309,12 @@ def select(cases: Iterable[Case], pattern: str | None) -> list[Case]:
     return [c for c in cases if pattern.lower() in c.name.lower()] if pattern else cases
 
 
-def emit(text: str, out: str | None, script: str) -> None:
-    """Print ``text`` and write it to ``out`` (default benchmarks/results/<script>.md)."""
+def emit(text: str, out: str | None, script: str | None = None) -> None:
+    """Print ``text`` and write it to ``out`` (default benchmarks/results/<script>.md,
+    ``script`` by default the running one)."""
     print(text)
-    path = out or os.path.join(RESULTS, os.path.splitext(os.path.basename(script))[0] + ".md")
+    name = os.path.splitext(os.path.basename(script or sys.argv[0]))[0]
+    path = out or os.path.join(RESULTS, name + ".md")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
