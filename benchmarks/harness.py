@@ -1,47 +1,53 @@
-"""A small timing harness: named cases, several timed columns, a Markdown table.
+"""The benchmarks' shared harness: timing, tables, options, threads, peers, profiles.
 
-Model. A `Case` is one row of the table: a few descriptive labels (problem,
-batch size, ...) and several *columns*, callables that do the same work in
-different ways (ours vs a peer). `run` times every column of a case in the
-same loop:
+A `Case` is one row: labels and timed *columns*, callables doing the same work
+in different ways (ours vs a peer). `run` warms each column up (a column that
+raises there is marked failed), then times ``repeats`` rounds in which every
+column runs once, in an order rotated by one per round, so drift and bursts of
+noise on a shared machine hit all columns alike; a column's time is the median
+of its rounds. ``extras`` (run once, untimed) add columns such as errors
+against a reference. Every ratio is ``peer / ours``: above 1, ours is faster.
+A missing peer's column is ``None`` and shows "—" with a note.
 
-    warmup   each column is called ``warmup`` times, untimed (compilation,
-             caches, thread pools); a column that raises here is marked
-             failed and dropped from the case
-    repeat   ``repeats`` rounds; in each round every column is called once,
-             in an order rotated by one per round, so slow drift and bursts
-             of noise on a shared machine hit all columns alike
-    median   the reported time of a column is the median of its rounds
-
-A case may also carry ``extras``, a callable run once after the timing
-whose dict of numbers (e.g. max error vs a reference) becomes extra columns.
-
-`markdown_table` prints the medians in ms and, for each column, the ratio of
-its median to the median of a baseline column (``peer / ours``: above 1
-means the baseline is faster). Peers are optional: `optional_import` returns
-``None`` and a note when one is missing, the case's column is then ``None``
-and shows as "—" with the note under the table.
-
-Framework-free on purpose: ``time.perf_counter``, ``statistics``, ``gc``.
+Importing this module puts ``tests/`` on sys.path, so the benchmarks use the
+tests' reference solvers (``references``) rather than copies.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import faulthandler
 import gc
 import importlib
 import importlib.metadata
+import io
+import json
+import math
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")  # ignored by git
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 MISSING = "—"
+NOISY = 0.2  # IQR / median above this: the row was timed while the machine was busy
+# cvxpylayers' tight column: Clarabel through diffcp at tolerances well below our own.
+CVXPYL_CLARABEL_TIGHT = {"solve_method": "Clarabel", "tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10,
+                         "tol_feas": 1e-10, "tol_ktratio": 1e-8}
+LU_TRAP_SIZE = 150  # torch's batched CPU LU with 2 threads fails from about this size
+PROBE_TIMEOUT = 120  # seconds for a subprocess probe of a peer that may hang
 
 
 @dataclass
@@ -80,21 +86,22 @@ class Result:
         return (q3 - q1) / statistics.median(t)
 
 
+def _attempt(fn: Callable[[], Any], failures: dict, name: str) -> bool:
+    """Call ``fn``; on an error record it under ``name`` and return False (one failing
+    column must not sink the whole run)."""
+    try:
+        fn()
+        return True
+    except Exception as err:
+        failures[name] = f"{type(err).__name__}: {err}"
+        return False
+
+
 def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Result:
     """Warm up, then time the case's columns in interleaved, rotated rounds."""
     failures: dict[str, str] = {}
-    live: list[tuple[str, Callable[[], Any]]] = []
-    for name, fn in case.columns.items():
-        if fn is None:
-            continue
-        try:
-            for _ in range(warmup):
-                fn()
-        except Exception as err:  # a failing column must not sink the whole run
-            failures[name] = f"{type(err).__name__}: {err}"
-            continue
-        live.append((name, fn))
-
+    live = [(name, fn) for name, fn in case.columns.items() if fn is not None and _attempt(
+        lambda f=fn: [f() for _ in range(warmup)], failures, name)]
     times: dict[str, list[float]] = {name: [] for name, _ in live}
     for r in range(repeats):
         k = r % len(live) if live else 0
@@ -102,77 +109,50 @@ def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Re
             if collect:
                 gc.collect()  # a collection inside a timed call is noise
             start = time.perf_counter()
-            try:
-                fn()
-            except Exception as err:
-                failures[name] = f"{type(err).__name__}: {err}"
-                continue
-            times[name].append(time.perf_counter() - start)
-
-    extras: dict[str, float | str | None] = {}
+            if _attempt(fn, failures, name):
+                times[name].append(time.perf_counter() - start)
+    extras: dict = {}
     if case.extras is not None:
-        try:
-            extras = dict(case.extras())
-        except Exception as err:
-            extras = {}
-            failures["extras"] = f"{type(err).__name__}: {err}"
+        _attempt(lambda: extras.update(case.extras()), failures, "extras")
     return Result(case, times, failures, extras)
 
 
 def run(cases: Iterable[Case], repeats: int = 5, warmup: int = 1, collect: bool = True,
-        progress: TextIO | None = sys.stderr) -> list[Result]:
-    """Time each case in turn; prints one progress line per case to ``progress``."""
-    results = []
-    cases = list(cases)
+        progress: TextIO | None = sys.stderr, timeout: float | None = None) -> list[Result]:
+    """Time each case in turn (one progress line each); ``timeout`` seconds per case
+    ends the run with a traceback (a hung batched LU never returns)."""
+    results, cases = [], list(cases)
     for i, case in enumerate(cases, 1):
         start = time.perf_counter()
-        res = time_case(case, repeats, warmup, collect)
-        results.append(res)
+        if timeout:
+            faulthandler.dump_traceback_later(timeout, exit=True)
+        results.append(time_case(case, repeats, warmup, collect))
+        faulthandler.cancel_dump_traceback_later()
         if progress is not None:
-            meds = ", ".join(f"{c} {_fmt_ms(res.median_ms(c))}" for c in case.columns)
+            meds = ", ".join(f"{c} {fmt_ms(results[-1].median_ms(c))}" for c in case.columns)
             print(f"[{i}/{len(cases)}] {case.name}: {meds} ms "
                   f"({time.perf_counter() - start:.1f} s)", file=progress, flush=True)
     return results
 
 
-# ---------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------
-
 def ratio(result: Result, column: str, baseline: str) -> float | None:
     """median(column) / median(baseline), ``None`` when either is missing."""
     num, den = result.median_ms(column), result.median_ms(baseline)
-    if num is None or den is None or den == 0:
-        return None
-    return num / den
+    return None if num is None or den is None or den == 0 else num / den
 
 
-def _fmt_ms(v: float | None) -> str:
-    if v is None:
-        return MISSING
-    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+def fmt_ms(v: float | None) -> str:
+    return MISSING if v is None else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
 def _fmt_extra(v: float | str | None) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, str):
-        return v
-    if v != v:  # NaN
-        return "nan"
-    return f"{v:.1e}"
+    return "" if v is None else v if isinstance(v, str) else "nan" if v != v else f"{v:.1e}"
 
 
 def markdown_table(results: Sequence[Result], baseline: str | None = None,
                    extra_columns: Sequence[str] | None = None, spread: bool = True) -> str:
-    """The results as a Markdown table, with ``column / baseline`` ratio columns.
-
-    Columns: the labels, then each timed column's median in ms, then for each
-    non-baseline column its ratio to ``baseline``, then (``spread``) the
-    largest interquartile range over median among the timed columns, in %,
-    then the extras (in ``extra_columns`` order, or in order of first
-    appearance). Failures and skipped columns become footnotes.
-    """
+    """The results as a Markdown table: labels, medians (ms), ``column / baseline``
+    ratios, the noisiest column's IQR/median (%), extras; failures as footnotes."""
     if not results:
         return "(no cases)\n"
     label_keys = _union(r.case.labels for r in results)
@@ -180,9 +160,7 @@ def markdown_table(results: Sequence[Result], baseline: str | None = None,
     ratio_cols = [c for c in timed if baseline is not None and c != baseline]
     extras = list(extra_columns) if extra_columns is not None else _union(
         r.extras for r in results)
-
-    header = (label_keys + [f"{c} (ms)" for c in timed]
-              + [f"{c} / {baseline}" for c in ratio_cols]
+    header = (label_keys + [f"{c} (ms)" for c in timed] + [f"{c} / {baseline}" for c in ratio_cols]
               + (["IQR/med %"] if spread else []) + extras)
     align = ["---"] * len(label_keys) + ["---:"] * (len(header) - len(label_keys))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -194,77 +172,128 @@ def markdown_table(results: Sequence[Result], baseline: str | None = None,
                 cells.append("failed")
                 notes[f"{r.case.name}: {c} failed: {r.failures[c]}"] = None
             else:
-                cells.append(_fmt_ms(r.median_ms(c)))
+                cells.append(fmt_ms(r.median_ms(c)))
         for c in ratio_cols:
             q = ratio(r, c, baseline)
             cells.append(MISSING if q is None else f"{q:.2f}")
         if spread:
-            spreads = [v for v in (r.spread(c) for c in timed) if v is not None]
-            cells.append(f"{100 * max(spreads):.0f}" if spreads else MISSING)
+            worst = max_spread(r)
+            cells.append(MISSING if worst is None else f"{100 * worst:.0f}")
         cells += [_fmt_extra(r.extras.get(k)) for k in extras]
         lines.append("| " + " | ".join(cells) + " |")
-        for note in r.case.notes:
-            notes[note] = None
+        notes.update(dict.fromkeys(r.case.notes))
         if "extras" in r.failures:
             notes[f"{r.case.name}: extras failed: {r.failures['extras']}"] = None
     out = "\n".join(lines) + "\n"
-    if notes:
-        out += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    return out
+    return out + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
+
+
+def max_spread(*results: Result | None) -> float | None:
+    spreads = [s for r in results if r is not None for s in map(r.spread, r.times)
+               if s is not None]
+    return max(spreads, default=None)
+
+
+def noise_flag(*results: Result | None) -> str:
+    worst = max_spread(*results) or 0.0
+    return (f" [noisy: IQR/med {100 * worst:.0f} %, rerun this row with --filter]"
+            if worst > NOISY else "")
+
+
+def geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def ratio_summary(results: Sequence[Result], peer: str, group: str | None = None,
+                  slower_below: float = 1.0) -> list[str]:
+    """Per group (a label, or all rows): the geometric mean of ``peer / ours`` and the
+    worst row; then the rows below ``slower_below`` (ours slower), worst first."""
+    groups: dict[str, list[tuple[float, Result]]] = {}
+    for r in results:
+        q = ratio(r, peer, "ours")
+        if q is not None:
+            key = f"{group} = {r.case.labels[group]}" if group else "all rows"
+            groups.setdefault(key, []).append((q, r))
+    lines, slow = [], []
+    for g, items in groups.items():
+        q_min, worst = min(items, key=lambda t: t[0])
+        lines.append(f"- {g}: geometric mean of {peer} / ours = "
+                     f"{geomean([q for q, _ in items]):.2f} over {len(items)} rows; worst "
+                     f"{q_min:.2f} ({worst.case.name})")
+        slow += [(q, r) for q, r in items if q < slower_below]
+    slow.sort(key=lambda t: t[0])
+    lines.append(f"- rows with {peer} / ours below {slower_below:g}: "
+                 + ("; ".join(f"{r.case.name} ({q:.2f})" for q, r in slow) if slow else "none"))
+    return lines
 
 
 def _union(dicts: Iterable[Any]) -> list[str]:
     seen: dict[str, None] = {}
     for d in dicts:
-        for k in d:
-            seen.setdefault(k, None)
+        seen.update(dict.fromkeys(d))
     return list(seen)
 
 
 def environment(packages: Sequence[str] = ()) -> str:
-    """One line naming the machine and the versions that matter for the timings."""
-    parts = [f"python {platform.python_version()}", f"{os.cpu_count()} CPUs",
-             platform.machine()]
+    """One line naming the machine, the versions that matter and the load average."""
+    parts = [f"python {platform.python_version()}", f"{os.cpu_count()} CPUs", platform.machine()]
     for p in packages:
         try:
             parts.append(f"{p} {importlib.metadata.version(p)}")
         except importlib.metadata.PackageNotFoundError:
             parts.append(f"{p} not installed")
-    try:
+    with contextlib.suppress(ImportError):
         import torch
 
         parts.append(f"torch threads {torch.get_num_threads()}")
-    except ImportError:
-        pass
+    with contextlib.suppress(OSError):
+        parts.append("load average (1, 5, 15 min) " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     return ", ".join(parts)
 
 
-# ---------------------------------------------------------------------------
-# Optional peers and the command line
-# ---------------------------------------------------------------------------
-
-def optional_import(module: str) -> tuple[Any, str | None]:
-    """``(module, None)``, or ``(None, note)`` when the peer cannot be imported."""
-    try:
-        return importlib.import_module(module), None
-    except Exception as err:  # ImportError, or a peer broken by our pins
-        return None, f"{module} unavailable ({type(err).__name__}: {err}); its column is skipped."
+def header(title: str, args, packages: Sequence[str], what: str = "") -> str:
+    """The report's title, environment and timing convention."""
+    return (f"# {title}\n\n{environment(packages)}\n"
+            f"medians of {args.repeats} interleaved rounds after {args.warmup} warmup call(s); "
+            f"every ratio is peer / ours, above 1: ours is faster{what}\n\n")
 
 
-def argument_parser(description: str, repeats: int = 5, warmup: int = 1) -> argparse.ArgumentParser:
-    """The options every benchmark shares: --repeats, --warmup, --out, --filter."""
+def argument_parser(description: str, repeats: int | None = 5, warmup: int | None = 1,
+                    threads: int | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``repeats`` / ``warmup`` None: a benchmark
+    that does not time rounds of cases (no --repeats, --warmup, --filter, --no-gc)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--repeats", type=int, default=repeats,
-                   help=f"timed rounds per case; the median is reported (default {repeats})")
-    p.add_argument("--warmup", type=int, default=warmup,
-                   help=f"untimed calls per column before timing (default {warmup})")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats,
+                       help=f"timed rounds per row; the median is reported (default {repeats})")
+    if warmup is not None:
+        p.add_argument("--warmup", type=int, default=warmup,
+                       help=f"untimed calls per column before timing (default {warmup})")
+        p.add_argument("--filter", default=None,
+                       help="only rows whose labels, joined by ' | ', contain this text")
+        p.add_argument("--no-gc", action="store_true",
+                       help="do not run gc.collect() before each timed call")
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch (and BLAS) threads for the whole run (default: "
+                        + ("torch's own)" if threads is None else f"{threads})"))
+    p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--out", default=None,
-                   help="also write the Markdown table to this file")
-    p.add_argument("--filter", default=None,
-                   help="only run cases whose label text contains this substring")
-    p.add_argument("--no-gc", action="store_true",
-                   help="do not run gc.collect() before each timed call")
+                   help="where the report goes (default benchmarks/results/<script>.md)")
     return p
+
+
+def setup(threads: int | None) -> None:
+    """Thread counts for torch and BLAS; silence the solvers' warnings (statuses are
+    reported, and a warning printed inside a timed call is noise)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        with contextlib.suppress(ImportError):
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(threads)
+    warnings.simplefilter("ignore")
 
 
 def csv_list(text: str, cast=str, allowed=None) -> list:
@@ -275,9 +304,55 @@ def csv_list(text: str, cast=str, allowed=None) -> list:
     return items
 
 
-# ---------------------------------------------------------------------------
-# Threads and probes (the batched-LU trap of NOTES.md)
-# ---------------------------------------------------------------------------
+def select(cases: Iterable[Case], pattern: str | None) -> list[Case]:
+    cases = list(cases)
+    return [c for c in cases if pattern.lower() in c.name.lower()] if pattern else cases
+
+
+def emit(text: str, out: str | None, script: str | None = None) -> None:
+    """Print ``text`` and write it to ``out`` (default benchmarks/results/<script>.md,
+    ``script`` by default the running one)."""
+    print(text)
+    name = os.path.splitext(os.path.basename(script or sys.argv[0]))[0]
+    path = out or os.path.join(RESULTS, name + ".md")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"(written to {os.path.relpath(path)})", file=sys.stderr)
+
+
+def fwd_bwd(solve: Callable[[], Any], inputs: Sequence, weights: Sequence,
+            pass_: str = "fwd+bwd") -> Callable[[], Any]:
+    """A column: ``solve()`` (``fwd``; ``infer``: under no_grad), or ``fwd+bwd``:
+    then ``autograd.grad`` of Σ_k sum(w_k · out_k) in ``inputs``: (outputs, gradients)."""
+    import torch
+
+    def call():
+        if pass_ != "fwd+bwd":
+            with torch.set_grad_enabled(pass_ == "fwd"):
+                return solve()
+        out = solve()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        loss = sum((w * o).sum() for w, o in zip(weights, outs))
+        return outs, torch.autograd.grad(loss, list(inputs))
+
+    return call
+
+
+def layer_call(layer, params: Sequence, weights: Sequence, solver_args: dict | None = None,
+               pass_: str = "fwd+bwd") -> Callable[[], Any]:
+    """`fwd_bwd` of a CvxpyLayer (ours or cvxpylayers') called on ``params``."""
+    kw = {} if solver_args is None else {"solver_args": dict(solver_args)}
+    return fwd_bwd(lambda: layer(*params, **kw), params, weights, pass_)
+
+
+def optional_import(module: str) -> tuple[Any, str | None]:
+    """``(module, None)``, or ``(None, note)`` when the peer cannot be imported."""
+    try:
+        return importlib.import_module(module), None
+    except Exception as err:  # ImportError, or a peer broken by our pins
+        return None, f"{module} unavailable ({type(err).__name__}: {err}); its column is skipped."
+
 
 def with_threads(fn: Callable, threads: int | None) -> Callable:
     """Run ``fn`` under torch.set_num_threads(threads) (None: leave alone)."""
@@ -297,31 +372,125 @@ def with_threads(fn: Callable, threads: int | None) -> Callable:
     return wrapped
 
 
-def probe(argv: list[str], timeout: float) -> tuple[bool, str]:
-    """Run ``argv`` (a check that may hang or crash) in a subprocess: (ok, its last
-    line of output, or why it failed)."""
+def run_child(script: str, spec: dict, timeout: float | None = None, flag: str = "--child"):
+    """Run ``script flag <spec as JSON>`` in a fresh process: (ok, the JSON its last
+    line of output holds, or why it failed)."""
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run([sys.executable, os.path.abspath(script), flag, json.dumps(spec)],
+                             capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return False, f"hung (no answer in {timeout:g} s)"
-    lines = (out.stdout + out.stderr).strip().splitlines()
+    lines = (out.stdout + out.stderr).strip().splitlines() or [f"rc {out.returncode}"]
     if out.returncode != 0:
-        return False, (lines[-1] if lines else f"rc {out.returncode}")[:200]
-    return True, (lines[-1] if lines else "ok")[:200]
+        return False, lines[-1][:200]
+    return True, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def select(cases: Iterable[Case], pattern: str | None) -> list[Case]:
-    cases = list(cases)
-    if not pattern:
-        return cases
-    return [c for c in cases if pattern.lower() in c.name.lower()]
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec;
+    ru_maxrss would carry over the forking parent's peak."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def emit(text: str, out: str | None) -> None:
-    """Print ``text``; also write it to ``out`` when given."""
-    print(text)
-    if out:
-        directory = os.path.dirname(os.path.abspath(out))
-        os.makedirs(directory, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
+_PROBES: dict[str, tuple[bool, Any]] = {}
+
+
+def lu_trap_threads(name: str, size: int, script: str, spec: dict,
+                    choice: str = "auto") -> tuple[int | None, str]:
+    """Thread count and note for a qpth column that factors ``size``×``size`` systems.
+
+    torch's batched LU on CPU with 2 threads gives wrong pivots or hangs from about
+    150×150 (shared/NOTES.md). With ``choice="auto"`` such a column is probed first
+    (``script --probe-qpth spec`` in a subprocess, which must print JSON and fail on
+    garbage); if the probe fails the column runs with one thread, and the note says so.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if choice != "auto":
+        k = int(choice)
+        return k, f"{name}: qpth runs with torch.set_num_threads({k}) (--qpth-threads)."
+    if size < LU_TRAP_SIZE or threads == 1:
+        return None, ""
+    key = json.dumps([script, spec])
+    if key not in _PROBES:
+        _PROBES[key] = run_child(script, dict(spec, threads=threads), PROBE_TIMEOUT,
+                                 "--probe-qpth")
+    ok, why = _PROBES[key]
+    if ok:
+        return None, (f"{name}: qpth's {size}×{size} batched LU passed a {threads}-thread probe "
+                      "(checked against ours); timed with the run's threads.")
+    return 1, (f"{name}: qpth with {threads} threads failed in the probe ({why}): torch's "
+               f"batched LU is unreliable with 2 threads from {LU_TRAP_SIZE}×{LU_TRAP_SIZE}; "
+               "its column runs with torch.set_num_threads(1).")
+
+
+# Where profiled time goes, by the component that spent it (own time).
+COMPONENTS = (
+    ("declarative (ours)", ("/declarative/", "/canon/", "/backends/")),
+    ("cvxpylayers", ("cvxpylayers",)), ("diffcp derivative (C++)", ("_diffcp.",)),
+    ("diffcp (python)", ("/diffcp/",)), ("scs solve", ("scs",)), ("scipy", ("scipy",)),
+    ("threads / pools", ("threading", "concurrent", "multiprocessing", "threadpoolctl",
+                         "acquire", "_thread")),
+    ("torch", ("torch",)), ("numpy", ("numpy",)),
+)
+
+
+def _component(key) -> str:
+    text = f"{key[0]} {key[2]}"
+    return next((name for name, needles in COMPONENTS if any(n in text for n in needles)),
+                "other")
+
+
+def profile(cases: Sequence[Case], calls: int | Callable[[Case], int], columns=None,
+            top: int = 20) -> str:
+    """For each case and column: ms per call unprofiled, then cProfile by component and
+    the top functions by own time (µs per call), and torch.profiler's ops for ``ours``.
+    Worker threads are invisible to cProfile (diffcp's pool: profile with batch 1)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    out = io.StringIO()
+    for case in cases:
+        k = calls(case) if callable(calls) else calls
+        for column, fn in case.columns.items():
+            if fn is None or (columns is not None and column not in columns):
+                continue
+            fn()
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            plain = 1e3 * (time.perf_counter() - start) / k
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(k):
+                fn()
+            prof.disable()
+            stats = pstats.Stats(prof).stats
+            per: dict[str, float] = {}
+            for key, (_, _, own, _, _) in stats.items():
+                per[_component(key)] = per.get(_component(key), 0.0) + own
+            total = sum(per.values()) or 1.0
+            out.write(f"\n## {case.name}, {column}: {plain:.3f} ms per call (unprofiled, "
+                      f"mean of {k})\n\n```\n")
+            for name, t in sorted(per.items(), key=lambda kv: -kv[1]):
+                out.write(f"{name:<26} {1e3 * t / k:9.3f} ms  {100 * t / total:5.1f} %\n")
+            out.write(f"\n{'µs/call':>9} {'calls/call':>10}  function (own time)\n")
+            for (fname, line, func), (_, n, own, _, _) in sorted(
+                    stats.items(), key=lambda kv: -kv[1][2])[:top]:
+                where = f"{os.path.basename(fname)}:{line}({func})" if line else func
+                out.write(f"{1e6 * own / k:9.1f} {n / k:10.1f}  {where}\n")
+            out.write("```\n")
+            if column == "ours":
+                with tprofile(activities=[ProfilerActivity.CPU]) as tp:
+                    for _ in range(k):
+                        fn()
+                out.write("\ntorch.profiler (CPU ops, self time):\n\n```\n" + tp.key_averages(
+                    ).table(sort_by="self_cpu_time_total", row_limit=top) + "\n```\n")
+    return out.getvalue()

@@ -38,7 +38,10 @@ from helpers import (
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from scipy.special import logsumexp
+from references import log_sinkhorn as _sinkhorn
+from references import simplex_projection as _sparsemax_ref
+from references import sparsemax as _sparsemax_torch
+from references import sparsemax_jacobian as _sparsemax_jacobian
 
 from declarative import SolverError, Status
 from declarative.torch import CvxpyLayer
@@ -150,48 +153,6 @@ def _ot_data(rng, r, c, B=None):
 # ----------------------------------------------------------------------------
 
 
-def _sparsemax_ref(y, r=1.0):
-    """Sort-based projection onto {z ≥ 0, Σz = r} (Held et al. 1974; Duchi et al. 2008).
-
-    Returns z = max(y − t, 0), the threshold t and the support {i: yᵢ > t}
-    (entries exactly at the threshold are left out of it).
-    """
-    y = np.asarray(y, dtype=np.float64)
-    u = np.sort(y)[::-1]
-    css = np.cumsum(u)
-    k = np.arange(1, y.size + 1)
-    rho = int(k[u - (css - r) / k > 0].max())
-    t = (css[rho - 1] - r) / rho
-    z = np.maximum(y - t, 0.0)
-    _check_projection_kkt(y, z, t, r)
-    return z, t, y > t
-
-
-def _check_projection_kkt(y, z, t, r):
-    """z is the projection: feasible, and y − z = t on the support, y ≤ t off it."""
-    assert abs(z.sum() - r) <= 1e-12 * max(1.0, abs(r))
-    assert (z >= 0).all()
-    on = z > 0
-    assert np.abs((y - z)[on] - t).max() <= 1e-12 * max(1.0, np.abs(y).max())
-    assert (y[~on] <= t + 1e-12).all()
-
-
-def _sparsemax_jacobian(support):
-    """dz/dy = diag(s) − s sᵀ/|S|: centering restricted to the support."""
-    s = torch.as_tensor(support, dtype=DT)
-    return torch.diag(s) - torch.outer(s, s) / s.sum()
-
-
-def _sparsemax_torch(y, r=1.0):
-    """The closed form in torch, so autograd differentiates it (away from ties)."""
-    u, _ = torch.sort(y, descending=True)
-    k = torch.arange(1, y.numel() + 1, dtype=y.dtype)
-    css = torch.cumsum(u, 0)
-    rho = int((u - (css.detach() - r) / k > 0).sum())
-    t = (css[rho - 1] - r) / rho
-    return torch.clamp(y - t, min=0.0)
-
-
 def _exp_cone_reference(problem, parameters, values, variable):
     """CVXPY + ECOS at tight tolerances (Clarabel stops ~1e-6 short on these exp cones)."""
     old = [p.value for p in parameters]
@@ -205,28 +166,6 @@ def _exp_cone_reference(problem, parameters, values, variable):
     finally:
         for p, v in zip(parameters, old):
             p.value = v
-
-
-def _sinkhorn(C, a, b, tau, max_iter=100_000):
-    """Entropic transport plan by log-domain Sinkhorn: Z = exp((f ⊕ g − C)/τ) (scaled).
-
-    The optimality conditions of the layer's problem give Z_ij = exp((f_i + g_j −
-    C_ij)/τ − 1); the −1 is absorbed into f, so Sinkhorn's fixed point is it.
-    """
-    K = -np.asarray(C) / tau
-    f = np.zeros(len(a))
-    g = np.zeros(len(b))
-    for _ in range(max_iter):
-        f = np.log(a) - logsumexp(K + g[None, :], axis=1)
-        g = np.log(b) - logsumexp(K + f[:, None], axis=0)
-        Z = np.exp(K + f[:, None] + g[None, :])
-        # 1e-14: at τ = 0.01 the sweeps settle at round-off (a few 1e-16) and
-        # can keep oscillating above 1e-15.
-        if np.abs(Z.sum(1) - a).max() < 1e-14:
-            break
-    else:
-        raise RuntimeError("Sinkhorn reference did not converge")
-    return Z
 
 
 # ----------------------------------------------------------------------------
