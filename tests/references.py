@@ -180,16 +180,27 @@ def qp_polished_reference(Q, q, G, h, A, b, tol=1e-8):
     rg = np.maximum(np.abs(G).max(axis=1, initial=0.0), 1e-300) if p else np.ones(0)
     ra = np.maximum(np.abs(A).max(axis=1, initial=0.0), 1e-300) if m else np.ones(0)
     Gs, hs, As, bs = G / rg[:, None], h / rg, A / ra[:, None], b / ra
+    # Clarabel needs a PSD Q; data rounded to float32 (Q = LLᵀ + 1e-8·I) can have
+    # eigenvalues of −1e-7·‖Q‖, so it gets the nearest PSD matrix. The polish and
+    # the KKT check below use Q as given.
+    w, V = np.linalg.eigh(0.5 * (Q + Q.T))
+    Q_psd = Q if w.min(initial=0.0) >= 0 else (V * np.clip(w, 0.0, None)) @ V.T
     try:
-        z, lam, nu = qp_reference(Q, q, Gs, hs, As, bs)
-    except RuntimeError:
-        z, lam, nu = _clarabel_any(Q, q, Gs, hs, As, bs)
+        z, lam, nu = qp_reference(Q_psd, q, Gs, hs, As, bs)
+    except (RuntimeError, cp.SolverError):
+        z, lam, nu = _clarabel_any(Q_psd, q, Gs, hs, As, bs)
     slack = np.where(np.isfinite(hs), hs - Gs @ z, np.inf)
     active = lam > slack
     S = 0.5 * (Q + Q.T)
     for _ in range(20):  # active-set corrections, where Clarabel's guess was off
         z_p, lam_p, nu_p = _solve_on_active_set(S, q, Gs, hs, As, bs, active)
         scale = 1.0 + np.abs(z_p).max(initial=0.0)
+        if np.abs(Gs[active] @ z_p - hs[active]).max(initial=0.0) > 1e-12 * scale:
+            # More rows held than the point can meet exactly (Clarabel counts a
+            # weakly active row): release the one with the smallest multiplier.
+            act = np.flatnonzero(active)
+            active[act[np.argmin(lam[act])]] = False
+            continue
         violated = np.isfinite(hs) & (Gs @ z_p - hs > 1e-12 * scale) & ~active
         negative = active & (lam_p < 0)
         if not (violated.any() or negative.any()):

@@ -82,7 +82,12 @@ def _check_family(seed, n, p, m, eps, dtype, B=16, fd_samples=2):
         data64 = _sample(data, i)
         rng = np.random.default_rng(seed + i)
         direction = [rng.standard_normal(x.shape) for x in data64]
-        direction[0] = 0.5 * (direction[0] + direction[0].T)
+        # Q moves as R(I + tS)R with R = Q^½: Q stays PSD on both sides of every
+        # step (a plain symmetric step of 1e-6 makes Q = LLᵀ + 1e-8·I indefinite).
+        w, V = np.linalg.eigh(data64[0])
+        R = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
+        S = 0.5 * (direction[0] + direction[0].T)
+        direction[0] = R @ (S / np.linalg.norm(S, 2)) @ R
         ours = sum(float((g[i].double() * torch.as_tensor(d)).sum())
                    for g, d in zip(grads, direction))
         fds = _directional_fd(data64, direction, (wz[i].numpy(), wl[i].numpy()))
