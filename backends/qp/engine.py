@@ -95,11 +95,13 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
                        input_dtype)
     if settings.check_psd:
         refuse_indefinite(sdata.Q, bad_q)
-    kkt = choose(sdata, settings, chol)
+    if chol is not None and data.batch == 1 and chol[0].dim() == 3:
+        chol = (chol[0][0], chol[1][0])
+    kkt = choose(sdata.squeezed(), settings, chol)
     if kkt.name == "reduced":
         scaling = equilibrate(data, columns=True)
         sdata = scaling.apply(data)
-        kkt = ReducedKKT(sdata, settings)
+        kkt = ReducedKKT(sdata.squeezed(), settings)
     eps = settings.tolerance(sdata.dtype)
     warm_scaled = _scale_warm(scaling, warm)
     polish = settings.backward != "unroll" and not settings.fixed_iterations
