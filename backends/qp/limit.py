@@ -182,20 +182,54 @@ class LimitSystem:
         """`solve` plus at least ``steps`` (at most REFINE_STEPS) steps of iterative
         refinement, until the residual's norm is within REFINE_TOL; returns
         (a, converged). A caller that checks entries one by one (the polish) asks
-        for more steps where that check fails: a right-hand side with entries of
-        very different sizes (a cost of 1e12 on one variable) has a norm that
-        hides the small entries' residuals, which keep improving after it stops."""
+        for more steps where that check fails (`refine` continues a refinement): a
+        right-hand side with entries of very different sizes (a cost of 1e12 on one
+        variable) has a norm that hides the small entries' residuals, which keep
+        improving after it stops."""
+        run = self.refinement(g_z, g_l, g_n)
+        self.refine(run, steps)
+        return run.solution(), run.converged()
+
+    def refinement(self, g_z, g_l, g_n) -> Refinement:
+        """The direct solve of a right-hand side, ready for `refine` (no steps yet)."""
         rhs = (g_z, self.gather(g_l, g_n))
         tol = REFINE_TOL.get(g_z.dtype, 1e-12)
         scale = _norm(rhs).clamp_min(torch.finfo(g_z.dtype).tiny)
-        sol = self.solve_gathered(*rhs)
-        for k in range(REFINE_STEPS + 1):
-            resid = [r - a for r, a in zip(rhs, self.apply_gathered(*sol))]
-            err = _norm(resid) / scale
-            if k == REFINE_STEPS or (k >= steps and bool((err <= tol).all())):
-                break
-            sol = tuple(s + e for s, e in zip(sol, self.solve_gathered(*resid)))
-        return (sol[0], *self.scatter(sol[1], g_l.shape[-1])), err <= tol
+        run = Refinement(self, rhs, tol, scale, g_l.shape[-1])
+        run.set(self.solve_gathered(*rhs))
+        return run
+
+    def refine(self, run: Refinement, steps: int) -> None:
+        """Refinement steps on ``run`` until it has taken at least ``steps`` and its
+        residual is within tolerance, or REFINE_STEPS in all. A second call with more
+        ``steps`` continues where the first stopped: the same iterates as one call."""
+        while run.k < REFINE_STEPS and not (run.k >= steps and run.converged_all()):
+            run.set(tuple(s + e for s, e in zip(run.sol, self.solve_gathered(*run.resid))))
+            run.k += 1
+
+
+class Refinement:
+    """Iterative refinement in progress: the solution in gathered coordinates, its
+    residual and relative error, and the steps taken (``k``)."""
+
+    def __init__(self, system: LimitSystem, rhs, tol: float, scale, p: int):
+        self.system, self.rhs, self.tol, self.scale, self.p = system, rhs, tol, scale, p
+        self.k = 0
+
+    def set(self, sol) -> None:
+        self.sol = sol
+        self.resid = [r - a for r, a in zip(self.rhs, self.system.apply_gathered(*sol))]
+        self.err = _norm(self.resid) / self.scale
+
+    def converged(self) -> torch.Tensor:
+        return self.err <= self.tol
+
+    def converged_all(self) -> bool:
+        return bool(self.converged().all())
+
+    def solution(self):
+        """(a_z, a_λ, a_ν) in full coordinates."""
+        return (self.sol[0], *self.system.scatter(self.sol[1], self.p))
 
 
 def _rows(M: torch.Tensor, B: int) -> torch.Tensor:
