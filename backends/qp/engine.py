@@ -171,7 +171,7 @@ def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float, previous=None):
     sample's active set changed since the ``previous`` polish, its points and
     verdicts are reused (exactly what a new polish would compute)."""
     active = _active(it, kkt)
-    polishable = torch.isin(it.codes, torch.tensor(POLISHABLE, device=it.codes.device))
+    polishable = _isin(it.codes, POLISHABLE)
     if previous is not None and torch.equal(active, previous[0].active):
         limit, point, ok = previous
     else:
@@ -236,6 +236,14 @@ def _iterate_on(it: ipm.Iterates, kkt: KKTSystem, eps, idx, rows) -> None:
     it.take(idx, more)
 
 
+def _isin(codes: torch.Tensor, values) -> torch.Tensor:
+    """codes ∈ values, elementwise (a few comparisons; torch.isin sorts)."""
+    out = codes == values[0]
+    for v in values[1:]:
+        out = out | (codes == v)
+    return out
+
+
 def _scale_warm(scaling: Scaling, warm: dict | None) -> dict | None:
     if warm is None:
         return None
@@ -253,8 +261,7 @@ def _retry_cold(it: ipm.Iterates, kkt: KKTSystem, settings, eps, rows) -> None:
     (another batch's solution, a different active set) it can stall. The answer
     must never depend on it, so such samples get the cold start's result.
     """
-    settled = torch.tensor((ipm.OPTIMAL, ipm.INFEASIBLE, ipm.UNBOUNDED), device=it.codes.device)
-    bad = ~torch.isin(it.codes, settled)
+    bad = ~_isin(it.codes, (ipm.OPTIMAL, ipm.INFEASIBLE, ipm.UNBOUNDED))
     if not bool(bad.any()):
         return
     idx = bad.nonzero().flatten()

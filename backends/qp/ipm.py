@@ -85,7 +85,7 @@ def _step_to_boundary(s, ds, lam, dl) -> torch.Tensor:
     if torch.is_grad_enabled() and (ds.requires_grad or dl.requires_grad):
         return torch.minimum(_max_step(s, ds), _max_step(lam, dl)).unsqueeze(-1)
     # Without a graph the other branch's inf or NaN (λ = dλ = 0 on free rows) is harmless.
-    inf = float("inf")
+    inf = constant(float("inf"), s)
     ratio = torch.minimum(torch.where(ds < 0, -s / ds, inf), torch.where(dl < 0, -lam / dl, inf))
     return ratio.amin(-1, keepdim=True).clamp(max=1.0)
 
@@ -98,6 +98,19 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     safe = torch.where(neg, dv, -torch.ones_like(dv))
     ratio = torch.where(neg, -v / safe, torch.full_like(v, float("inf")))
     return ratio.amin(-1).clamp(max=1.0)
+
+
+_CONSTANTS: dict = {}
+
+
+def constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device, made once: a Python
+    float in torch.where is wrapped into a new tensor on every call."""
+    key = (value, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return t
 
 
 def _zero_free(t, free):
@@ -294,11 +307,13 @@ def _floor(best, stall, eps, settings: QPSettings):
     return (stall >= settings.not_improved_lim) & (best <= eps ** 0.5)
 
 
-def _done(worst, converged, best, stall, eps, settings: QPSettings):
-    """The samples `classify` ends, certificates aside (the loop's cheap test)."""
+def _done(worst, converged, best, stall, eps, settings: QPSettings, can_stall: bool):
+    """The samples `classify` ends, certificates aside (the loop's cheap test).
+    ``can_stall``: whether the loop has run long enough for any sample to stall."""
     if settings.fixed_iterations:
         return converged
-    return converged | ~torch.isfinite(worst) | _floor(best, stall, eps, settings)
+    done = converged | ~torch.isfinite(worst)
+    return done | _floor(best, stall, eps, settings) if can_stall else done
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +398,7 @@ class _Tracker:
         better = worst < self.best
         improved = worst < 0.9 * self.best
         self.best = torch.minimum(worst, self.best)
-        self.stalled = torch.where(improved, 0, self.stalled + 1)
+        self.stalled = (self.stalled + 1).masked_fill_(improved, 0)
         return worst, better
 
     def keep_best(self, better, all_better: bool, any_better: bool, state) -> None:
@@ -460,7 +475,8 @@ def solve(kkt: KKTSystem, settings: QPSettings, eps: float, warm: dict | None = 
         if settings.fixed_iterations:
             converged = converged & (it == settings.max_iter)
         last = it == settings.max_iter or (deadline is not None and time.monotonic() > deadline)
-        done = _done(worst, converged, track.best, track.stalled, eps, settings)
+        done = _done(worst, converged, track.best, track.stalled, eps, settings,
+                     it - first + 1 >= settings.not_improved_lim)
         maybe = may_certify(xa, la, na, settings.infeas_tol)
         # The iteration's one read on the host (a device sync on GPUs).
         all_better, any_better, any_done, any_big = torch.stack(

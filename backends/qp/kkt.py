@@ -204,7 +204,7 @@ class SchurKKT(KKTSystem):
 
     def factor(self, w: torch.Tensor) -> dict:
         K = self.K
-        if _single(w, K):  # one sample, shared K: a 2-D factor
+        if w.shape[0] == 1 and K.dim() == 2:  # one sample, shared K: a 2-D factor
             shape, w_diag = (self.p, self.p), w[0]
         else:
             shape, w_diag = (w.shape[0], self.p, self.p), w
@@ -277,14 +277,17 @@ class ReducedKKT(KKTSystem):
         if self.m:
             H0 = H0 + data.A.mT @ data.A
         self.H0 = H0
+        # Every matrix shared (2-D): one sample's Newton matrix is then a plain 2-D
+        # matrix, factored and solved without batch reshapes (see `linalg.chol_solve`).
+        self.shared = all(M.dim() == 2 for M in (self.Gm, self.Am, H0))
 
     def hess(self, x):
         return mv(self.Qm, x)
 
     def factor(self, w: torch.Tensor) -> dict:
         G = self.Gm
-        d = 1.0 / w
-        if _single(w, G, self.H0, self.Am):  # one sample, shared matrices: 2-D factors
+        d = w.reciprocal()
+        if w.shape[0] == 1 and self.shared:  # one sample, shared matrices: 2-D factors
             GtDG = (G.T * d) @ G
         elif G.dim() == 2:
             GtDG = (G.T.unsqueeze(0) * d.unsqueeze(1)) @ G
@@ -333,12 +336,6 @@ class ReducedKKT(KKTSystem):
     from_original = to_original
     rhs_to_working = to_original
     dir_to_original = to_original
-
-
-def _single(w: torch.Tensor, *shared) -> bool:
-    """One sample (w is (1, ·)) and the given matrices shared (2-D, or None): its
-    Newton matrix is then factored as a plain 2-D matrix (see `linalg.chol_solve`)."""
-    return w.shape[0] == 1 and all(M is None or M.dim() == 2 for M in shared)
 
 
 # A Q whose Cholesky fails is still taken as semidefinite when Q + δI factors, δ
