@@ -39,23 +39,43 @@ class LinearMap:
         self.out_size, self.in_size = meta["shape"]
         self.select = meta["select"]  # None: general; -1: gather; k ≥ 0: slice from k
         self.unit = meta["unit"]
+        # (dtype, device) -> (stamp, rows, cols, vals there, the constant or None): a
+        # call converts nothing and a fixed block is built once (see `_on`).
+        self._cache: dict = {}
+
+    def _on(self, dtype, device) -> list:
+        """The map's tensors on ``device`` (vals in ``dtype``), converted once. The
+        entry is rebuilt when the map's own tensors change (in place: their version
+        counters; or swapped: their storage), e.g. by loading a state dict."""
+        stamp = tuple((t._version, t.data_ptr()) for t in (self.rows, self.cols, self.vals))
+        entry = self._cache.get((dtype, device))
+        if entry is None or entry[0] != stamp:
+            entry = [stamp, self.rows.to(device), self.cols.to(device),
+                     self.vals.to(dtype=dtype, device=device), None]
+            self._cache[(dtype, device)] = entry
+        return entry
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.select is not None and self.select >= 0 and self.unit:
+            return x.narrow(-1, self.select, self.out_size)
+        _, rows, cols, vals, _ = self._on(x.dtype, x.device)
         if self.select is not None:
-            if self.select >= 0:
-                out = x.narrow(-1, self.select, self.out_size)
-            else:
-                out = x.index_select(-1, self.cols.to(x.device))
-            if not self.unit:
-                out = out * self.vals.to(dtype=x.dtype, device=x.device)
-            return out
-        contrib = x.index_select(-1, self.cols.to(x.device)) * self.vals.to(
-            dtype=x.dtype, device=x.device)
+            out = x.narrow(-1, self.select, self.out_size) if self.select >= 0 \
+                else x.index_select(-1, cols)
+            return out if self.unit else out * vals
+        contrib = x.index_select(-1, cols) * vals
         out = torch.zeros(x.shape[:-1] + (self.out_size,), dtype=x.dtype, device=x.device)
-        return out.index_add(-1, self.rows.to(x.device), contrib)
+        return out.index_add(-1, rows, contrib)
 
     def constant(self, dtype, device) -> torch.Tensor:
-        """The map at θ = e_last (the constant 1): the block's value when it is fixed."""
-        e = torch.zeros(1, self.in_size, dtype=dtype, device=device)
-        e[0, -1] = 1.0
-        return self(e)[0]
+        """The map at θ = e_last (the constant 1): the block's value when it is fixed.
+        Computed once per dtype and device (callers never write into it)."""
+        entry = self._on(dtype, device)
+        if entry[4] is None:
+            e = torch.zeros(1, self.in_size, dtype=dtype, device=device)
+            e[0, -1] = 1.0
+            entry[4] = self(e)[0]
+        return entry[4]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}

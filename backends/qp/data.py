@@ -88,6 +88,16 @@ class QPData:
         return QPData(*(take(getattr(self, k), self.batched(k), idx)
                         for k in ("Q", "q", "G", "h", "A", "b")), batch=int(idx.numel()))
 
+    def squeezed(self) -> QPData:
+        """A batch of one with its matrices as shared (2-D) blocks: the same problem,
+        and each product with them one plain matrix product instead of a batched
+        one with its reshapes (at batch 1 the interior point's cost is the count
+        of tensor operations, not their flops)."""
+        if self.batch != 1:
+            return self
+        Q, G, A = (t[0] if t.dim() == 3 else t for t in (self.Q, self.G, self.A))
+        return QPData(Q, self.q, G, self.h, A, self.b, batch=1)
+
     def to(self, dtype: torch.dtype) -> QPData:
         return QPData(*(getattr(self, k).to(dtype) for k in ("Q", "q", "G", "h", "A", "b")),
                       batch=self.batch)

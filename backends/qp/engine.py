@@ -35,9 +35,9 @@ from .. import solution
 from ..solution import Solution
 from . import ipm
 from .data import QPData
-from .kkt import KKTSystem, ReducedKKT, choose, indefinite, refuse_indefinite
+from .kkt import KKTSystem, ReducedKKT, SchurKKT, indefinite, refuse_indefinite, schur_factor
 from .limit import REFINE_STEPS, LimitSystem, active_rows
-from .scaling import Scaling, equilibrate
+from .scaling import Scaling, equilibrate, rows_and_cost
 from .settings import QPSettings
 
 # The interior point's codes as the shared status codes (`solution.CODES`).
@@ -87,19 +87,25 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
         warm: dict | None = None, with_limit: bool = True) -> QPResult:
     """Solve a batch (``data`` from `prepare`); ``factor``: keep the backward's factors."""
     # Rows and cost first: enough for the Schur elimination, which absorbs any
-    # column scaling; the reduced one gets Ruiz's column scaling too.
-    scaling = equilibrate(data, columns=False)
-    sdata = scaling.apply(data)
-    chol = torch.linalg.cholesky_ex(sdata.Q) if settings.kkt != "reduced" else None
-    bad_q = indefinite(sdata.Q, chol[1] if chol else torch.linalg.cholesky_ex(sdata.Q)[1],
+    # column scaling; the reduced one gets Ruiz's column scaling too. Both start
+    # from the same row and cost scales, and the choice looks only at Q̂.
+    start = rows_and_cost(data)
+    scaling = equilibrate(data, columns=False, start=start)
+    Q_hat = scaling.apply_Q(data)
+    chol = torch.linalg.cholesky_ex(Q_hat) if settings.kkt != "reduced" else None
+    bad_q = indefinite(Q_hat, chol[1] if chol else torch.linalg.cholesky_ex(Q_hat)[1],
                        input_dtype)
     if settings.check_psd:
-        refuse_indefinite(sdata.Q, bad_q)
-    kkt = choose(sdata, settings, chol)
-    if kkt.name == "reduced":
-        scaling = equilibrate(data, columns=True)
+        refuse_indefinite(Q_hat, bad_q)
+    L = schur_factor(data.n, data.p, data.m, settings, chol)
+    if L is not None:
+        sdata = scaling.apply(data, Q_hat)
+        kkt = SchurKKT(sdata.squeezed(), settings, L[0] if data.batch == 1 and L.dim() == 3
+                       else L)
+    else:
+        scaling = equilibrate(data, columns=True, start=start)
         sdata = scaling.apply(data)
-        kkt = ReducedKKT(sdata, settings)
+        kkt = ReducedKKT(sdata.squeezed(), settings)
     eps = settings.tolerance(sdata.dtype)
     warm_scaled = _scale_warm(scaling, warm)
     polish = settings.backward != "unroll" and not settings.fixed_iterations
@@ -107,15 +113,20 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
     it = ipm.solve(kkt, settings, eps, warm_scaled, rows=rounds[0])
     if warm_scaled is not None:
         _retry_cold(it, kkt, settings, eps, rows=rounds[0])
-    limit = None
+    limit = reuse = None
     for rows in (rounds[1:] + [None]) if polish else []:
-        limit, again = _polish(it, kkt, eps)
+        limit, again, reuse = _polish(it, kkt, eps, reuse)
         if again is None or rows is None:
             break
         _iterate_on(it, kkt, eps, again, rows)
         limit = None
     if with_limit and (limit is None or limit.stale):
-        limit = LimitSystem(kkt, _active(it, kkt), factor=factor)
+        # A stale polish's system is still the one wanted where no active set moved.
+        active = _active(it, kkt)
+        if reuse is None or not (factor and torch.equal(active, reuse[0].active)):
+            limit = LimitSystem(kkt, active, factor=factor)
+        else:
+            limit = reuse[0]
     if limit is not None and not (with_limit and factor):
         limit.factors = {}  # the backward keeps only the active set (or nothing)
     if not with_limit:
@@ -150,17 +161,23 @@ def POLISH_ROUNDS(eps: float) -> list:
             ipm.STRICT]
 
 
-def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float):
+def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float, previous=None):
     """Replace each sample's iterate by the exact KKT point on its active set where
     that point passes the strict stopping test. Returns (the limit system, the
-    indices of samples stopped at the tolerance whose polish failed, or None)."""
-    limit = LimitSystem(kkt, _active(it, kkt), factor=True)
-    polishable = torch.isin(it.codes, torch.tensor(POLISHABLE, device=it.codes.device))
-    point, ok = _polished_point(limit, it, kkt, eps, steps=0)
-    if bool((polishable & ~ok).any()):  # more refinement where the entries miss
-        retry, ok2 = _polished_point(limit, it, kkt, eps, steps=REFINE_STEPS)
-        point = tuple(torch.where(ok2.unsqueeze(-1), b, a) for a, b in zip(point, retry))
-        ok = ok | ok2
+    indices of samples stopped at the tolerance whose polish failed, or None, and
+    what a later polish of the same solve may reuse).
+
+    The polished point depends only on the data and the active sets: where no
+    sample's active set changed since the ``previous`` polish, its points and
+    verdicts are reused (exactly what a new polish would compute)."""
+    active = _active(it, kkt)
+    polishable = _isin(it.codes, POLISHABLE)
+    if previous is not None and torch.equal(active, previous[0].active):
+        limit, point, ok = previous
+    else:
+        limit = LimitSystem(kkt, active, factor=True)
+        point, ok = _polished_points(limit, it, kkt, eps, polishable)
+    reuse = (limit, point, ok)
     ok = ok & polishable
     if bool(ok.any()):
         x, lam, s, nu, res = point
@@ -171,17 +188,32 @@ def _polish(it: ipm.Iterates, kkt: KKTSystem, eps: float):
         it.codes = torch.where(ok, ipm.OPTIMAL, it.codes)
     again = ~ok & (it.codes == ipm.OPTIMAL)
     limit.stale = bool(again.any())
-    return limit, (again.nonzero().flatten() if limit.stale else None)
+    return limit, (again.nonzero().flatten() if limit.stale else None), reuse
 
 
-def _polished_point(limit: LimitSystem, it: ipm.Iterates, kkt: KKTSystem, eps: float,
-                    steps: int):
-    """The KKT point on each sample's active set and whether it passes the strict test
-    (feasible within eps, λ ≥ 0 within eps, residuals within eps)."""
+def _polished_points(limit: LimitSystem, it: ipm.Iterates, kkt: KKTSystem, eps: float,
+                     polishable):
+    """The polished points and which pass the strict test, with more refinement
+    steps where a polishable sample's entries miss (continuing the same refinement)."""
     q, h, b = kkt.vec("q"), kkt.vec("h"), kkt.vec("b")
-    free = it.free
     h0 = torch.where(torch.isinf(h), 0.0, h)
-    (x, lam, nu), _ = limit.solve_refined(-q, h0, b, steps=steps)
+    run = limit.refinement(-q, h0, b)
+    limit.refine(run, steps=0)
+    point, ok = _polished_point(run.solution(), it, kkt, eps, q, h0, b)
+    if bool((polishable & ~ok).any()):
+        limit.refine(run, steps=REFINE_STEPS)
+        retry, ok2 = _polished_point(run.solution(), it, kkt, eps, q, h0, b)
+        point = tuple(torch.where(ok2.unsqueeze(-1), b, a) for a, b in zip(point, retry))
+        ok = ok | ok2
+    return point, ok
+
+
+def _polished_point(solution, it: ipm.Iterates, kkt: KKTSystem, eps: float, q, h0, b):
+    """The KKT point on each sample's active set (``solution``: the limit system's
+    solution for the right-hand side (−q, h0, b)) and whether it passes the strict
+    test (feasible within eps, λ ≥ 0 within eps, residuals within eps)."""
+    free = it.free
+    x, lam, nu = solution
     s = h0 - kkt.G(x)
     if free is not None:
         s = torch.where(free, torch.ones_like(s), s)
@@ -204,6 +236,14 @@ def _iterate_on(it: ipm.Iterates, kkt: KKTSystem, eps, idx, rows) -> None:
     it.take(idx, more)
 
 
+def _isin(codes: torch.Tensor, values) -> torch.Tensor:
+    """codes ∈ values, elementwise (a few comparisons; torch.isin sorts)."""
+    out = codes == values[0]
+    for v in values[1:]:
+        out = out | (codes == v)
+    return out
+
+
 def _scale_warm(scaling: Scaling, warm: dict | None) -> dict | None:
     if warm is None:
         return None
@@ -221,8 +261,7 @@ def _retry_cold(it: ipm.Iterates, kkt: KKTSystem, settings, eps, rows) -> None:
     (another batch's solution, a different active set) it can stall. The answer
     must never depend on it, so such samples get the cold start's result.
     """
-    settled = torch.tensor((ipm.OPTIMAL, ipm.INFEASIBLE, ipm.UNBOUNDED), device=it.codes.device)
-    bad = ~torch.isin(it.codes, settled)
+    bad = ~_isin(it.codes, (ipm.OPTIMAL, ipm.INFEASIBLE, ipm.UNBOUNDED))
     if not bool(bad.any()):
         return
     idx = bad.nonzero().flatten()

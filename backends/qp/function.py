@@ -62,8 +62,7 @@ class _Solved:
     def __init__(self, result: engine.QPResult, settings, input_dtype):
         self.result, self.settings, self.input_dtype = result, settings, input_dtype
         self.batch = result.z.shape[0]
-        with_point = torch.tensor(solution.WITH_POINT, device=result.codes.device)
-        self.ok = torch.isin(result.codes, with_point).unsqueeze(-1)
+        self.ok = engine._isin(result.codes, solution.WITH_POINT).unsqueeze(-1)
 
     def adjoint(self, cotangents, needs, shared):
         return _adjoint(*cotangents, self, needs, shared)

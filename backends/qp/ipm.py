@@ -78,16 +78,39 @@ def _inf_norm(t: torch.Tensor) -> torch.Tensor:
     return t.abs().amax(-1)
 
 
+def _step_to_boundary(s, ds, lam, dl) -> torch.Tensor:
+    """Largest α ≤ 1 with s + α ds ≥ 0 and λ + α dλ ≥ 0, per sample, as (B, 1)."""
+    if s.shape[-1] == 0:
+        return torch.ones(s.shape[:-1] + (1,), dtype=s.dtype, device=s.device)
+    if torch.is_grad_enabled() and (ds.requires_grad or dl.requires_grad):
+        return torch.minimum(_max_step(s, ds), _max_step(lam, dl)).unsqueeze(-1)
+    # Without a graph the other branch's inf or NaN (λ = dλ = 0 on free rows) is harmless.
+    inf = constant(float("inf"), s)
+    ratio = torch.minimum(torch.where(ds < 0, -s / ds, inf), torch.where(dl < 0, -lam / dl, inf))
+    return ratio.amin(-1, keepdim=True).clamp(max=1.0)
+
+
 def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """Largest α ≤ 1 with v + α dv ≥ 0, per sample (v > 0)."""
-    if v.shape[-1] == 0:
-        return torch.ones(v.shape[:-1], dtype=v.dtype, device=v.device)
     neg = dv < 0
     # Divide only where dv < 0: torch.where would otherwise carry the other
     # branch's inf into the unrolled backward as NaN.
     safe = torch.where(neg, dv, -torch.ones_like(dv))
     ratio = torch.where(neg, -v / safe, torch.full_like(v, float("inf")))
     return ratio.amin(-1).clamp(max=1.0)
+
+
+_CONSTANTS: dict = {}
+
+
+def constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device, made once: a Python
+    float in torch.where is wrapped into a new tensor on every call."""
+    key = (value, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return t
 
 
 def _zero_free(t, free):
@@ -167,31 +190,51 @@ class Ready:
     loose: float
 
 
-def residuals(act: KKTSystem, x, lam, s, nu, q, h, b, free, rows=STRICT, eps: float = 1.0):
+def scales(q, h, b):
+    """The constant parts 1 + |q|, 1 + |h|, 1 + |b| of the residuals' denominators
+    (`residuals`): one solve computes them once, not once per iteration."""
+    return 1 + q.abs(), 1 + h.abs(), 1 + b.abs()
+
+
+def residuals(act: KKTSystem, x, lam, s, nu, q, h, b, free, rows=STRICT, eps: float = 1.0,
+              consts=None):
     """KKT residuals at (x, λ, s, ν): their scaled sizes ``res`` (B, 3) (see the
     module doc) and ``stop`` (B,), the measure the stopping test compares with
-    ``eps`` under the test ``rows`` (`STRICT` or a `Ready`)."""
+    ``eps`` under the test ``rows`` (`STRICT` or a `Ready`). ``consts``: `scales`
+    of (q, h, b) if already known. Also returns the products the Newton step and
+    the certificates reuse (``ATn``, ``Ax``: None without equalities) and the
+    gap's terms ``sl`` = s ∘ λ and ``gap`` = sᵀλ."""
     m, p = act.m, act.p
+    q1, h1, b1 = consts if consts is not None else scales(q, h, b)
     Hx = act.hess(x)
     GTl = act.GT(lam)
-    ATn = act.AT(nu) if m else torch.zeros_like(x)
-    r_d = Hx + q + GTl + ATn
+    r_d = Hx + q + GTl
+    ATn = None
+    if m:
+        ATn = act.AT(nu)
+        r_d = r_d + ATn
     # G x, A x and the Newton right-hand side's G r, A r (r = −r_d, shared by the
     # predictor and the corrector) in one pass over G and A.
-    (Gx, Ax), pre = act.constraint_products(x, -r_d)
-    Ax = b if not m else Ax
+    neg_rd = -r_d
+    (Gx, Ax), pre = act.constraint_products(x, neg_rd)
     r_p = _zero_free(Gx + s - h, free)
-    r_e = Ax - b
-    pres = torch.maximum(_inf_norm(r_p / (1 + h.abs() + Gx.abs())),
-                         _inf_norm(r_e / (1 + b.abs() + Ax.abs())))
-    dres = _inf_norm(r_d / (1 + q.abs() + Hx.abs() + GTl.abs() + ATn.abs()))
+    pres = _inf_norm(r_p / (h1 + Gx.abs()))
+    if m:
+        r_e = Ax - b
+        pres = torch.maximum(pres, _inf_norm(r_e / (b1 + Ax.abs())))
+    else:
+        r_e = b  # (B, 0)
+    scale_d = q1 + Hx.abs() + GTl.abs()
+    dres = _inf_norm(r_d / (scale_d if ATn is None else scale_d + ATn.abs()))
     obj = 0.5 * (x * Hx).sum(-1) + (q * x).sum(-1)
-    comp = (s * lam).sum(-1) / (1 + obj.abs())
+    sl = s * lam
+    gap = sl.sum(-1)
+    comp = gap / (1 + obj.abs())
     ready = None
     if p:
         # Per row: the slack or the multiplier at the tolerance (the gap alone lets
         # a weakly active row stop at s = λ = √μ, an error of √μ in the solution).
-        s_n = s / (1 + h.abs())
+        s_n = s / h1
         low, high = torch.minimum(s_n, lam), torch.maximum(s_n, lam)
         comp = torch.maximum(comp, _zero_free(low, free).amax(-1))
         if rows is not STRICT:  # scaled so that ≤ eps means "decided or both small"
@@ -203,8 +246,16 @@ def residuals(act: KKTSystem, x, lam, s, nu, q, h, b, free, rows=STRICT, eps: fl
     else:
         stop = torch.maximum(pres, dres) * (eps / rows.loose)
         stop = stop if ready is None else torch.maximum(stop, ready)
-    return dict(r_d=r_d, r_p=r_p, r_e=r_e, pre=pre, Hx=Hx, Gx=Gx, Ax=Ax, GTl=GTl, ATn=ATn,
-                res=res, stop=stop)
+    return dict(r_d=r_d, neg_rd=neg_rd, r_p=r_p, r_e=r_e, pre=pre, Hx=Hx, Gx=Gx, Ax=Ax,
+                GTl=GTl, ATn=ATn, sl=sl, gap=gap, res=res, stop=stop)
+
+
+def may_certify(x, lam, nu, tol: float) -> torch.Tensor:
+    """(B,) samples whose iterates have grown past tol^(−1/2): a certificate
+    (`certificates`) needs that, so the full test runs only when some sample has."""
+    t = torch.cat([x, lam, nu], -1) if lam.shape[-1] + nu.shape[-1] else x
+    # Not "> bound": a NaN entry hides the other entries' size, so it runs the test.
+    return ~(_inf_norm(t) <= tol ** -0.5)
 
 
 def certificates(r: dict, x, lam, nu, q, h, b, m: int, p: int, tol: float):
@@ -216,7 +267,8 @@ def certificates(r: dict, x, lam, nu, q, h, b, m: int, p: int, tol: float):
     infeasible (unbounded) problem do.
     """
     y_norm = torch.maximum(_inf_norm(lam), _inf_norm(nu)).clamp_min(1e-300)
-    farkas = (_inf_norm(r["GTl"] + r["ATn"]) / y_norm <= tol) & (
+    dual = r["GTl"] if r["ATn"] is None else r["GTl"] + r["ATn"]
+    farkas = (_inf_norm(dual) / y_norm <= tol) & (
         ((h * lam).sum(-1) + (b * nu).sum(-1)) / y_norm < -tol) & (y_norm > tol ** -0.5)
     x_norm = _inf_norm(x).clamp_min(1e-300)
     recession = ((_inf_norm(r["Hx"]) / x_norm <= tol)
@@ -228,7 +280,8 @@ def certificates(r: dict, x, lam, nu, q, h, b, m: int, p: int, tol: float):
 
 
 def classify(worst, converged, best, stall, farkas, recession, eps, settings, last: bool):
-    """Each running sample's code after this iteration's residuals.
+    """Each running sample's code after this iteration's residuals (``farkas``,
+    ``recession``: None where `may_certify` ruled both out).
 
     A stall (no 10% improvement of the best residual in ``not_improved_lim``
     iterations) ends a sample only once it is within √eps (optimal_inaccurate):
@@ -239,14 +292,28 @@ def classify(worst, converged, best, stall, farkas, recession, eps, settings, la
     """
     code = torch.full_like(stall, RUNNING)
     if not settings.fixed_iterations:
-        floor = (stall >= settings.not_improved_lim) & (best <= eps ** 0.5)
-        code = torch.where(floor, INACCURATE, code)
+        code = torch.where(_floor(best, stall, eps, settings), INACCURATE, code)
         code = torch.where(~torch.isfinite(worst), NUMERICAL, code)
     if last:
         code = torch.where(code == RUNNING, MAX_ITER, code)
-    code = torch.where(recession & ~converged, UNBOUNDED, code)
-    code = torch.where(farkas & ~converged, INFEASIBLE, code)
+    if recession is not None:
+        code = torch.where(recession & ~converged, UNBOUNDED, code)
+        code = torch.where(farkas & ~converged, INFEASIBLE, code)
     return torch.where(converged, OPTIMAL, code)
+
+
+def _floor(best, stall, eps, settings: QPSettings):
+    """Stalled at the accuracy floor (see `classify`)."""
+    return (stall >= settings.not_improved_lim) & (best <= eps ** 0.5)
+
+
+def _done(worst, converged, best, stall, eps, settings: QPSettings, can_stall: bool):
+    """The samples `classify` ends, certificates aside (the loop's cheap test).
+    ``can_stall``: whether the loop has run long enough for any sample to stall."""
+    if settings.fixed_iterations:
+        return converged
+    done = converged | ~torch.isfinite(worst)
+    return done | _floor(best, stall, eps, settings) if can_stall else done
 
 
 # ---------------------------------------------------------------------------
@@ -259,30 +326,31 @@ def newton_step(act: KKTSystem, r: dict, x, lam, s, nu, w, free, settings: QPSet
     p = act.p
     F = act.factor(w)
     count = max(p, 1) if free is None else (~free).sum(-1, keepdim=True).clamp_min(1)
-    mu = (s * lam).sum(-1, keepdim=True) / count
-    neg_rd, r_p, r_e, pre = -r["r_d"], r["r_p"], r["r_e"], r["pre"]
+    mu = r["gap"].unsqueeze(-1) / count
+    neg_rd, r_p, r_e, pre = r["neg_rd"], r["r_p"], r["r_e"], r["pre"]
+    neg_re = -r_e if act.m else r_e
     # Predictor (affine direction): its centering σ = (μ_aff/μ)³.
-    _, dl_a, _ = act.solve(F, neg_rd, _zero_free(s - r_p, free), -r_e, primal=False, pre=pre)
+    _, dl_a, _ = act.solve(F, neg_rd, _zero_free(s - r_p, free), neg_re, primal=False, pre=pre)
     ds_a = _zero_free(-s - w * dl_a, free)
     dl_a = _zero_free(dl_a, free)
-    alpha_a = torch.minimum(_max_step(s, ds_a), _max_step(lam, dl_a)).unsqueeze(-1)
+    alpha_a = _step_to_boundary(s, ds_a, lam, dl_a)
     mu_a = ((s + alpha_a * ds_a) * (lam + alpha_a * dl_a)).sum(-1, keepdim=True) / count
     sigma = (mu_a / mu.clamp_min(1e-300)).clamp(0, 1) ** 3
     # Corrector: the second-order term ds_a ∘ dλ_a and the centering target σμ.
-    r_l = _zero_free((s * lam + ds_a * dl_a - sigma * mu) / lam - r_p, free)
-    dx, dl, dn = act.newton_solve(F, neg_rd, r_l, -r_e, pre=pre)
+    r_l = _zero_free((r["sl"] + ds_a * dl_a - sigma * mu) / lam - r_p, free)
+    dx, dl, dn = act.newton_solve(F, neg_rd, r_l, neg_re, pre=pre)
     ds = _zero_free(-r_p - r_l - w * dl, free)
     dl = _zero_free(dl, free)
-    alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dl)).unsqueeze(-1)
     if p:
+        alpha = _step_to_boundary(s, ds, lam, dl)
         alpha = torch.clamp(_step_fraction(sigma, settings) * alpha, max=1.0)
     else:
-        alpha = torch.ones_like(alpha)
+        alpha = torch.ones_like(mu)
     s_new, l_new = s + alpha * ds, lam + alpha * dl
     if settings.fixed_iterations and p:
         floor = SLACK_FLOOR.get(s.dtype, 1e-14)
         s_new, l_new = s_new.clamp_min(floor), _zero_free(l_new.clamp_min(floor), free)
-    return x + alpha * dx, l_new, s_new, nu + alpha * dn
+    return x + alpha * dx, l_new, s_new, (nu + alpha * dn if act.m else nu)
 
 
 def _step_fraction(sigma, settings: QPSettings):
@@ -304,32 +372,69 @@ def _step_fraction(sigma, settings: QPSettings):
 
 
 class _Tracker:
-    """Per-sample bookkeeping of the loop: best iterate, stall counts, final codes."""
+    """Per-sample bookkeeping of the loop.
+
+    ``best``, ``stalled`` and ``best_state`` follow the active samples (the
+    loop's own order); the results (``point``, ``codes``, ``iterations``,
+    ``residuals``) have every sample and are written once per sample, when it
+    leaves the active set, so an iteration that retires nobody writes none.
+    """
 
     def __init__(self, B, dtype, device, state):
+        self.B = B
         self.codes = torch.zeros(B, dtype=torch.long, device=device)
         self.iterations = torch.zeros(B, dtype=torch.long, device=device)
         self.residuals = torch.full((B, 3), float("nan"), dtype=dtype, device=device)
+        self.point = list(state)
         self.best = torch.full((B,), float("inf"), dtype=dtype, device=device)
         self.stalled = torch.zeros(B, dtype=torch.long, device=device)
         # The best iterate so far (by worst scaled residual): a sample that stalls or
         # hits the cap returns it rather than a possibly degraded last iterate.
         self.best_state = list(state)
 
-    def record(self, active, it, res, state):
+    def record(self, res):
+        """This iteration's residuals (A, 3) -> (worst (A,), better (A,) than the best)."""
         worst = res.detach().amax(-1)
-        better = worst < self.best[active]
-        if bool(better.any()):
-            sel = active[better]
-            self.best_state = [t.index_copy(0, sel, v[better])
-                               for t, v in zip(self.best_state, state)]
-        improved = worst < 0.9 * self.best[active]
-        self.best[active] = torch.minimum(worst, self.best[active])
-        stall = torch.where(improved, torch.zeros_like(active), self.stalled[active] + 1)
-        self.stalled[active] = stall
-        self.iterations[active] = it
-        self.residuals[active] = res.detach()
-        return worst, stall
+        better = worst < self.best
+        improved = worst < 0.9 * self.best
+        self.best = torch.minimum(worst, self.best)
+        self.stalled = (self.stalled + 1).masked_fill_(improved, 0)
+        return worst, better
+
+    def keep_best(self, better, all_better: bool, any_better: bool, state) -> None:
+        if all_better:  # the iterates are never written in place: keep a reference
+            self.best_state = list(state)
+        elif any_better:
+            keep = better.unsqueeze(-1)
+            self.best_state = [torch.where(keep, v, t) for t, v in zip(self.best_state, state)]
+
+    def retire(self, active, it: int, code, done, converged, worst, res, state):
+        """Record the samples ``done`` (their codes, iteration, residuals and final
+        point: the best iterate where they stalled or were capped); returns the
+        positions of those that go on."""
+        revert = done & ~converged & (self.best < worst)
+        if bool(revert.any()):
+            keep = revert.unsqueeze(-1)
+            state = [torch.where(keep, b, t) for t, b in zip(state, self.best_state)]
+            res = torch.where(keep, self.best.unsqueeze(-1).to(res.dtype), res.detach())
+        if active is None and bool(done.all()):  # everyone at once: no gathers
+            self.codes, self.residuals = code, res.detach()
+            self.iterations = torch.full_like(self.iterations, it)
+            self.point = [v if v.shape[-1] else t for t, v in zip(self.point, state)]
+            return None
+        sel = done.nonzero().squeeze(-1)
+        idx = sel if active is None else active[sel]
+        self.codes = self.codes.index_copy(0, idx, code[sel])
+        self.iterations = self.iterations.index_fill(0, idx, it)
+        self.residuals = self.residuals.index_copy(0, idx, res.detach()[sel])
+        self.point = [t.index_copy(0, idx, v[sel]) if t.shape[-1] else t
+                      for t, v in zip(self.point, state)]
+        return (~done).nonzero().squeeze(-1)
+
+    def subset(self, keep) -> None:
+        """Follow the active samples ``keep`` (positions among the current ones)."""
+        self.best, self.stalled = self.best[keep], self.stalled[keep]
+        self.best_state = [t[keep] for t in self.best_state]
 
 
 def solve(kkt: KKTSystem, settings: QPSettings, eps: float, warm: dict | None = None,
@@ -356,58 +461,51 @@ def solve(kkt: KKTSystem, settings: QPSettings, eps: float, warm: dict | None = 
         state = [start.x, start.lam, start.s, start.nu]
         first = int(start.iterations.amax())
     track = _Tracker(B, q_all.dtype, q_all.device, state)
-    active = torch.arange(B, device=q_all.device)
-    act = kkt
+    # The active samples' data, iterates and constants; `active` holds their
+    # indices in the batch (None: all of them, in order).
+    active, act = None, kkt
+    data = [q_all, h_all, b_all, free_all, *scales(q_all, h_all, b_all)]
     deadline = None if settings.time_limit is None else time.monotonic() + settings.time_limit
     for it in range(first, settings.max_iter + 1):
-        sub = None if active.numel() == B else active
-        xa, la, sa, na = (_pick(t, sub) for t in state)
-        qa, ha, ba = _pick(q_all, sub), _pick(h_all, sub), _pick(b_all, sub)
-        fa = None if free_all is None else _pick(free_all, sub)
-        r = residuals(act, xa, la, sa, na, qa, ha, ba, fa, rows, eps)
-        worst, stall = track.record(active, it, r["res"], (xa, la, sa, na))
+        qa, ha, ba, fa, *consts = data
+        xa, la, sa, na = state
+        r = residuals(act, xa, la, sa, na, qa, ha, ba, fa, rows, eps, consts)
+        worst, better = track.record(r["res"])
         converged = r["stop"] <= eps
         if settings.fixed_iterations:
             converged = converged & (it == settings.max_iter)
-        farkas, recession = certificates(r, xa, la, na, qa, ha, ba, kkt.m, p,
-                                         settings.infeas_tol)
         last = it == settings.max_iter or (deadline is not None and time.monotonic() > deadline)
-        code = classify(worst, converged, track.best[active], stall, farkas, recession, eps,
-                        settings, last)
-        done = code != RUNNING
-        if bool(done.any()):
-            _retire(track, state, active, code, done, converged, worst)
-            keep = (~done).nonzero().squeeze(-1)
-            active = active[keep]
-            if active.numel() == 0:
+        done = _done(worst, converged, track.best, track.stalled, eps, settings,
+                     it - first + 1 >= settings.not_improved_lim)
+        maybe = may_certify(xa, la, na, settings.infeas_tol)
+        # The iteration's one read on the host (a device sync on GPUs).
+        all_better, any_better, any_done, any_big = torch.stack(
+            [better.all(), better.any(), done.any(), maybe.any()]).tolist()
+        farkas = recession = None
+        if any_big:
+            farkas, recession = certificates(r, xa, la, na, qa, ha, ba, kkt.m, p,
+                                             settings.infeas_tol)
+            any_done = any_done or bool((farkas | recession).any())  # rare: one sync more
+        track.keep_best(better, all_better, any_better, state)
+        if any_done or last:
+            code = classify(worst, converged, track.best, track.stalled, farkas, recession,
+                            eps, settings, last)
+            keep = track.retire(active, it, code, code != RUNNING, converged, worst,
+                                r["res"], state)
+            if keep is None or keep.numel() == 0:
                 break
-            xa, la, sa, na = xa[keep], la[keep], sa[keep], na[keep]
+            active = keep if active is None else active[keep]
+            track.subset(keep)
+            state = [t[keep] for t in state]
+            data = [None if t is None else t[keep] for t in data]
             r = {k: (v[keep] if isinstance(v, torch.Tensor) else
                      None if v is None else tuple(None if t is None else t[keep] for t in v))
                  for k, v in r.items()}
-            fa = None if fa is None else fa[keep]
             act = kkt.subset(active, iteration_only=True)
+        xa, la, sa, na = state
+        fa = data[3]
         w = sa / la if p else sa
         if fa is not None:
             w = torch.where(fa, torch.full_like(w, FREE_ROW_WEIGHT), w)
-        new = newton_step(act, r, xa, la, sa, na, w, fa, settings)
-        state = [t.index_copy(0, active, v) if t.shape[-1] else t for t, v in zip(state, new)]
-    return Iterates(*state, track.codes, track.iterations, track.residuals, free_all)
-
-
-def _pick(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return t if idx is None else t[idx]
-
-
-def _retire(track: _Tracker, state: list, active, code, done, converged, worst) -> None:
-    """Record the finished samples' codes; stalled or capped ones go back to their best."""
-    sel = done.nonzero().squeeze(-1)
-    track.codes[active[sel]] = code[sel]
-    revert = done & ~converged & (track.best[active] < worst)
-    if bool(revert.any()):
-        back = active[revert]
-        for i, t in enumerate(state):
-            if t.shape[-1]:
-                state[i] = t.index_copy(0, back, track.best_state[i][back])
-        track.residuals[back] = track.best[back].unsqueeze(-1).expand(-1, 3).to(
-            track.residuals.dtype)
+        state = list(newton_step(act, r, xa, la, sa, na, w, fa, settings))
+    return Iterates(*track.point, track.codes, track.iterations, track.residuals, free_all)

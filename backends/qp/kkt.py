@@ -143,12 +143,16 @@ class KKTSystem:
         accurate to a few digits; each refinement step reuses the factorization
         and contracts the error by the factor's relative inaccuracy.
         """
-        rhs = [r_z, r_l, r_n]
-        sol = list(self.solve(F, *rhs))
+        dz, dl, dn = self.solve(F, r_z, r_l, r_n)
         for _ in range(steps):
-            resid = [r - a for r, a in zip(rhs, self.apply(F, *sol))]
-            sol = [s + e for s, e in zip(sol, self.solve(F, *resid))]
-        return tuple(sol)
+            top, mid, bottom = self.apply(F, dz, dl, dn)
+            if self.m:  # (without equalities the third block is empty)
+                e_z, e_l, e_n = self.solve(F, r_z - top, r_l - mid, r_n - bottom)
+                dn = dn + e_n
+            else:
+                e_z, e_l, _ = self.solve(F, r_z - top, r_l - mid, r_n)
+            dz, dl = dz + e_z, dl + e_l
+        return dz, dl, dn
 
     def G(self, x):
         return mv(self.Gm, x)
@@ -200,13 +204,16 @@ class SchurKKT(KKTSystem):
 
     def factor(self, w: torch.Tensor) -> dict:
         K = self.K
-        shape = (w.shape[0], self.p, self.p)
+        if w.shape[0] == 1 and K.dim() == 2:  # one sample, shared K: a 2-D factor
+            shape, w_diag = (self.p, self.p), w[0]
+        else:
+            shape, w_diag = (w.shape[0], self.p, self.p), w
         M = self.scratch("K+W", shape, w)
         if M is None:
             M = K.expand(shape).clone()
         else:
             M.copy_(K.expand(shape))
-        M.diagonal(dim1=-2, dim2=-1).add_(w)
+        M.diagonal(dim1=-2, dim2=-1).add_(w_diag)
         L, shifted = cholesky(M, self.settings, out=self.scratch("L", shape, w))
         return {"L": L, "w": w, "shifted": shifted}
 
@@ -270,14 +277,19 @@ class ReducedKKT(KKTSystem):
         if self.m:
             H0 = H0 + data.A.mT @ data.A
         self.H0 = H0
+        # Every matrix shared (2-D): one sample's Newton matrix is then a plain 2-D
+        # matrix, factored and solved without batch reshapes (see `linalg.chol_solve`).
+        self.shared = all(M.dim() == 2 for M in (self.Gm, self.Am, H0))
 
     def hess(self, x):
         return mv(self.Qm, x)
 
     def factor(self, w: torch.Tensor) -> dict:
         G = self.Gm
-        d = 1.0 / w
-        if G.dim() == 2:
+        d = w.reciprocal()
+        if w.shape[0] == 1 and self.shared:  # one sample, shared matrices: 2-D factors
+            GtDG = (G.T * d) @ G
+        elif G.dim() == 2:
             GtDG = (G.T.unsqueeze(0) * d.unsqueeze(1)) @ G
         else:
             GtDG = (G.mT * d.unsqueeze(1)) @ G
@@ -286,7 +298,10 @@ class ReducedKKT(KKTSystem):
         F = {"L": L, "d": d, "w": w, "shifted": shifted}
         if self.m:
             A = self.Am
-            At = A.mT if A.dim() == 3 else A.T.unsqueeze(0).expand(L.shape[0], -1, -1)
+            if L.dim() == 2:
+                At = A.T
+            else:
+                At = A.mT if A.dim() == 3 else A.T.unsqueeze(0).expand(L.shape[0], -1, -1)
             Y = torch.linalg.solve_triangular(L, At, upper=False)  # L⁻¹Aᵀ
             F["L_S"], _ = cholesky(Y.mT @ Y, self.settings)
         return F
@@ -370,21 +385,30 @@ def choose(data: QPData, settings: QPSettings, chol=None) -> KKTSystem:
     batch; both eliminations solve every sample to the same tolerance, so it
     changes the cost, not the answer.
     """
-    n, p, m = data.n, data.p, data.m
+    if settings.kkt in ("auto", "schur") and chol is None:
+        chol = torch.linalg.cholesky_ex(data.Q)
+    L = schur_factor(data.n, data.p, data.m, settings, chol)
+    return ReducedKKT(data, settings) if L is None else SchurKKT(data, settings, L)
+
+
+def schur_factor(n: int, p: int, m: int, settings: QPSettings, chol) -> torch.Tensor | None:
+    """chol(Q) when the Schur elimination is the one to use (see `choose`), else None.
+    ``chol``: (L, info) of the equilibrated Q (None when settings.kkt is "reduced")."""
     method = settings.kkt
-    if method in ("auto", "schur"):
-        L, info = chol if chol is not None else torch.linalg.cholesky_ex(data.Q)
-        definite = bool((info == 0).all())
-        if definite:
-            diag = L.detach().diagonal(dim1=-2, dim2=-1)
-            cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
-            definite = cond < settings.schur_max_condition
-        if method == "schur" and not definite:
-            raise ValueError("kkt='schur' needs a well-conditioned positive definite Q; "
-                             "use kkt='reduced' or 'auto'.")
-        if definite:
-            schur = p ** 3 / 3 + p * p
-            reduced = n * n * p + n ** 3 / 3 + (n * n * m + m ** 3 / 3 if m else 0)
-            if method == "schur" or schur <= reduced:
-                return SchurKKT(data, settings, L)
-    return ReducedKKT(data, settings)
+    if method not in ("auto", "schur"):
+        return None
+    L, info = chol
+    definite = bool((info == 0).all())
+    if definite:
+        diag = L.detach().diagonal(dim1=-2, dim2=-1)
+        cond = float(((diag.amax(-1) / diag.amin(-1)) ** 2).amax())
+        definite = cond < settings.schur_max_condition
+    if method == "schur" and not definite:
+        raise ValueError("kkt='schur' needs a well-conditioned positive definite Q; "
+                         "use kkt='reduced' or 'auto'.")
+    if definite:
+        schur = p ** 3 / 3 + p * p
+        reduced = n * n * p + n ** 3 / 3 + (n * n * m + m ** 3 / 3 if m else 0)
+        if method == "schur" or schur <= reduced:
+            return L
+    return None

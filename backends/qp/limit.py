@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import backward_solve, forward_solve
+from ..linalg import chol_solve
 
 # Pivot ratio (min/max diagonal of the Cholesky factor, squared) below which a
 # factor counts as singular, i.e. a tie; equilibrated data make it scale-free.
@@ -61,7 +61,11 @@ def active_rows(s: torch.Tensor, lam: torch.Tensor, h: torch.Tensor,
 
 
 def _factor(M: torch.Tensor):
-    """Cholesky with tie detection: (L, tie); a tie's factor is of M + shift·I."""
+    """Cholesky with tie detection: (L, tie); a tie's factor is of M + shift·I.
+    M (B, k, k), or (k, k) for a batch of one (tie is (B,) either way)."""
+    if M.dim() == 2:
+        L, tie = _factor(M.unsqueeze(0))
+        return L[0], tie
     L, info = torch.linalg.cholesky_ex(M)
     diag = L.diagonal(dim1=-2, dim2=-1).abs()
     if diag.shape[-1]:
@@ -85,7 +89,17 @@ def _factor(M: torch.Tensor):
 
 
 def _solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return backward_solve(L, forward_solve(L, r))
+    return chol_solve(L, r)
+
+
+def _Cx(C: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """C x per sample: C (k, n) shared or (B, k, n), x (B, n)."""
+    return x @ C.T if C.dim() == 2 else (C @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _CTy(C: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cᵀ y per sample: C (k, n) shared or (B, k, n), y (B, k)."""
+    return y @ C if C.dim() == 2 else (C.mT @ y.unsqueeze(-1)).squeeze(-1)
 
 
 class LimitSystem:
@@ -93,11 +107,17 @@ class LimitSystem:
 
     ``kkt`` is the interior point's elimination (for its working space and its
     exact products); ``active`` the (B, p) mask of active inequality rows.
+
+    Layouts of the factors: with padding (samples keep different numbers of
+    rows) ``order`` (B, k), ``valid`` (B, k) and C (B, k, n); without (every
+    sample keeps k rows) ``valid`` is None; a batch of one keeps its rows as
+    ``rows`` (k,) and C (k, n) and its factors 2-D, so that each product is one
+    plain matrix product (the batch-of-one solve is made of such small steps).
     """
 
     def __init__(self, kkt, active: torch.Tensor, factor: bool = True):
         self.kkt = kkt
-        B, p, m = active.shape[0], kkt.p, kkt.m
+        B, m = active.shape[0], kkt.m
         self.active = active
         self.stale = False  # some sample's active set changed after this was built
         self.tie = torch.zeros(B, dtype=torch.bool, device=active.device)
@@ -105,20 +125,32 @@ class LimitSystem:
         if not factor:
             return
         kept = torch.cat([active, torch.ones(B, m, dtype=torch.bool, device=active.device)], -1)
-        k = int(kept.sum(-1).amax()) if p + m else 0
-        # Each sample's kept rows first (stable: in their original order).
-        order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :k]
-        valid = kept.gather(1, order)
-        C = _gather_rows(torch.cat([_rows(kkt.Gm, B), _rows(kkt.Am, B)], -2)
-                         if kkt.Gm.dim() == 3 or kkt.Am.dim() == 3
-                         else torch.cat([kkt.Gm, kkt.Am], -2), order)
-        C = C * valid.unsqueeze(-1)
-        pad = torch.diag_embed((~valid).to(C.dtype))
-        self.factors = {"order": order, "valid": valid, "C": C}
+        stacked = (torch.cat([_rows(kkt.Gm, B), _rows(kkt.Am, B)], -2)
+                   if kkt.Gm.dim() == 3 or kkt.Am.dim() == 3
+                   else torch.cat([kkt.Gm, kkt.Am], -2))
+        if B == 1:
+            rows = kept[0].nonzero().squeeze(-1)
+            C = (stacked if stacked.dim() == 2 else stacked[0]).index_select(0, rows)
+            self.factors = {"rows": rows, "valid": None, "C": C}
+        else:
+            counts = kept.sum(-1)
+            k_min, k = torch.stack([counts.amin(), counts.amax()]).tolist()
+            # Each sample's kept rows first (stable: in their original order).
+            order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :k]
+            C = _gather_rows(stacked, order)
+            valid = None
+            if k_min < k:  # padding rows: identity rows with zero right-hand side
+                valid = kept.gather(1, order)
+                C = C * valid.unsqueeze(-1)
+            self.factors = {"order": order, "valid": valid, "C": C}
+        valid = self.factors["valid"]
+        pad = 0.0 if valid is None else torch.diag_embed((~valid).to(C.dtype))
         if kkt.name == "schur":
             self.factors["L"], self.tie = _factor(C @ C.mT + pad)
         else:
-            Q = kkt.Qm if kkt.Qm.dim() == 3 else kkt.Qm.expand(B, -1, -1)
+            Q = kkt.Qm if kkt.Qm.dim() == 3 or C.dim() == 2 else kkt.Qm.expand(B, -1, -1)
+            if C.dim() == 2 and Q.dim() == 3:
+                Q = Q[0]
             L_H, tie_h = _factor(Q + C.mT @ C)
             Y = torch.linalg.solve_triangular(L_H, C.mT, upper=False)
             L_S, tie_s = _factor(Y.mT @ Y + pad)
@@ -145,32 +177,39 @@ class LimitSystem:
     # ---- gathered coordinates: (a_z, a_c), a_c on each sample's kept rows -----
     def gather(self, g_l, g_n):
         f = self.factors
-        return torch.cat([g_l, g_n], -1).gather(1, f["order"]) * f["valid"]
+        g = torch.cat([g_l, g_n], -1) if g_n.shape[-1] else g_l
+        if "rows" in f:
+            return g.index_select(-1, f["rows"])
+        g = g.gather(1, f["order"])
+        return g if f["valid"] is None else g * f["valid"]
 
     def scatter(self, a_c, p: int):
         f = self.factors
         full = torch.zeros(a_c.shape[0], p + self.kkt.m, dtype=a_c.dtype, device=a_c.device)
-        full = full.scatter(1, f["order"], a_c * f["valid"])
+        if "rows" in f:
+            full = full.index_copy(-1, f["rows"], a_c)
+        else:
+            full = full.scatter(1, f["order"], a_c if f["valid"] is None else a_c * f["valid"])
         return full[:, :p], full[:, p:]
 
     def apply_gathered(self, a_z, a_c):
         """[[Q, Cᵀ], [C, 0]] (a_z, a_c), padding rows as identity rows: reads only
         the kept rows C, not all of G."""
         C, valid = self.factors["C"], self.factors["valid"]
-        top = self.kkt.hess(a_z) + (C.mT @ a_c.unsqueeze(-1)).squeeze(-1)
-        bottom = torch.where(valid, (C @ a_z.unsqueeze(-1)).squeeze(-1), a_c)
-        return top, bottom
+        top = self.kkt.hess(a_z) + _CTy(C, a_c)
+        bottom = _Cx(C, a_z)
+        return top, (bottom if valid is None else torch.where(valid, bottom, a_c))
 
     def solve_gathered(self, g_z, g_c):
         f, C = self.factors, self.factors["C"]
         if self.kkt.name == "schur":
-            a_c = _solve(f["L"], (C @ g_z.unsqueeze(-1)).squeeze(-1) - g_c)
-            a_z = g_z - (C.mT @ a_c.unsqueeze(-1)).squeeze(-1)
+            a_c = _solve(f["L"], _Cx(C, g_z) - g_c)
+            a_z = g_z - _CTy(C, a_c)
         else:
-            t = g_z + (C.mT @ g_c.unsqueeze(-1)).squeeze(-1)
+            t = g_z + _CTy(C, g_c)
             u = _solve(f["L"], t)
-            a_c = _solve(f["L_S"], (C @ u.unsqueeze(-1)).squeeze(-1) - g_c)
-            a_z = _solve(f["L"], t - (C.mT @ a_c.unsqueeze(-1)).squeeze(-1))
+            a_c = _solve(f["L_S"], _Cx(C, u) - g_c)
+            a_z = _solve(f["L"], t - _CTy(C, a_c))
         return a_z, a_c
 
     def solve(self, g_z, g_l, g_n):
@@ -182,20 +221,54 @@ class LimitSystem:
         """`solve` plus at least ``steps`` (at most REFINE_STEPS) steps of iterative
         refinement, until the residual's norm is within REFINE_TOL; returns
         (a, converged). A caller that checks entries one by one (the polish) asks
-        for more steps where that check fails: a right-hand side with entries of
-        very different sizes (a cost of 1e12 on one variable) has a norm that
-        hides the small entries' residuals, which keep improving after it stops."""
+        for more steps where that check fails (`refine` continues a refinement): a
+        right-hand side with entries of very different sizes (a cost of 1e12 on one
+        variable) has a norm that hides the small entries' residuals, which keep
+        improving after it stops."""
+        run = self.refinement(g_z, g_l, g_n)
+        self.refine(run, steps)
+        return run.solution(), run.converged()
+
+    def refinement(self, g_z, g_l, g_n) -> Refinement:
+        """The direct solve of a right-hand side, ready for `refine` (no steps yet)."""
         rhs = (g_z, self.gather(g_l, g_n))
         tol = REFINE_TOL.get(g_z.dtype, 1e-12)
         scale = _norm(rhs).clamp_min(torch.finfo(g_z.dtype).tiny)
-        sol = self.solve_gathered(*rhs)
-        for k in range(REFINE_STEPS + 1):
-            resid = [r - a for r, a in zip(rhs, self.apply_gathered(*sol))]
-            err = _norm(resid) / scale
-            if k == REFINE_STEPS or (k >= steps and bool((err <= tol).all())):
-                break
-            sol = tuple(s + e for s, e in zip(sol, self.solve_gathered(*resid)))
-        return (sol[0], *self.scatter(sol[1], g_l.shape[-1])), err <= tol
+        run = Refinement(self, rhs, tol, scale, g_l.shape[-1])
+        run.set(self.solve_gathered(*rhs))
+        return run
+
+    def refine(self, run: Refinement, steps: int) -> None:
+        """Refinement steps on ``run`` until it has taken at least ``steps`` and its
+        residual is within tolerance, or REFINE_STEPS in all. A second call with more
+        ``steps`` continues where the first stopped: the same iterates as one call."""
+        while run.k < REFINE_STEPS and not (run.k >= steps and run.converged_all()):
+            run.set(tuple(s + e for s, e in zip(run.sol, self.solve_gathered(*run.resid))))
+            run.k += 1
+
+
+class Refinement:
+    """Iterative refinement in progress: the solution in gathered coordinates, its
+    residual and relative error, and the steps taken (``k``)."""
+
+    def __init__(self, system: LimitSystem, rhs, tol: float, scale, p: int):
+        self.system, self.rhs, self.tol, self.scale, self.p = system, rhs, tol, scale, p
+        self.k = 0
+
+    def set(self, sol) -> None:
+        self.sol = sol
+        self.resid = [r - a for r, a in zip(self.rhs, self.system.apply_gathered(*sol))]
+        self.err = _norm(self.resid) / self.scale
+
+    def converged(self) -> torch.Tensor:
+        return self.err <= self.tol
+
+    def converged_all(self) -> bool:
+        return bool(self.converged().all())
+
+    def solution(self):
+        """(a_z, a_λ, a_ν) in full coordinates."""
+        return (self.sol[0], *self.system.scatter(self.sol[1], self.p))
 
 
 def _rows(M: torch.Tensor, B: int) -> torch.Tensor:

@@ -58,14 +58,11 @@ class Scaling:
     q_zero: bool = False
 
     # ---- data --------------------------------------------------------------
-    def apply(self, data: QPData) -> QPData:
-        """The scaled problem (Q̂, q̂, Ĝ, ĥ, Â, b̂); shared blocks stay shared where possible."""
+    def apply(self, data: QPData, Q: torch.Tensor | None = None) -> QPData:
+        """The scaled problem (Q̂, q̂, Ĝ, ĥ, Â, b̂); shared blocks stay shared where possible.
+        ``Q``: `apply_Q` of ``data`` if already computed."""
         D, E, F, c = self.D, self.E, self.F, self.c
-        if self.q_zero:
-            Q = data.Q
-        else:
-            root = D * c.sqrt()  # c·DQD = diag(√c D) Q diag(√c D)
-            Q = _outer(root, root, data.Q)
+        Q = self.apply_Q(data) if Q is None else Q
         q = data.q * D * c
         G = _outer(E, D, data.G)
         A = _outer(F, D, data.A)
@@ -73,6 +70,13 @@ class Scaling:
         b = data.b * F
         batch = data.batch
         return QPData(Q, q, G, h, A, b, batch)
+
+    def apply_Q(self, data: QPData) -> torch.Tensor:
+        """Q̂ = c·DQD alone (what the choice of elimination looks at)."""
+        if self.q_zero:
+            return data.Q
+        root = self.D * self.c.sqrt()  # c·DQD = diag(√c D) Q diag(√c D)
+        return _outer(root, root, data.Q)
 
     # ---- solutions ---------------------------------------------------------
     def solution(self, x, s, lam, nu):
@@ -100,9 +104,16 @@ def _outer(row: torch.Tensor, col: torch.Tensor, M: torch.Tensor) -> torch.Tenso
     tensor: the second scaling runs in place)."""
     out = M * row.unsqueeze(-1)
     col = col.unsqueeze(-2)
-    if torch.broadcast_shapes(out.shape, col.shape) == out.shape:
+    if _fits(out.shape, col.shape):
         return out.mul_(col)
     return out * col
+
+
+def _fits(shape, other) -> bool:
+    """Broadcasting ``other`` against ``shape`` leaves ``shape`` as it is (what
+    torch.broadcast_shapes(shape, other) == shape says, without its ~50 µs)."""
+    return len(other) <= len(shape) and all(
+        o == 1 or o == s for s, o in zip(reversed(shape), reversed(other)))
 
 
 def _norm_factor(squared: torch.Tensor) -> torch.Tensor:
@@ -129,33 +140,46 @@ def _mv(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(M, x.unsqueeze(-1)).squeeze(-1)
 
 
-def equilibrate(data: QPData, columns: bool = True, sweeps: int = RUIZ_SWEEPS) -> Scaling:
+def rows_and_cost(data: QPData):
+    """The start every scaling shares: (q_zero, E, F, c0), rows of G and A to unit
+    norm and c0 the cost scale that brings Q (or q) to unit size (with D = 1)."""
+    Q, G, A = data.Q, data.G, data.A
+    q_zero = Q.dim() == 2 and not bool(Q.any())
+    # Rows of G and A to unit norm first: a row scaling of the data is undone exactly.
+    E = _norm_factor(torch.linalg.vector_norm(G, dim=-1) ** 2) ** 2
+    F = _norm_factor(torch.linalg.vector_norm(A, dim=-1) ** 2) ** 2
+    # Q to unit size, so that the sweeps balance it against G and A whatever the
+    # objective's scale (Q·1e6 would otherwise shrink D 1000-fold).
+    c0 = _cost_scale(Q.diagonal(dim1=-2, dim2=-1), data.q, q_zero, None)
+    return q_zero, E, F, c0
+
+
+def equilibrate(data: QPData, columns: bool = True, sweeps: int = RUIZ_SWEEPS,
+                start=None) -> Scaling:
     """Row and cost scaling, then (``columns``) Ruiz sweeps for D; see the module doc.
 
     Without ``columns`` D = 1: the Schur elimination's change of variables w = Lᵀẑ
     absorbs any column scaling exactly (L̂ = √c·D·L, so Ĝ L̂⁻ᵀ = E G L⁻ᵀ/√c), so
     only the rows and the cost matter there, and they cost one pass over G.
     Every norm in a sweep is a matrix-vector product with the squared entries
-    (formed once): a sweep reads each matrix two or three times.
+    (formed once): a sweep reads each matrix two or three times. ``start``:
+    `rows_and_cost` of ``data`` if already computed (both scalings share it).
     """
     Q, G, A = data.Q, data.G, data.A
-    q_zero = Q.dim() == 2 and not bool(Q.any())
+    q_zero, E, F, c0 = start if start is not None else rows_and_cost(data)
     # D is shared when Q must stay shared (a nonzero shared Q), or when all blocks are;
     # it is then computed from the shared blocks only.
     d_shared = (not columns or (Q.dim() == 2 and not q_zero)
                 or Q.dim() == G.dim() == A.dim() == 2)
-    # Rows of G and A to unit norm first: a row scaling of the data is undone exactly.
-    E = _norm_factor(torch.linalg.vector_norm(G, dim=-1) ** 2) ** 2
-    F = _norm_factor(torch.linalg.vector_norm(A, dim=-1) ** 2) ** 2
     D = torch.ones(data.n if d_shared else (data.batch, data.n), dtype=Q.dtype,
                    device=Q.device)
-    # Q to unit size, so that the sweeps balance it against G and A whatever the
-    # objective's scale (Q·1e6 would otherwise shrink D 1000-fold).
-    c0 = _cost_scale(data, q_zero, D)
     if columns:
         D, E, F = _ruiz(data, q_zero, d_shared, c0, D, E, F, sweeps)
-    scaled = QPData(Q * _col(c0, Q.dim()), data.q * c0, G, data.h, A, data.b, data.batch)
-    return Scaling(D, E, F, c0 * _cost_scale(scaled, q_zero, D), q_zero)
+    # The cost scale of the problem scaled so far (diag(c0·Q) = c0·diag(Q) exactly).
+    diag = None if q_zero else Q.diagonal(dim1=-2, dim2=-1) * (
+        c0.reshape(-1, 1) if c0.dim() == 2 else c0)
+    c = _cost_scale(diag, data.q * c0, q_zero, D)
+    return Scaling(D, E, F, c0 * c, q_zero)
 
 
 def _ruiz(data: QPData, q_zero: bool, d_shared: bool, c0, D, E, F, sweeps: int):
@@ -179,17 +203,18 @@ def _ruiz(data: QPData, q_zero: bool, d_shared: bool, c0, D, E, F, sweeps: int):
     return D, E, F
 
 
-def _cost_scale(data: QPData, q_zero: bool, D: torch.Tensor) -> torch.Tensor:
+def _cost_scale(Q_diag, q, q_zero: bool, D: torch.Tensor | None) -> torch.Tensor:
     """c = 1 / (mean diagonal of DQD), or 1/‖Dq‖∞ for an LP; shared with a shared Q.
+    ``Q_diag``: the diagonal of Q; D None: D = 1.
 
     The diagonal bounds every entry of a semidefinite Q (|Qᵢⱼ| ≤ √(QᵢᵢQⱼⱼ)), so its
     mean is Q's size at the cost of reading n entries.
     """
     if not q_zero:
-        size = (data.Q.diagonal(dim1=-2, dim2=-1) * D * D).abs().mean(-1)
+        size = (Q_diag if D is None else Q_diag * D * D).abs().mean(-1)
     else:
-        size = (data.q * D).abs().amax(-1) if data.n else torch.ones(
-            data.q.shape[:-1], dtype=D.dtype, device=D.device)
+        size = (q if D is None else q * D).abs().amax(-1) if q.shape[-1] else torch.ones(
+            q.shape[:-1], dtype=q.dtype, device=q.device)
     c = torch.where(size > 0, 1.0 / size, torch.ones_like(size)).clamp(*COST_CLAMP)
     if c.dim() == 0:
         return c.reshape(1)
