@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -299,3 +300,28 @@ def test_the_silent_flag_silences_printing_not_warnings():
         z, res = f(*data, return_info=True)
     assert res.status == [Status.MAX_ITER] * 2
     assert any("max_iter" in str(w.message) for w in caught)
+
+
+def test_degenerate_lp_goes_on_to_the_strict_test_when_the_polish_fails():
+    """An assignment LP with tied costs: the optimal face is not a vertex, so the
+    polish on the active set fails (z is free along the face) twice; the interior
+    point must then iterate to the strict per-row test, not return the looser
+    round's point as optimal."""
+    rng = np.random.default_rng(0)
+    k = 6
+    n = k * k
+    rows = np.kron(np.eye(k), np.ones((1, k)))  # Σ_j X_ij = 1 (X flattened by rows)
+    cols = np.kron(np.ones((1, k)), np.eye(k))  # Σ_i X_ij = 1
+    A = np.vstack([rows, cols[:-1]])  # one of the 2k sums is implied by the others
+    costs = np.stack([rng.integers(0, 3, n).astype(float) for _ in range(3)])
+    data = [torch.zeros(3, n, n, dtype=DT), torch.tensor(costs), -torch.eye(n, dtype=DT)
+            .expand(3, n, n), torch.zeros(3, n, dtype=DT),
+            torch.tensor(A).expand(3, -1, -1), torch.ones(3, A.shape[0], dtype=DT)]
+    (z, lam, nu), res = solve_qp(*data, batch=3)
+    assert res.status == [Status.OPTIMAL] * 3
+    for i in range(3):
+        x = cp.Variable(n)
+        prob = cp.Problem(cp.Minimize(costs[i] @ x), [x >= 0, A @ x == 1])
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
+        assert abs(float(costs[i] @ z[i].numpy()) - prob.value) < 1e-9
+        assert float(z[i].min()) > -1e-9 and np.abs(A @ z[i].numpy() - 1).max() < 1e-9

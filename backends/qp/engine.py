@@ -114,9 +114,12 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
     if warm_scaled is not None:
         _retry_cold(it, kkt, settings, eps, rows=rounds[0])
     limit = reuse = None
-    for rows in (rounds[1:] + [None]) if polish else []:
+    # After the last round one more polish, then stop. (The end needs its own
+    # marker: ipm.STRICT is None too, and reading it as the end skipped the strict
+    # round after a second failed polish.)
+    for rows in (rounds[1:] + [_END]) if polish else []:
         limit, again, reuse = _polish(it, kkt, eps, reuse)
-        if again is None or rows is None:
+        if again is None or rows is _END:
             break
         _iterate_on(it, kkt, eps, again, rows)
         limit = None
@@ -139,6 +142,9 @@ def run(data: QPData, settings: QPSettings, input_dtype: torch.dtype, factor: bo
     codes = solution.judge(_SHARED.to(it.codes.device)[it.codes], it.residuals)
     return QPResult(codes, it.iterations, it.residuals, z=z, lam=lam, nu=nu, s=s, kkt=kkt,
                     scaling=scaling, limit=limit)
+
+
+_END = object()  # the polish rounds' end (see `solve`)
 
 
 def _active(it: ipm.Iterates, kkt: KKTSystem) -> torch.Tensor:
