@@ -50,17 +50,21 @@ class Elimination:
 
 
 def _pattern(M: sp.csr_array, shape, const_col: int):
-    """(structurally nonzero, constant-and-nonzero) boolean arrays of a block's map."""
-    rows = M.shape[0]
-    nonzero = np.zeros(rows, dtype=bool)
-    coo = M.tocoo()
-    nonzero[coo.row[coo.data != 0]] = True
-    param = np.zeros(rows, dtype=bool)
-    mask = (coo.col != const_col) & (coo.data != 0)
-    param[coo.row[mask]] = True
+    """(structurally nonzero, constant-and-nonzero) patterns of a block from its map
+    (rows: the block's row-major entries), as sparse boolean (CSC) matrices."""
+    M = sp.csr_array(M)
+    rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
+    live = M.data != 0
+    nonzero = np.unique(rows[live])
+    param = np.unique(rows[live & (M.indices != const_col)])
     const_value = np.asarray(M[:, [const_col]].todense()).ravel()
-    constant = (const_value != 0) & ~param
-    return nonzero.reshape(shape), constant.reshape(shape)
+    constant = np.setdiff1d(np.flatnonzero(const_value != 0), param)
+
+    def matrix(entries):
+        r, c = np.divmod(entries, shape[1])
+        return sp.csc_array((np.ones(entries.size, dtype=bool), (r, c)), shape=shape)
+
+    return matrix(nonzero), matrix(constant)
 
 
 def find(program) -> Elimination:
@@ -68,15 +72,17 @@ def find(program) -> Elimination:
     n, m = program.n, program.m
     last = program.maps["A"].shape[1] - 1
     A_nz, A_const = _pattern(program.maps["A"], (m, n), last)
+    A_rows = sp.csr_array(A_nz)
     remaining = np.ones(m, dtype=bool)
-    counts = A_nz.sum(0)
+    counts = np.diff(A_nz.indptr).astype(np.int64)  # per column, rows still left
     pivots, pivot_rows = [], []
     taken = np.zeros(n, dtype=bool)
     progress = True
     while progress:
         progress = False
         for j in np.flatnonzero((counts == 1) & ~taken):
-            rows = np.flatnonzero(A_nz[:, j] & remaining)
+            col = A_nz.indices[A_nz.indptr[j]:A_nz.indptr[j + 1]]
+            rows = col[remaining[col]]
             if rows.size != 1 or not A_const[rows[0], j]:
                 continue
             i = rows[0]
@@ -84,7 +90,8 @@ def find(program) -> Elimination:
             pivot_rows.append(i)
             taken[j] = True
             remaining[i] = False
-            counts -= A_nz[i]  # the row is gone: its columns lose one occurrence
+            # The row is gone: its columns lose one occurrence.
+            counts[A_rows.indices[A_rows.indptr[i]:A_rows.indptr[i + 1]]] -= 1
             progress = True
     pivots = np.array(pivots, dtype=np.int64)
     keep = np.flatnonzero(~taken)
@@ -96,7 +103,8 @@ def find(program) -> Elimination:
 
 
 def _is_box(program, elim: Elimination, last: int) -> bool:
-    """Q diagonal and each inequality row on one variable after the substitution."""
+    """Q diagonal and each inequality row on one variable after the substitution
+    (decided on sparsity patterns: a structural nonzero counts as nonzero)."""
     if elim.rest_rows.size:
         return False
     n, p, m = program.n, program.p, program.m
@@ -104,17 +112,28 @@ def _is_box(program, elim: Elimination, last: int) -> bool:
     Q_nz, _ = _pattern(program.maps["Q"], (n, n), last)
     G_nz, _ = _pattern(program.maps["G"], (p, n), last)
     K, C, R = elim.keep, elim.pivots, elim.pivot_rows
-    # x_C depends on x_K through T = A[R, C]⁻¹ A[R, K]: the closure of the pattern.
-    D = A_nz[np.ix_(R, C)].astype(np.int64)
-    dep = A_nz[np.ix_(R, K)].astype(np.int64)
-    for _ in range(C.size):  # back-substitution fills at most |C| levels deep
-        new = np.minimum(dep + (D - np.diag(np.diag(D))) @ dep, 1)
-        if np.array_equal(new, dep):
+    A_nz = sp.csr_array(A_nz).astype(np.int64)
+    # x_C depends on x_K through T = A[R, C]⁻¹ A[R, K]: the closure of the pattern
+    # under back-substitution, at most as many rounds as the chain of pivots is long.
+    D = A_nz[R][:, C]
+    D = D - sp.diags_array(D.diagonal(), dtype=np.int64)
+    dep = _binary(A_nz[R][:, K])
+    for _ in range(C.size):
+        new = _binary(dep + D @ dep)
+        if (new != dep).nnz == 0:
             break
         dep = new
-    T = np.vstack([np.eye(K.size, dtype=np.int64), dep])  # rows: K then C
+    T = sp.vstack([sp.eye(K.size, dtype=np.int64, format="csr"), dep]).tocsr()  # K, then C
     order = np.concatenate([K, C])
-    Qr = T.T @ Q_nz[np.ix_(order, order)].astype(np.int64) @ T
-    Gr = G_nz[:, order].astype(np.int64) @ T
-    off = Qr - np.diag(np.diag(Qr))
-    return bool(not off.any() and ((Gr != 0).sum(1) <= 1).all())
+    Q_o = sp.csr_array(Q_nz).astype(np.int64)[order][:, order]
+    Qr = (T.T @ Q_o @ T).tocoo()
+    Gr = sp.csr_array(G_nz).astype(np.int64)[:, order] @ T
+    off_diagonal = np.any((Qr.row != Qr.col) & (Qr.data != 0))
+    return bool(not off_diagonal and (np.diff(_binary(Gr).indptr) <= 1).all())
+
+
+def _binary(M) -> sp.csr_array:
+    M = sp.csr_array(M)
+    M.data = (M.data != 0).astype(np.int64)
+    M.eliminate_zeros()
+    return M
