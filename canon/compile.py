@@ -291,8 +291,8 @@ def _gp_constraint_ids(problem, target) -> dict:
 # p×p): past these sizes a sparse problem belongs to the conic path, whose
 # solvers keep it sparse (a 4000-variable least squares would need 0.5 GB of
 # dense KKT data per sample).
-QP_MAX_VARIABLES = 2000
-QP_MAX_CONSTRAINTS = 4000
+QP_MAX_VARIABLES = 50_000
+QP_MAX_CONSTRAINTS = 100_000
 
 
 def _qp_form(problem, parameters, variables, compiled) -> Form | None:
@@ -359,7 +359,9 @@ REQUIREMENTS = {
           f"{QP_MAX_VARIABLES} variables and {QP_MAX_CONSTRAINTS} constraints in CVXPY's form, "
           "and no geometric program",
     "conic": "a DPP problem without quad_form(x, P) for a Parameter P",
-    # A route on the conic form (`declarative.routes.cone`), not a form of its own.
+    # Routes on another route's form (`declarative.routes`), not forms of their own.
+    "sparse_qp": "a quadratic (or linear) objective and affine constraints, and no "
+                 "geometric program",
     "cone": "a DPP problem without quad_form(x, P) for a Parameter P whose cone program has "
             "zero, nonnegative, second-order and exponential cones only (no PSD, power or "
             "dual exponential cones)",

@@ -327,8 +327,10 @@ def run(door: Door, route, params, defaults: Defaults, *, solver_args=None, on_f
     on_failure = defaults.on_failure if on_failure is None else on_failure
     check_on_failure(on_failure)
     strict = defaults.strict if strict is None else bool(strict)
-    settings = route.settings(defaults.solver_args, solver_args, defaults.solver)
     params, batch, invalid = check_params(params, door, route.maskable, on_failure)
+    if route.kind == "auto":  # a `routes.cost.RouteChoice`: this batch's route
+        route = route.pick(batch.size, batch.device, params)
+    settings = route.settings(defaults.solver_args, solver_args, defaults.solver)
     if not route.functorch:
         refuse_functorch(params)
     warm = resolve_warm_start(warm_start, cache, route.kind, batch.size, route.warm_shapes())

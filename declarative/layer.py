@@ -22,6 +22,7 @@ import torch
 from ._pipeline import Defaults, Door, SolveInfo, check_on_failure, run
 from .canon import REQUIREMENTS, CompiledProblem, compile_problem
 from .routes import ROUTES, as_tensors, available, compile_route, load_route
+from .routes.cost import NOMINAL_BATCH, SHOWN_BATCHES, Candidate, RouteChoice, RouteReport
 
 BACKENDS = ("auto",) + tuple(ROUTES)
 
@@ -67,6 +68,16 @@ class CvxpyLayer(torch.nn.Module):
             raise TypeError(f"solver_args must be a dict, got {type(solver_args).__name__}.")
         self._requested = backend
         self.backend = _resolve_backend(backend, self._compiled, solver, solver_args)
+        self._routes: dict = {}  # kind -> (Route, Door, arrays, meta), built once each
+        # backend="auto" with several exact routes on one form: chosen per call.
+        self._choice = None
+        if self.backend == "auto":
+            # cvxpylayers' batched solvers name the job of the batched torch routes.
+            batched_only = isinstance(solver, str) and solver.upper() in BATCHED_SOLVERS
+            self._choice = self._candidates(dict(solver_args or {}), batched_only)
+            self.backend = self._choice.best(NOMINAL_BATCH).kind
+            if len(self._choice.candidates) == 1:
+                self._choice = None
         if self.backend != "conic" and isinstance(solver, str) and \
                 solver.upper() in BATCHED_SOLVERS:
             solver = None  # its job is the torch route's (see BATCHED_SOLVERS)
@@ -77,7 +88,6 @@ class CvxpyLayer(torch.nn.Module):
             self.solver_args.setdefault("verbose", True)
         check_on_failure(on_failure)
         self.on_failure, self.strict = on_failure, bool(strict)
-        self._routes: dict = {}  # kind -> (Route, Door, arrays, meta), built once each
         route = self.route(self.backend)
         # Resolve once so a bad key fails at construction, not at the first call.
         route.settings(self.solver_args, None, solver)
@@ -105,6 +115,39 @@ class CvxpyLayer(torch.nn.Module):
             self._routes[kind] = (load_route(as_tensors(arrays), meta), door, arrays, meta)
         return self._routes[kind]
 
+    def _candidates(self, solver_args: dict, batched_only: bool = False) -> RouteChoice:
+        """The exact routes on the form of the most specific one, with their costs;
+        a route that refuses the layer's solver_args is not among them."""
+        kinds = [k for k in available(self._compiled)
+                 if ROUTES[k].batched_torch or not batched_only]
+        form = ROUTES[kinds[0]].form_kind()
+        every, fitting = [], []
+        for kind in kinds:
+            if ROUTES[kind].form_kind() != form:
+                continue
+            route = self.route(kind)
+            every.append(Candidate(kind, route, *route.cost()))
+            if len(kinds) == 1:
+                break  # nothing to compare
+            try:
+                route.settings(solver_args, None, None)
+                fitting.append(every[-1])
+            except (ValueError, TypeError):
+                pass  # arguments meant for another route
+        # None fits: keep them all, and the chosen one's error names the argument.
+        return RouteChoice(fitting or every)
+
+    @property
+    def routes(self) -> RouteReport:
+        """Which route this layer runs and why (printable)."""
+        predicted = {}
+        if self._choice is not None:
+            predicted = {c.kind: {b: c.seconds(b) for b in SHOWN_BATCHES}
+                         for c in self._choice.candidates}
+        kinds = available(self._compiled)
+        refused = {k: REQUIREMENTS[k] for k in ROUTES if k not in kinds}
+        return RouteReport(self.backend, predicted, refused, self._requested)
+
     def _defaults(self) -> Defaults:
         return Defaults(self.solver, self.solver_args, self.on_failure, self.strict)
 
@@ -121,7 +164,10 @@ class CvxpyLayer(torch.nn.Module):
         ``solver_args={"solve_method": ...}`` on a layer whose ``backend="auto"`` chose
         a torch path solves this call on the conic path with that solver.
         """
-        route, door, _, _ = self._route_parts(self._route_kind(solver_args))
+        kind = self._route_kind(solver_args)
+        route, door, _, _ = self._route_parts(kind)
+        if self._choice is not None and kind == self.backend:
+            route = self._choice  # this call's batch picks (`routes.cost`)
         outputs, info = run(door, route, params, self._defaults(), solver_args=solver_args,
                             on_failure=on_failure, strict=strict, warm_start=warm_start,
                             cache=getattr(self._warm, "state", None))
@@ -204,14 +250,14 @@ def _resolve_backend(backend: str, compiled: CompiledProblem, solver, solver_arg
     if _batched_solver(solver, compiled):
         solver = None
         if backend == "auto":
-            return kinds[0]
+            return "auto"
     # Naming a conic solver (solver=... or solver_args['solve_method']) asks for it.
     named = (f"solver={solver!r}" if solver is not None else
              f"solver_args['solve_method']={solver_args['solve_method']!r}"
              if "solve_method" in (solver_args or {}) else None)
     if backend == "auto":
         if named is None:
-            return kinds[0]
+            return "auto"  # the layer chooses among the exact routes (`routes.cost`)
         if "conic" not in kinds:
             raise ValueError(f"{named} names a conic solver, but {_NO_CONIC} Leave it out: "
                              "the layer then runs the torch QP engine.")

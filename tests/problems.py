@@ -20,7 +20,9 @@ from helpers import SCS_EXP, SCS_TIGHT
 @dataclass(frozen=True)
 class Case:
     name: str
-    route: str  # the route backend="auto" must pick (or the forced one)
+    # The route the case runs: the one backend="auto" must take where it has no
+    # choice, else forced by kwargs (auto's choice by cost: tests/test_route_choice.py).
+    route: str
     build: object  # () -> (problem, parameters, variables)
     values: object  # (rng, B) -> list of arrays, each (B, *shape)
     kwargs: dict = field(default_factory=dict)  # CvxpyLayer keyword arguments
@@ -113,6 +115,27 @@ def _rand(shape):
     return lambda rng, B: [rng.standard_normal((B,) + shape)]
 
 
+def _qp_cases(route):
+    """The QP families on the dense batched engine ("qp") or the sparse one."""
+    suffix = "" if route == "qp" else "-sparse"
+    forced = {"backend": route}
+    return [
+        Case("qp-with-duals" + suffix, route, _qp_duals,
+             lambda rng, B: [rng.standard_normal((B, 6, 3)), 2.0 * rng.standard_normal((B, 6))],
+             kwargs=forced, warm=True),
+        Case("lasso" + suffix, route, _lasso,
+             lambda rng, B: [rng.standard_normal((B, 8, 4)), rng.standard_normal((B, 8))],
+             kwargs=forced, warm=True),
+        # Values keep entries away from 0, where the projection has a kink.
+        Case("relu-projection" + suffix, route, _relu,
+             lambda rng, B: [np.sign(v) * (0.2 + np.abs(v)) for v in
+                             [rng.standard_normal((B, 5))]], kwargs=forced),
+        # x0 large enough that the input bound is active on the first steps.
+        Case("mpc" + suffix, route, _mpc, lambda rng, B: [3.0 * rng.standard_normal((B, 2))],
+             kwargs=forced, warm=True),
+    ]
+
+
 CASES = [
     # Values of size 0.3: the projection keeps several entries (a one-hot point has
     # a zero derivative, which would compare nothing).
@@ -121,33 +144,22 @@ CASES = [
     Case("entropy-general", "entropy", _entropy_general,
          lambda rng, B: [rng.standard_normal((B, 4)), 0.2 + 0.3 * rng.random((B,))], warm=True),
     Case("transport", "entropy", _transport, _rand((3, 4)), warm=True),
-    Case("qp-with-duals", "qp", _qp_duals,
-         lambda rng, B: [rng.standard_normal((B, 6, 3)), 2.0 * rng.standard_normal((B, 6))],
-         warm=True),
-    Case("lasso", "qp", _lasso,
-         lambda rng, B: [rng.standard_normal((B, 8, 4)), rng.standard_normal((B, 8))],
-         warm=True),
-    # Values keep entries away from 0, where the projection has a kink.
-    Case("relu-projection", "qp", _relu,
-         lambda rng, B: [np.sign(v) * (0.2 + np.abs(v)) for v in
-                         [rng.standard_normal((B, 5))]]),
-    # x0 large enough that the input bound is active on the first steps.
-    Case("mpc", "qp", _mpc, lambda rng, B: [3.0 * rng.standard_normal((B, 2))], warm=True),
+    *[case for route in ("qp", "sparse_qp") for case in _qp_cases(route)],
     # Zero, nonnegative, second-order and exponential cones: the batched torch
     # interior point by default; diffcp's solvers when asked (backend="conic").
     Case("socp", "cone", _socp,
          lambda rng, B: [rng.standard_normal((B, 4, 3)), rng.standard_normal((B, 4))],
-         warm=True),
+         kwargs={"backend": "cone"}, warm=True),
     Case("socp-diffcp", "conic", _socp,
          lambda rng, B: [rng.standard_normal((B, 4, 3)), rng.standard_normal((B, 4))],
          kwargs={"backend": "conic", "solver_args": SCS_TIGHT}, tol=1e-6),
-    Case("logistic", "cone", _logistic, _rand((6, 2)), warm=True),
+    Case("logistic", "cone", _logistic, _rand((6, 2)), kwargs={"backend": "cone"}, warm=True),
     # Exponential cones on diffcp: SCS at 1e-10 (central differences through Clarabel's
     # points, accurate to ~1e-8, miss the derivative by 20 % at a step of 1e-5).
     Case("logistic-diffcp", "conic", _logistic, _rand((6, 2)),
          kwargs={"backend": "conic", "solver_args": SCS_EXP}, tol=1e-6),
     Case("geometric", "cone", _gp, lambda rng, B: [0.5 + rng.random((B,))],
-         kwargs={"gp": True}, warm=True),
+         kwargs={"gp": True, "backend": "cone"}, warm=True),
     Case("geometric-diffcp", "conic", _gp, lambda rng, B: [0.5 + rng.random((B,))],
          kwargs={"gp": True, "backend": "conic", "solver_args": SCS_EXP}, tol=1e-6),
 ]

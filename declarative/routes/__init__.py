@@ -10,10 +10,11 @@ from .cone import ConeRoute
 from .conic import ConicRoute
 from .entropy import EntropyRoute, SimplexRoute
 from .qp import QPRoute
+from .sparse_qp import SparseQPRoute
 
 ROUTES: dict[str, type[Route]] = {
     route.kind: route
-    for route in (SimplexRoute, EntropyRoute, QPRoute, ConeRoute, ConicRoute)
+    for route in (SimplexRoute, EntropyRoute, QPRoute, SparseQPRoute, ConeRoute, ConicRoute)
 }
 
 

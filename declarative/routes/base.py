@@ -43,6 +43,9 @@ class Route:
     functorch: ClassVar[bool] = True
     # The dtype θ is built in (None: the inputs' promoted dtype).
     theta_dtype: ClassVar[torch.dtype | None] = None
+    # Solves the whole batch in torch on the inputs' device (not sample by sample on
+    # the CPU): what a GPU batch should take (`cost`).
+    batched_torch: ClassVar[bool] = True
 
     # ---- numpy side ---------------------------------------------------------
     @classmethod
@@ -89,6 +92,11 @@ class Route:
         """Checked settings from the layer's and the call's solver_args."""
         refuse_keys(self.kind, layer_args, call_args, accepted=())
         return None
+
+    def cost(self) -> tuple[str, float, float]:
+        """(its constants' key in `cost.COSTS_FILE`, one sample's work (flops of its
+        factorizations), one sample's size (entries its iterations touch))."""
+        return self.kind, 0.0, 0.0
 
     def warm_shapes(self) -> dict | None:
         """{key: size} of the warm-start state this route takes (each (B, size))."""

@@ -73,6 +73,13 @@ class ConeRoute(Route):
     def settings(self, layer_args, call_args=None, solver=None):
         return cone_settings(layer_args, call_args)
 
+    def cost(self):
+        """Work: the normal equations' flops, n²m + n³/3; size: A's dense entries.
+        Exponential cones cost more per iteration (their own constants)."""
+        n, m = self.meta["n"], self.meta["m"]
+        return ("cone:exp" if self.spec.exp else "cone"), float(n * n * m + n ** 3 / 3), \
+            float(n * m)
+
     def warm_shapes(self):
         return {"x": self.meta["n"], "y": self.meta["m"], "s": self.meta["m"]}
 

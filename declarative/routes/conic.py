@@ -21,12 +21,13 @@ from .base import Route, add_arrays, plain
 class ConicRoute(Route):
     kind = "conic"
     functorch = False
+    batched_torch = False
     theta_dtype = torch.float64
 
     @classmethod
     def _compile(cls, form, layout, arrays, meta):
         cone = form.program
-        meta.update(n=cone.n, m=cone.m, cone_dict=plain(cone.cone_dict))
+        meta.update(n=cone.n, m=cone.m, nnz=cone.nnz, cone_dict=plain(cone.cone_dict))
         add_arrays(arrays, meta, {"c": cone.c_map, "A": cone.A_map, "b": cone.b_map},
                    {"indices": (cone.indices, np.int64), "indptr": (cone.indptr, np.int64)})
 
@@ -49,6 +50,13 @@ class ConicRoute(Route):
         settings = self.backend.ConicSettings.resolve(solver, layer_args, call_args)
         self.backend.check_cones(self.structure.cone_dict, settings.solve_method)
         return settings
+
+    def cost(self):
+        """No factorization work counted; size nnz(A) + n + m, what each of the
+        solver's iterations touches."""
+        n, m = self.meta["n"], self.meta["m"]
+        exp = bool(self.structure.cone_dict.get("ep"))
+        return ("conic:exp" if exp else "conic"), 0.0, float(self.meta.get("nnz", 0) + n + m)
 
     def warm_shapes(self):
         return {"x": self.meta["n"], "y": self.meta["m"], "s": self.meta["m"]}

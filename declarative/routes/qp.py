@@ -74,6 +74,19 @@ class QPRoute(Route):
     def settings(self, layer_args, call_args=None, solver=None):
         return qp_settings(layer_args, call_args)
 
+    def cost(self):
+        """Work: the dense Newton system's flops on the presolved problem (Schur
+        complement and Cholesky: n²(p + m) + n³/3), none for a box QP's closed form.
+        Size: the dense blocks' entries, and the substitution's dense products
+        (pivots × all variables)."""
+        n, p, m = (self.warm_shapes()[k] for k in ("z", "lam", "nu"))
+        sub = 0.0
+        if self.elimination is not None:
+            sub = float(self.elimination.pivots.numel()) * self.meta["n"]
+        if self.meta.get("box"):
+            return "qp:box", 0.0, float(n + p) + sub
+        return "qp", float(n * n * (p + m) + n ** 3 / 3), float(n * (n + p + m)) + sub
+
     def warm_shapes(self):
         n, p, m = self.meta["n"], self.meta["p"], self.meta["m"]
         if self.elimination is not None:  # the reduced problem's sizes

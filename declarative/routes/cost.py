@@ -1,0 +1,116 @@
+"""Which route a call takes under ``backend="auto"``: a measured cost model.
+
+Some problems can be solved exactly by more than one route on the same
+canonical form: a QP by the dense batched interior point (`qp`, presolved, a box
+QP in closed form) or by per-sample sparse factorizations (`sparse_qp`); a cone
+program by the batched torch interior point (`cone`) or by diffcp's solvers one
+sample at a time (`conic`). Which is faster depends on the sizes and on the
+batch: the dense engines pay a fixed cost per call (hundreds of small tensor
+operations per iteration) and almost nothing per extra sample at small n; the
+per-sample ones the reverse. Each route predicts a call of B samples as
+
+    t(B) = c_call + B · (c_sample + c_work · work + c_size · size)
+
+where ``work`` and ``size`` are the route's own measures of one sample
+(`Route.cost`: the flops of its factorizations, e.g. the dense Newton system's
+or the sparse factor's from its symbolic analysis, and the entries each
+iteration touches, e.g. nnz(A) for diffcp) and the four constants per route are measured on
+a machine by ``benchmarks/calibrate_routes.py`` (forward + backward, float64,
+one thread) and stored in ``route_costs.json`` next to this module. A call
+takes the cheapest predicted route for its batch size; inputs on a GPU take the
+batched torch routes (the per-sample ones run on the CPU and would copy the
+batch there and back), and inputs inside torch.func transforms the routes that
+support them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..backends.functorch import any_wrapped
+
+COSTS_FILE = Path(__file__).with_name("route_costs.json")
+# `layer.backend` names the route a batch of this many CPU samples takes.
+NOMINAL_BATCH = 16
+# Batches the explanation (`layer.routes`) shows predictions for.
+SHOWN_BATCHES = (1, 16, 64)
+
+
+@lru_cache(maxsize=1)
+def constants() -> dict:
+    """{cost key: {"call", "sample", "work"}} in seconds (see the module doc)."""
+    return json.loads(COSTS_FILE.read_text())["routes"]
+
+
+def predict(key: str, work: float, size: float, batch: int) -> float:
+    c = constants()[key]
+    return c["call"] + batch * (c["sample"] + c["work"] * work + c.get("size", 0.0) * size)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str
+    route: object  # `base.Route`
+    key: str  # its constants' name in route_costs.json
+    work: float
+    size: float
+
+    def seconds(self, batch: int) -> float:
+        return predict(self.key, self.work, self.size, batch)
+
+
+class RouteChoice:
+    """The exact routes of one canonical form, chosen per call by predicted time."""
+
+    def __init__(self, candidates: list[Candidate]):
+        self.candidates = candidates
+        self._picked: dict = {}
+        first = candidates[0].route
+        # The front door checks inputs before choosing; these agree across a form.
+        self.maskable, self.kind = first.maskable, "auto"
+
+    def pick(self, batch: int, device, params) -> object:
+        """The route for a call of ``batch`` samples on ``device``."""
+        wrapped = any_wrapped(*params)
+        key = (batch, getattr(device, "type", str(device)), wrapped)
+        if key not in self._picked:
+            self._picked[key] = self.best(batch, key[1], wrapped).route
+        return self._picked[key]
+
+    def best(self, batch: int, device_type: str = "cpu", wrapped: bool = False) -> Candidate:
+        pool = [c for c in self.candidates if c.route.functorch or not wrapped]
+        if device_type != "cpu":
+            pool = [c for c in pool if c.route.batched_torch] or pool
+        if len(pool) == 1:
+            return pool[0]
+        return min(pool or self.candidates, key=lambda c: c.seconds(batch))
+
+
+@dataclass(frozen=True)
+class RouteReport:
+    """What ``backend="auto"`` chose and why (`CvxpyLayer.routes`)."""
+
+    chosen: str  # the route of a nominal batch (`layer.backend`)
+    predicted: dict  # kind -> {batch: seconds}, the candidates of the chosen form
+    refused: dict  # kind -> why the problem does not fit it
+    requested: str
+
+    def __str__(self) -> str:
+        if self.requested != "auto":
+            lines = [f"backend={self.requested!r} was requested: every call runs it."]
+        else:
+            lines = [f"backend='auto': {self.chosen!r} for a batch of {NOMINAL_BATCH} on the "
+                     "CPU; each call takes the route predicted fastest for its batch size "
+                     "(measured constants, route_costs.json)."]
+        if self.predicted:
+            head = "".join(f"{f'B={b}':>12}" for b in SHOWN_BATCHES)
+            lines.append(f"  {'route':<12}{head}   (predicted forward + backward)")
+            for kind, times in self.predicted.items():
+                cells = "".join(f"{times[b] * 1e3:>10.1f}ms" for b in SHOWN_BATCHES)
+                lines.append(f"  {kind:<12}{cells}")
+        for kind, why in self.refused.items():
+            lines.append(f"  {kind}: not this problem's ({why})")
+        return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""backend="auto" with several exact routes: each call takes the one predicted fastest.
+
+The choice is made from stored constants (`declarative.routes.cost`), so these
+tests install their own constants to make a known route the cheapest at a known
+batch size, and check that the calls then run it, that the answers agree with
+the route forced by name and with a reference solver, and that inputs inside
+torch.func transforms only reach routes that support them.
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from helpers import reference_solve
+
+from declarative import CvxpyLayer
+from declarative.routes import cost
+
+DT = torch.float64
+
+
+def _lasso():
+    A, b, x = cp.Parameter((8, 4)), cp.Parameter(8), cp.Variable(4)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + 0.3 * cp.norm1(x)))
+    return prob, [A, b], [x]
+
+
+def _socp():
+    F, g, x = cp.Parameter((4, 3)), cp.Parameter(4), cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.norm(F @ x - g, 2) + 0.1 * cp.norm1(x)),
+                      [cp.norm(x, 2) <= 1])
+    return prob, [F, g], [x]
+
+
+def _values(shapes, B, seed=0):
+    rng = np.random.default_rng(seed)
+    return [torch.tensor(rng.standard_normal((B,) + s), dtype=DT) for s in shapes]
+
+
+LASSO_SHAPES = [(8, 4), (8,)]
+SOCP_SHAPES = [(4, 3), (4,)]
+
+
+def _constants(**per_route):
+    """Constants under which each named route costs (call, per sample) seconds."""
+    table = {key: {"call": 1.0, "sample": 1.0, "work": 0.0, "size": 0.0}
+             for key in cost.constants()}
+    for key, (call, sample) in per_route.items():
+        table[key] = {"call": call, "sample": sample, "work": 0.0, "size": 0.0}
+    return table
+
+
+@pytest.fixture
+def costs(monkeypatch):
+    """Install constants: ``costs(qp=(call, sample), ...)``."""
+    def install(**per_route):
+        monkeypatch.setattr(cost, "constants", lambda table=_constants(**per_route): table)
+    return install
+
+
+def test_the_candidates_are_the_exact_routes_of_one_form():
+    prob, params, variables = _lasso()
+    layer = CvxpyLayer(prob, params, variables)
+    assert [c.kind for c in layer._choice.candidates] == ["qp", "sparse_qp"]
+    prob, params, variables = _socp()
+    layer = CvxpyLayer(prob, params, variables)
+    assert [c.kind for c in layer._choice.candidates] == ["cone", "conic"]
+    # A softmax has one exact route: nothing to choose.
+    th, z = cp.Parameter(4), cp.Variable(4)
+    prob = cp.Problem(cp.Maximize(th @ z + cp.sum(cp.entr(z))), [cp.sum(z) == 1])
+    layer = CvxpyLayer(prob, [th], [z])
+    assert layer._choice is None and layer.backend == "entropy"
+
+
+def test_each_call_takes_the_route_predicted_fastest_for_its_batch(costs):
+    # sparse_qp: cheap call, dear samples; qp: the reverse. They cross at B = 9.
+    costs(qp=(0.010, 0.0001), sparse_qp=(0.001, 0.0011))
+    prob, params, variables = _lasso()
+    layer = CvxpyLayer(prob, params, variables)
+    assert layer.backend == "qp"  # the nominal batch (16) is past the crossing
+    forced = {k: CvxpyLayer(prob, params, variables, backend=k) for k in ("qp", "sparse_qp")}
+    for B, expected in ((1, "sparse_qp"), (4, "sparse_qp"), (32, "qp")):
+        values = _values(LASSO_SHAPES, B, seed=B)
+        (x,), info = layer(*values, return_info=True)
+        assert info.backend == expected and info.ok
+        (x_forced,), _ = forced[expected](*values, return_info=True)
+        assert torch.equal(x, x_forced)
+        for i in (0, B - 1):
+            ref = reference_solve(prob, params, [v[i].numpy() for v in values], variables)[0]
+            np.testing.assert_allclose(x[i].numpy(), ref, atol=1e-6)
+    # The other cost ordering flips the choices.
+    costs(qp=(0.001, 0.0011), sparse_qp=(0.010, 0.0001))
+    layer = CvxpyLayer(prob, params, variables)
+    assert layer.backend == "sparse_qp"
+    (_,), info = layer(*_values(LASSO_SHAPES, 1), return_info=True)
+    assert info.backend == "qp"
+
+
+def test_gradients_follow_the_chosen_route(costs):
+    """Each route's gradient against central differences of the layer itself."""
+    prob, params, variables = _lasso()
+    for cheap in ("qp", "sparse_qp"):
+        other = "sparse_qp" if cheap == "qp" else "qp"
+        costs(**{cheap: (0.001, 0.001), other: (1.0, 1.0)})
+        layer = CvxpyLayer(prob, params, variables)
+        values = _values(LASSO_SHAPES, 2, seed=3)
+        ins = [v.clone().requires_grad_(True) for v in values]
+        (x,), info = layer(*ins, return_info=True)
+        assert info.backend == cheap
+        w = torch.randn(x.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad((w * x).sum(), ins)
+        direction = [torch.randn(v.shape, dtype=DT, generator=torch.Generator().manual_seed(2))
+                     for v in values]
+        h = 1e-6
+
+        def f(t):
+            (xt,) = layer(*[v + t * d for v, d in zip(values, direction)])
+            return float((w * xt).sum())
+
+        fd = (f(h) - f(-h)) / (2 * h)
+        ours = sum(float((g * d).sum()) for g, d in zip(grads, direction))
+        assert abs(ours - fd) <= 1e-4 * max(1.0, abs(fd))
+
+
+def test_inside_torch_func_only_routes_that_support_it_are_taken(costs):
+    costs(cone=(1.0, 1.0), conic=(0.0001, 0.0001))  # diffcp "cheapest"
+    prob, params, variables = _socp()
+    layer = CvxpyLayer(prob, params, variables)
+    assert layer.backend == "conic"
+    values = _values(SOCP_SHAPES, 3, seed=5)
+    (x,), info = layer(*values, return_info=True)
+    assert info.backend == "conic"
+
+    def first(F, g):
+        return layer(F.unsqueeze(0), g.unsqueeze(0))[0][0]
+
+    xs = torch.func.vmap(first)(*values)  # diffcp cannot run here; the cone route can
+    cone = CvxpyLayer(prob, params, variables, backend="cone")
+    (x_cone,), info = cone(*values, return_info=True)
+    np.testing.assert_allclose(xs.numpy(), x_cone.numpy(), atol=1e-8)
+    np.testing.assert_allclose(x.numpy(), x_cone.numpy(), atol=1e-3)  # SCS's default eps
+    jac = torch.func.jacrev(first, argnums=1)(values[0][0], values[1][0])
+    g0 = values[1][0].clone().requires_grad_(True)
+    rows = [torch.autograd.grad(cone(values[0][:1], g0.unsqueeze(0))[0][0][k], g0)[0]
+            for k in range(3)]
+    np.testing.assert_allclose(jac.numpy(), torch.stack(rows).numpy(), atol=1e-6)
+
+
+def test_the_routes_report_names_the_candidates_and_the_routes_that_refuse():
+    prob, params, variables = _lasso()
+    report = str(CvxpyLayer(prob, params, variables).routes)
+    assert "backend='auto'" in report and "sparse_qp" in report and "qp" in report
+    assert "entropy: not this problem's" in report
+    forced = str(CvxpyLayer(prob, params, variables, backend="sparse_qp").routes)
+    assert "backend='sparse_qp' was requested" in forced
+
+
+def test_stored_constants_cover_every_route_cost_key():
+    """A route whose key has no stored constants would fail at construction."""
+    keys = set(cost.constants())
+    assert {"qp", "qp:box", "sparse_qp", "cone", "cone:exp", "conic", "conic:exp"} <= keys
+    for c in cost.constants().values():
+        assert all(c[k] >= 0 for k in ("call", "sample", "work"))
