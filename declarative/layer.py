@@ -16,6 +16,7 @@ threads and two layers may share Parameters.
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -140,13 +141,24 @@ class CvxpyLayer(torch.nn.Module):
     @property
     def routes(self) -> RouteReport:
         """Which route this layer runs and why (printable)."""
-        predicted = {}
+        predicted, corrected = {}, {}
         if self._choice is not None:
-            predicted = {c.kind: {b: c.seconds(b) for b in SHOWN_BATCHES}
+            predicted = {c.kind: {b: self._choice.expected(c, b) for b in SHOWN_BATCHES}
                          for c in self._choice.candidates}
-        kinds = available(self._compiled)
-        refused = {k: REQUIREMENTS[k] for k in ROUTES if k not in kinds}
-        return RouteReport(self.backend, predicted, refused, self._requested)
+            corrected = dict(self._choice._underestimate)
+        kinds, compiled = available(self._compiled), self._compiled
+        refused = {}
+        for k in ROUTES:
+            form = ROUTES[k].form_kind()
+            if k in kinds:
+                continue
+            if form in compiled.kinds and form not in compiled.forms:
+                refused[k] = (f"not compared: it takes the {form} form, which is built only "
+                              f"when asked for (backend={k!r})")
+            else:
+                refused[k] = f"not this problem's ({REQUIREMENTS[k]})"
+        chosen = self.backend if self._choice is None else self._choice.best(NOMINAL_BATCH).kind
+        return RouteReport(chosen, predicted, refused, self._requested, corrected)
 
     def _defaults(self) -> Defaults:
         return Defaults(self.solver, self.solver_args, self.on_failure, self.strict)
@@ -166,11 +178,15 @@ class CvxpyLayer(torch.nn.Module):
         """
         kind = self._route_kind(solver_args)
         route, door, _, _ = self._route_parts(kind)
-        if self._choice is not None and kind == self.backend:
+        chosen = self._choice is not None and kind == self.backend
+        if chosen:
             route = self._choice  # this call's batch picks (`routes.cost`)
+        started = time.perf_counter()
         outputs, info = run(door, route, params, self._defaults(), solver_args=solver_args,
                             on_failure=on_failure, strict=strict, warm_start=warm_start,
                             cache=getattr(self._warm, "state", None))
+        if chosen:
+            self._choice.observe(info.backend, len(info.status), time.perf_counter() - started)
         if warm_start is not False and warm_start is not None:
             self._warm.state = info.warm_start
         return (outputs, info) if return_info else outputs

@@ -76,7 +76,9 @@ def test_the_candidates_are_the_exact_routes_of_one_form():
 
 def test_each_call_takes_the_route_predicted_fastest_for_its_batch(costs):
     # sparse_qp: cheap call, dear samples; qp: the reverse. They cross at B = 9.
-    costs(qp=(0.010, 0.0001), sparse_qp=(0.001, 0.0011))
+    # (Seconds-scale constants: no call runs slower than predicted, which would
+    # correct the prediction; that is the next test's.)
+    costs(qp=(10.0, 0.1), sparse_qp=(1.0, 1.1))
     prob, params, variables = _lasso()
     layer = CvxpyLayer(prob, params, variables)
     assert layer.backend == "qp"  # the nominal batch (16) is past the crossing
@@ -91,11 +93,24 @@ def test_each_call_takes_the_route_predicted_fastest_for_its_batch(costs):
             ref = reference_solve(prob, params, [v[i].numpy() for v in values], variables)[0]
             np.testing.assert_allclose(x[i].numpy(), ref, atol=1e-6)
     # The other cost ordering flips the choices.
-    costs(qp=(0.001, 0.0011), sparse_qp=(0.010, 0.0001))
+    costs(qp=(1.0, 1.1), sparse_qp=(10.0, 0.1))
     layer = CvxpyLayer(prob, params, variables)
     assert layer.backend == "sparse_qp"
     (_,), info = layer(*_values(LASSO_SHAPES, 1), return_info=True)
     assert info.backend == "qp"
+
+
+def test_a_route_measured_slower_than_predicted_loses_the_next_call(costs):
+    """Predictions far below what the calls take (as for a sparse factorization
+    that meets ties): once a call measures it, the next call goes to the other
+    route. The first call of a route (its caches built) does not count."""
+    costs(qp=(1e-4, 1e-5), sparse_qp=(1e-6, 1e-6))
+    prob, params, variables = _lasso()
+    layer = CvxpyLayer(prob, params, variables)
+    values = _values(LASSO_SHAPES, 4)
+    taken = [layer(*values, return_info=True)[1].backend for _ in range(3)]
+    assert taken[:2] == ["sparse_qp", "sparse_qp"] and taken[2] == "qp"
+    assert str(layer.routes).count("measured on this layer") == 1  # the correction shown
 
 
 def test_gradients_follow_the_chosen_route(costs):

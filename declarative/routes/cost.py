@@ -68,6 +68,9 @@ class RouteChoice:
     def __init__(self, candidates: list[Candidate]):
         self.candidates = candidates
         self._picked: dict = {}
+        # kind -> how many times slower than predicted its calls measured (≥ 1).
+        self._underestimate: dict = {}
+        self._warmed: set = set()  # routes whose first call (caches built) is past
         first = candidates[0].route
         # The front door checks inputs before choosing; these agree across a form.
         self.maskable, self.kind = first.maskable, "auto"
@@ -86,7 +89,34 @@ class RouteChoice:
             pool = [c for c in pool if c.route.batched_torch] or pool
         if len(pool) == 1:
             return pool[0]
-        return min(pool or self.candidates, key=lambda c: c.seconds(batch))
+        return min(pool or self.candidates, key=lambda c: self.expected(c, batch))
+
+    def expected(self, candidate: Candidate, batch: int) -> float:
+        """The predicted seconds, raised by what this layer's calls have measured."""
+        return candidate.seconds(batch) * self._underestimate.get(candidate.kind, 1.0)
+
+    def observe(self, kind: str, batch: int, forward_seconds: float) -> None:
+        """Correct a route the model underestimates on this problem.
+
+        The constants are fitted across problem families, and a route's time on one
+        problem can be far from the fit (a sparse factorization that meets ties
+        and falls back to LSQR runs 10x its prediction). A call whose forward alone
+        took longer than the whole predicted forward + backward raises that route's
+        prediction by the factor, so the next calls go elsewhere if that is now
+        cheaper. Corrections only raise predictions: a route is never preferred on
+        the strength of one fast call, and a route never tried keeps its fit.
+        """
+        candidate = next((c for c in self.candidates if c.kind == kind), None)
+        if candidate is None or batch <= 0:
+            return
+        if kind not in self._warmed:  # a first call also builds the route's caches
+            self._warmed.add(kind)
+            return
+        factor = max(1.0, forward_seconds / candidate.seconds(batch))
+        previous = self._underestimate.get(kind, 1.0)
+        if abs(factor - previous) > 0.25 * previous:
+            self._underestimate[kind] = factor
+            self._picked.clear()
 
 
 @dataclass(frozen=True)
@@ -95,8 +125,9 @@ class RouteReport:
 
     chosen: str  # the route of a nominal batch (`layer.backend`)
     predicted: dict  # kind -> {batch: seconds}, the candidates of the chosen form
-    refused: dict  # kind -> why the problem does not fit it
+    refused: dict  # kind -> why it is not among the candidates
     requested: str
+    corrected: dict = None  # kind -> factor its calls measured above the prediction
 
     def __str__(self) -> str:
         if self.requested != "auto":
@@ -110,7 +141,9 @@ class RouteReport:
             lines.append(f"  {'route':<12}{head}   (predicted forward + backward)")
             for kind, times in self.predicted.items():
                 cells = "".join(f"{times[b] * 1e3:>10.1f}ms" for b in SHOWN_BATCHES)
-                lines.append(f"  {kind:<12}{cells}")
+                factor = (self.corrected or {}).get(kind, 1.0)
+                note = f"   (x{factor:.1f}: measured on this layer's calls)" if factor > 1 else ""
+                lines.append(f"  {kind:<12}{cells}{note}")
         for kind, why in self.refused.items():
-            lines.append(f"  {kind}: not this problem's ({why})")
+            lines.append(f"  {kind}: {why}")
         return "\n".join(lines)
