@@ -287,12 +287,15 @@ def _gp_constraint_ids(problem, target) -> dict:
             for cid, log_id in inverse.cons_id_map.items() if log_id in position}
 
 
-# The QP engine works on dense blocks (Q is n×n per sample, the Schur system
-# p×p): past these sizes a sparse problem belongs to the conic path, whose
-# solvers keep it sparse (a 4000-variable least squares would need 0.5 GB of
-# dense KKT data per sample).
+# The QP form: the sparse QP engine keeps it sparse up to these sizes (its
+# factorization's fill decides the time; past them the conic path's solvers).
 QP_MAX_VARIABLES = 50_000
 QP_MAX_CONSTRAINTS = 100_000
+# The dense QP engine (`qp` route) holds n×n and (p + m)×n blocks per sample:
+# past these sizes in CVXPY's form (256 MB of float64 blocks per sample at the
+# limit) only the sparse engine takes the QP form.
+DENSE_QP_MAX_VARIABLES = 4000
+DENSE_QP_MAX_CONSTRAINTS = 4000
 
 
 def _qp_form(problem, parameters, variables, compiled) -> Form | None:
@@ -356,12 +359,13 @@ REQUIREMENTS = {
     "entropy": "maximize θᵀz + τ·sum(entr(z)) (or minimize its negation) subject to A z == b "
                "with A constant, for one variable z, returning z only",
     "qp": f"a quadratic (or linear) objective and affine constraints, at most "
-          f"{QP_MAX_VARIABLES} variables and {QP_MAX_CONSTRAINTS} constraints in CVXPY's form, "
-          "and no geometric program",
+          f"{DENSE_QP_MAX_VARIABLES} variables and {DENSE_QP_MAX_CONSTRAINTS} constraints in "
+          "CVXPY's form, and no geometric program",
     "conic": "a DPP problem without quad_form(x, P) for a Parameter P",
     # Routes on another route's form (`declarative.routes`), not forms of their own.
-    "sparse_qp": "a quadratic (or linear) objective and affine constraints, and no "
-                 "geometric program",
+    "sparse_qp": f"a quadratic (or linear) objective and affine constraints, at most "
+                 f"{QP_MAX_VARIABLES} variables and {QP_MAX_CONSTRAINTS} constraints in CVXPY's "
+                 "form, and no geometric program",
     "cone": "a DPP problem without quad_form(x, P) for a Parameter P whose cone program has "
             "zero, nonnegative, second-order and exponential cones only (no PSD, power or "
             "dual exponential cones)",

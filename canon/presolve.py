@@ -52,13 +52,12 @@ class Elimination:
 def _pattern(M: sp.csr_array, shape, const_col: int):
     """(structurally nonzero, constant-and-nonzero) patterns of a block from its map
     (rows: the block's row-major entries), as sparse boolean (CSC) matrices."""
-    M = sp.csr_array(M)
-    rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
+    M = sp.coo_array(M, copy=True)  # COO: the rows are n² entries for Q
+    M.sum_duplicates()
     live = M.data != 0
-    nonzero = np.unique(rows[live])
-    param = np.unique(rows[live & (M.indices != const_col)])
-    const_value = np.asarray(M[:, [const_col]].todense()).ravel()
-    constant = np.setdiff1d(np.flatnonzero(const_value != 0), param)
+    nonzero = np.unique(M.row[live])
+    param = np.unique(M.row[live & (M.col != const_col)])
+    constant = np.setdiff1d(M.row[live & (M.col == const_col)], param)
 
     def matrix(entries):
         r, c = np.divmod(entries, shape[1])

@@ -72,8 +72,20 @@ def from_param_prog(param_prob, S: sp.csr_array, dims) -> QuadraticProgram | Non
     return QuadraticProgram(n, l, z, maps, batched)
 
 
+def _relabeled(M, target, keep, rows: int) -> sp.coo_array:
+    """The rows ``keep`` (a mask) of M, row k moved to ``target[k]``, in a matrix of
+    ``rows`` rows. COO: the maps' rows are a block's row-major entries (n² of them
+    for Q), and a CSR matrix would store a row pointer for each (12 GB at n = 40 000)."""
+    M = sp.coo_array(M)
+    sel = keep[M.row]
+    out = sp.coo_array((M.data[sel], (target[M.row[sel]].astype(np.int64), M.col[sel])),
+                       shape=(rows, M.shape[1]))
+    out.sum_duplicates()
+    return out
+
+
 def _split_rows(cone: ConeProgram, z: int, l: int) -> dict:
-    """Dense row-major maps of A (first z rows) and G (next l rows), and of b, h."""
+    """Row-major maps of A (first z rows) and G (next l rows), and of b, h."""
     n = cone.n
     cols = np.repeat(np.arange(n), np.diff(cone.indptr))
     rows = cone.indices
@@ -81,10 +93,7 @@ def _split_rows(cone: ConeProgram, z: int, l: int) -> dict:
     ineq = ~eq
 
     def scatter(mask, row_offset, count):
-        target = (rows[mask] - row_offset) * n + cols[mask]
-        pick = sp.csr_array((np.ones(mask.sum()), (target, np.flatnonzero(mask))),
-                            shape=(count * n, cone.nnz))
-        return sp.csr_array(pick @ cone.A_map)
+        return _relabeled(cone.A_map, (rows - row_offset) * n + cols, mask, count * n)
 
     b_rows = sp.csr_array(cone.b_map)
     return {
@@ -99,23 +108,22 @@ def _quadratic_map(param_prob, S, n: int) -> sp.csr_array:
     reduced = param_prob.reduced_P
     reduced.cache(keep_zeros=True)
     if reduced.problem_data_index is None or reduced.reduced_mat is None:
-        return sp.csr_array((n * n, S.shape[1]))
+        return sp.coo_array((n * n, S.shape[1]))
     indices, indptr, _ = reduced.problem_data_index
     values = sp.csr_array(reduced.reduced_mat) @ S
     cols = np.repeat(np.arange(n), np.diff(indptr))
     rows = np.asarray(indices)
     upper_only = np.any(rows < cols) and not np.any(rows > cols)
-    target = rows * n + cols
-    pick = sp.csr_array((np.ones(rows.size), (target, np.arange(rows.size))),
-                        shape=(n * n, rows.size))
-    full = pick @ values
+    rows, cols = rows.astype(np.int64), cols.astype(np.int64)
+    every = np.ones(rows.size, dtype=bool)
+    full = _relabeled(values, rows * n + cols, every, n * n)
     if upper_only:  # a triangular P stands for P + Pᵀ − diag(P)
-        off = rows != cols
-        mirror = sp.csr_array(
-            (np.ones(off.sum()), (cols[off] * n + rows[off], np.flatnonzero(off))),
-            shape=(n * n, rows.size))
-        full = full + mirror @ values
-    return sp.csr_array(full)
+        mirror = _relabeled(values, cols * n + rows, rows != cols, n * n)
+        full = sp.coo_array((np.concatenate([full.data, mirror.data]),
+                             (np.concatenate([full.row, mirror.row]),
+                              np.concatenate([full.col, mirror.col]))), shape=full.shape)
+        full.sum_duplicates()
+    return full
 
 
 def _reads_columns(M: sp.csr_array, user_cols: int) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 def coo_arrays(matrix) -> dict:
     """(rows, cols, vals) and layout metadata of a scipy matrix, for `LinearMap`."""
-    M = sp.coo_array(sp.csr_array(matrix))
+    M = sp.coo_array(matrix, copy=True)  # not through CSR: rows may number n²
     M.sum_duplicates()
     rows = M.row.astype(np.int64)
     cols = M.col.astype(np.int64)

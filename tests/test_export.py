@@ -31,10 +31,11 @@ def _problems():
     t = cp.Variable()
     socp = cp.Problem(cp.Minimize(t + cp.sum_squares(x - lo)), [cp.norm(x, 2) <= t])
     return {
-        "qp": (CvxpyLayer(qp, [A, b, lo], [x]), qp_in),
+        # Forced where auto has a choice: an export runs the layer's nominal route.
+        "qp": (CvxpyLayer(qp, [A, b, lo], [x], backend="qp"), qp_in),
         "entropy": (CvxpyLayer(soft, [th], [z]), [rng.standard_normal((3, n))]),
         "simplex": (CvxpyLayer(sparse, [th], [z]), [rng.standard_normal((3, n))]),
-        "cone": (CvxpyLayer(socp, [lo], [x]), [rng.standard_normal((2, n))]),
+        "cone": (CvxpyLayer(socp, [lo], [x], backend="cone"), [rng.standard_normal((2, n))]),
         "conic": (CvxpyLayer(socp, [lo], [x], backend="conic", solver_args={"eps": 1e-10}),
                   [rng.standard_normal((2, n))]),
     }

@@ -163,6 +163,17 @@ def test_inside_torch_func_only_routes_that_support_it_are_taken(costs):
     np.testing.assert_allclose(jac.numpy(), torch.stack(rows).numpy(), atol=1e-6)
 
 
+def test_under_torch_compile_the_batched_route_is_taken(costs):
+    costs(qp=(1.0, 1.0), sparse_qp=(0.0001, 0.0001))  # the sparse engine "cheapest"
+    prob, params, variables = _lasso()
+    layer = CvxpyLayer(prob, params, variables)
+    values = _values(LASSO_SHAPES, 3, seed=7)
+    assert layer(*values, return_info=True)[1].backend == "sparse_qp"
+    compiled = torch.compile(lambda A, b: layer(A, b)[0])
+    (x_qp,) = CvxpyLayer(prob, params, variables, backend="qp")(*values)
+    assert torch.allclose(compiled(*values), x_qp, atol=1e-12, rtol=0)
+
+
 def test_the_routes_report_names_the_candidates_and_the_routes_that_refuse():
     prob, params, variables = _lasso()
     report = str(CvxpyLayer(prob, params, variables).routes)

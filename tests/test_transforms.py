@@ -20,7 +20,7 @@ def _layers():
     x = cp.Variable(N)
     q = cp.Parameter(N)
     qp = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(x) + q @ x),
-                               [x >= -0.3, cp.sum(x) == 0.5]), [q], [x])
+                               [x >= -0.3, cp.sum(x) == 0.5]), [q], [x], backend="qp")
     th = cp.Parameter(N)
     z = cp.Variable(N)
     softmax = CvxpyLayer(cp.Problem(cp.Maximize(th @ z + cp.sum(cp.entr(z))),
@@ -32,7 +32,7 @@ def _layers():
                                       [cp.sum(z) == 1, z >= 0]), [th], [z])
     t = cp.Variable()
     socp = cp.Problem(cp.Minimize(t + cp.sum_squares(x - q)), [cp.norm(x) <= t])
-    cone = CvxpyLayer(socp, [q], [x])
+    cone = CvxpyLayer(socp, [q], [x], backend="cone")
     conic = CvxpyLayer(socp, [q], [x], backend="conic")
     return {"qp": qp, "softmax": softmax, "general": general, "sparsemax": sparsemax,
             "cone": cone, "conic": conic}

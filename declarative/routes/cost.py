@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from ..backends.functorch import any_wrapped
 
 COSTS_FILE = Path(__file__).with_name("route_costs.json")
@@ -77,14 +79,16 @@ class RouteChoice:
 
     def pick(self, batch: int, device, params) -> object:
         """The route for a call of ``batch`` samples on ``device``."""
-        wrapped = any_wrapped(*params)
+        # torch.compile traces fake tensors: only the batched torch routes can run there.
+        wrapped = any_wrapped(*params) or torch.compiler.is_compiling()
         key = (batch, getattr(device, "type", str(device)), wrapped)
         if key not in self._picked:
             self._picked[key] = self.best(batch, key[1], wrapped).route
         return self._picked[key]
 
     def best(self, batch: int, device_type: str = "cpu", wrapped: bool = False) -> Candidate:
-        pool = [c for c in self.candidates if c.route.functorch or not wrapped]
+        pool = [c for c in self.candidates
+                if not wrapped or (c.route.functorch and c.route.batched_torch)]
         if device_type != "cpu":
             pool = [c for c in pool if c.route.batched_torch] or pool
         if len(pool) == 1:

@@ -47,6 +47,18 @@ class QPRoute(Route):
     kind = "qp"
 
     @classmethod
+    def misfit(cls, form) -> str | None:
+        from ..canon.compile import DENSE_QP_MAX_CONSTRAINTS, DENSE_QP_MAX_VARIABLES
+
+        program = form.program
+        if program.n > DENSE_QP_MAX_VARIABLES or \
+                program.p + program.m > DENSE_QP_MAX_CONSTRAINTS:
+            return (f"its QP form has {program.n} variables and {program.p + program.m} "
+                    f"constraints; the dense engine takes at most {DENSE_QP_MAX_VARIABLES} and "
+                    f"{DENSE_QP_MAX_CONSTRAINTS} (backend='sparse_qp' keeps it sparse)")
+        return None
+
+    @classmethod
     def _compile(cls, form, layout, arrays, meta):
         from ..canon import presolve  # numpy side only: the export never imports it
 

@@ -25,11 +25,18 @@ MATRICES = ("Q", "G", "A")
 
 def _positions(M, shape):
     """(csr indptr, indices, rows of M) of the entries a block's map can reach."""
-    M = sp.csr_array(M)
-    entries = np.flatnonzero(np.diff(M.indptr) > 0)  # row-major flattened positions
+    M = sp.coo_array(M)  # COO: the map's rows are the block's n² entries for Q
+    entries = np.unique(M.row)  # row-major flattened positions
     rows, cols = np.divmod(entries, shape[1])
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
     return indptr.astype(np.int64), cols.astype(np.int64), entries
+
+
+def _rows_of(M, entries) -> sp.coo_array:
+    """The rows ``entries`` (sorted, each stored in M) of M, renumbered 0, 1, ..."""
+    M = sp.coo_array(M)
+    return sp.coo_array((M.data, (np.searchsorted(entries, M.row), M.col)),
+                        shape=(entries.size, M.shape[1]))
 
 
 class SparseQPRoute(Route):
@@ -47,7 +54,7 @@ class SparseQPRoute(Route):
             if k in MATRICES:
                 indptr, indices, entries = _positions(M, program.shape(k))
                 arrays[f"{k}.indptr"], arrays[f"{k}.indices"] = indptr, indices
-                M = sp.csr_array(M)[entries]
+                M = _rows_of(M, entries)
             add_map(arrays, meta, k, M)
 
     def __init__(self, tensors, meta):
