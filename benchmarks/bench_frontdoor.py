@@ -8,7 +8,7 @@ Every row is forward + backward (``autograd.grad`` of ``sum(w * x)``), float64, 
 of a problem written in CVXPY as a user would, on --threads threads (default 1;
 diffcp's worker pools get as many workers, ours where its route is conic). Columns:
 ``ours`` = declarative.torch.CvxpyLayer with backend="auto" (``route`` names the
-path it took); ``cvxpylayers`` = cvxpylayers.torch.CvxpyLayer with its defaults
+path a call of that batch takes after two untimed calls); ``cvxpylayers`` = cvxpylayers.torch.CvxpyLayer with its defaults
 (diffcp picks ECOS, or SCS for PSD and dual exponential cones); ``cvxpyl tight``
 = the same layer on Clarabel at tolerances 1e-10. Errors (untimed): max
 |x − x_ref| over the first --ref-samples samples; x_ref is the closed form
@@ -185,6 +185,16 @@ def reference_x(name: str, i: int, seed: int, batch: int) -> np.ndarray:
     return reference_solve(problem, params, values, [x], **CLARABEL_REF)[0]
 
 
+def _route_taken(layer, tensors) -> str:
+    """The route a call of this batch takes once the layer has seen two (untimed)
+    calls: auto chooses per call, and corrects its prediction from what a call
+    measured (`declarative.routes.cost`)."""
+    info = None
+    for _ in range(2):
+        _, info = layer(*[t.detach() for t in tensors], return_info=True)
+    return info.backend
+
+
 def build_cases(args, peer, note) -> list[h.Case]:
     jobs = {"n_jobs_forward": args.threads, "n_jobs_backward": args.threads}
     top, cases = max(args.batch), []
@@ -200,7 +210,8 @@ def build_cases(args, peer, note) -> list[h.Case]:
             lead = (B,) if B > 1 else ()
             w = [torch.tensor(np.random.default_rng([args.seed, 1]).standard_normal(
                 lead + variables[0].shape))]
-            layers = {"ours": (ours, jobs if ours.backend == "conic" else None),
+            route = _route_taken(ours, tensors)
+            layers = {"ours": (ours, jobs if route == "conic" else None),
                       "cvxpylayers": (theirs, jobs),
                       "cvxpyl tight": (theirs, h.CVXPYL_CLARABEL_TIGHT | jobs)}
             columns = {k: None if lay is None else h.layer_call(lay, tensors, w, a)
@@ -217,7 +228,8 @@ def build_cases(args, peer, note) -> list[h.Case]:
                         out[f"err {col}"] = float(np.abs(x - ref).max())
                 return out
 
-            labels = {"family": name, "size": fam.size, "B": str(B), "route": ours.backend}
+            labels = {"family": name, "size": fam.size, "B": str(B),
+                      "route": route}
             cases.append(h.Case(labels, columns, extras, [note] if note else []))
     return cases
 

@@ -9,7 +9,7 @@ backward of problems written as users write them, at several sizes and batch
 sizes, on one thread in float64 (medians of interleaved repeats), and fits per
 route the model
 
-    t(B) = c_call + B · (c_sample + c_work · work + c_size · size)
+    t(B) = c_call + c_shared · size + B · (c_sample + c_work · work + c_size · size)
 
 by non-negative least squares on relative errors (each route's ``work`` and
 ``size`` are its own measures of one sample, `Route.cost`). The table printed compares the
@@ -93,7 +93,7 @@ FAMILIES = {
     "box-least-squares": (_box_least_squares, [10, 40, 120]),
     "lasso": (_lasso, [10, 50, 150]),
     "total-variation": (_total_variation, [50, 300, 1000]),
-    "projection": (_projection, [100, 2000]),
+    "projection": (_projection, [100, 500, 2000]),
     "control": (_control, [10, 30]),
     "socp": (_socp, [5, 20, 60]),
     "logistic": (_logistic, [3, 10]),
@@ -147,20 +147,20 @@ def measure(families: dict, repeats: int) -> list[dict]:
 
 
 def fit(rows: list[dict]) -> dict:
-    """Per cost key: the non-negative (call, sample, work, size) minimizing relative
-    errors."""
+    """Per cost key: the non-negative (call, shared, sample, work, size) minimizing
+    relative errors."""
     constants = {}
     for key in sorted({r["key"] for r in rows}):
         mine = [r for r in rows if r["key"] == key]
-        X = np.array([[1.0, r["batch"], r["batch"] * r["work"], r["batch"] * r["entries"]]
-                      for r in mine])
+        X = np.array([[1.0, r["entries"], r["batch"], r["batch"] * r["work"],
+                       r["batch"] * r["entries"]] for r in mine])
         t = np.array([r["seconds"] for r in mine])
         scale = X.max(axis=0)
         scale[scale == 0] = 1.0
         coef, _ = nnls((X / scale) / t[:, None], np.ones_like(t))
-        call, sample, work, size = coef / scale
-        constants[key] = {"call": float(call), "sample": float(sample), "work": float(work),
-                          "size": float(size)}
+        call, shared, sample, work, size = coef / scale
+        constants[key] = {"call": float(call), "shared": float(shared), "sample": float(sample),
+                          "work": float(work), "size": float(size)}
     return constants
 
 
@@ -168,8 +168,7 @@ def report(rows, constants):
     print(f"\n{'family':<18}{'size':>6}  {'route':<10}{'B':>4}{'measured':>12}{'fitted':>12}")
     for r in rows:
         c = constants[r["key"]]
-        pred = c["call"] + r["batch"] * (c["sample"] + c["work"] * r["work"]
-                                         + c["size"] * r["entries"])
+        pred = cost.predict(r["key"], r["work"], r["entries"], r["batch"], constants)
         print(f"{r['family']:<18}{r['size']:>6}  {r['route']:<10}{r['batch']:>4}"
               f"{r['seconds'] * 1e3:>10.2f}ms{pred * 1e3:>10.2f}ms")
 

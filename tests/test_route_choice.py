@@ -45,10 +45,10 @@ SOCP_SHAPES = [(4, 3), (4,)]
 
 def _constants(**per_route):
     """Constants under which each named route costs (call, per sample) seconds."""
-    table = {key: {"call": 1.0, "sample": 1.0, "work": 0.0, "size": 0.0}
-             for key in cost.constants()}
+    zero = {"shared": 0.0, "work": 0.0, "size": 0.0}
+    table = {key: {"call": 1.0, "sample": 1.0, **zero} for key in cost.constants()}
     for key, (call, sample) in per_route.items():
-        table[key] = {"call": call, "sample": sample, "work": 0.0, "size": 0.0}
+        table[key] = {"call": call, "sample": sample, **zero}
     return table
 
 
@@ -188,4 +188,4 @@ def test_stored_constants_cover_every_route_cost_key():
     keys = set(cost.constants())
     assert {"qp", "qp:box", "sparse_qp", "cone", "cone:exp", "conic", "conic:exp"} <= keys
     for c in cost.constants().values():
-        assert all(c[k] >= 0 for k in ("call", "sample", "work"))
+        assert all(c[k] >= 0 for k in ("call", "shared", "sample", "work", "size"))

@@ -9,12 +9,13 @@ batch: the dense engines pay a fixed cost per call (hundreds of small tensor
 operations per iteration) and almost nothing per extra sample at small n; the
 per-sample ones the reverse. Each route predicts a call of B samples as
 
-    t(B) = c_call + B · (c_sample + c_work · work + c_size · size)
+    t(B) = c_call + c_shared · size + B · (c_sample + c_work · work + c_size · size)
 
 where ``work`` and ``size`` are the route's own measures of one sample
 (`Route.cost`: the flops of its factorizations, e.g. the dense Newton system's
 or the sparse factor's from its symbolic analysis, and the entries each
-iteration touches, e.g. nnz(A) for diffcp) and the four constants per route are measured on
+iteration touches, e.g. nnz(A) for diffcp; the c_shared term is the work on
+blocks the batch shares, done once per call) and the five constants per route are measured on
 a machine by ``benchmarks/calibrate_routes.py`` (forward + backward, float64,
 one thread) and stored in ``route_costs.json`` next to this module. A call
 takes the cheapest predicted route for its batch size; inputs on a GPU take the
@@ -47,9 +48,10 @@ def constants() -> dict:
     return json.loads(COSTS_FILE.read_text())["routes"]
 
 
-def predict(key: str, work: float, size: float, batch: int) -> float:
-    c = constants()[key]
-    return c["call"] + batch * (c["sample"] + c["work"] * work + c.get("size", 0.0) * size)
+def predict(key: str, work: float, size: float, batch: int, table=None) -> float:
+    c = (table or constants())[key]
+    return c["call"] + c.get("shared", 0.0) * size \
+        + batch * (c["sample"] + c["work"] * work + c.get("size", 0.0) * size)
 
 
 @dataclass(frozen=True)
