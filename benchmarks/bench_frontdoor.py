@@ -8,7 +8,8 @@ Every row is forward + backward (``autograd.grad`` of ``sum(w * x)``), float64, 
 of a problem written in CVXPY as a user would, on --threads threads (default 1;
 diffcp's worker pools get as many workers, ours where its route is conic). Columns:
 ``ours`` = declarative.torch.CvxpyLayer with backend="auto" (``route`` names the
-path a call of that batch takes after two untimed calls); ``cvxpylayers`` = cvxpylayers.torch.CvxpyLayer with its defaults
+path a call of that batch takes after two untimed calls); ``cvxpylayers`` =
+cvxpylayers.torch.CvxpyLayer with its defaults
 (diffcp picks ECOS, or SCS for PSD and dual exponential cones); ``cvxpyl tight``
 = the same layer on Clarabel at tolerances 1e-10. Errors (untimed): max
 |x − x_ref| over the first --ref-samples samples; x_ref is the closed form

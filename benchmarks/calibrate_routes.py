@@ -167,7 +167,6 @@ def fit(rows: list[dict]) -> dict:
 def report(rows, constants):
     print(f"\n{'family':<18}{'size':>6}  {'route':<10}{'B':>4}{'measured':>12}{'fitted':>12}")
     for r in rows:
-        c = constants[r["key"]]
         pred = cost.predict(r["key"], r["work"], r["entries"], r["batch"], constants)
         print(f"{r['family']:<18}{r['size']:>6}  {r['route']:<10}{r['batch']:>4}"
               f"{r['seconds'] * 1e3:>10.2f}ms{pred * 1e3:>10.2f}ms")

@@ -564,11 +564,11 @@ def test_warm_start_that_does_not_fit_the_layer_names_what_differs(simple):
     _, prob, params, x = simple
     # The QP engine's interior point (a box alone is solved in closed form, no state).
     coupled = cp.Problem(prob.objective, [*prob.constraints, cp.sum(x) <= 5])
-    layer = CvxpyLayer(coupled, list(params), [x])
+    layer = CvxpyLayer(coupled, list(params), [x], backend="qp")
     args = (as_tensor(np.zeros(3)), as_tensor(1.0))
     y, q = cp.Variable(5), cp.Parameter(5)
     other = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - q)), [y >= 0, cp.sum(y) <= 1]),
-                       [q], [y])
+                       [q], [y], backend="qp")
     _, foreign = other(as_tensor(np.ones(5)), return_info=True)
     with pytest.raises(ValueError, match=r"warm_start does not fit this layer: warm_start\['z'\]"
                                          r" has shape \(1, 5\), this call needs \(1, 3\)"):

@@ -186,4 +186,9 @@ def test_version_is_written_once():
 
 def test_package_is_marked_typed():
     assert (ROOT / "declarative" / "py.typed").is_file()
-    assert 'declarative = ["py.typed"]' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = config["tool"]["setuptools"]["package-data"]["declarative"]
+    assert "py.typed" in shipped
+    assert "routes/route_costs.json" in shipped  # auto's route constants

@@ -824,7 +824,7 @@ def test_qpfunction_input_errors_name_the_argument(case):
 @functools.cache
 def _qp_layer(n, p, m):
     prob, params, outs = _cvxpy_qp(n, p, m)
-    return CvxpyLayer(prob, params, outs)
+    return CvxpyLayer(prob, params, outs, backend="qp")  # the dense engine's tests
 
 
 @SHARED

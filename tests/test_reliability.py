@@ -98,14 +98,14 @@ def _problem(kind: str):
         return prob, [th, beta], [z], {}
     p, x = cp.Parameter(n, name="p"), cp.Variable(n)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= p, cp.sum(x) <= 1])
-    if kind == "qp":
-        return prob, [p], [x], {}
+    if kind in ("qp", "sparse_qp"):  # both QP engines, forced: auto chooses by cost
+        return prob, [p], [x], {"backend": kind}
     assert kind == "conic"
     return prob, [p], [x], {"backend": "conic", "solver_args": SCS_ARGS}
 
 
 BACKEND_OF = {"simplex": "simplex", "softmax": "entropy", "entropy": "entropy", "qp": "qp",
-              "conic": "conic"}
+              "sparse_qp": "sparse_qp", "conic": "conic"}
 KINDS = list(BACKEND_OF)
 
 
@@ -139,7 +139,8 @@ def _batch(kind: str, fail: tuple[int, ...] = (), B: int = 3, seed: int = 0):
 
 
 FAIL_STATUS = {"simplex": Status.INFEASIBLE, "softmax": Status.INVALID_INPUT,
-               "entropy": Status.INFEASIBLE, "qp": Status.INFEASIBLE, "conic": Status.INFEASIBLE}
+               "entropy": Status.INFEASIBLE, "qp": Status.INFEASIBLE,
+               "sparse_qp": Status.INFEASIBLE, "conic": Status.INFEASIBLE}
 
 
 def _weights(shape, seed=1):
@@ -172,7 +173,7 @@ def test_return_info_reports_per_sample_status_iterations_and_residuals(kind):
     assert info.status == (Status.OPTIMAL,) * 3 and info.ok
     assert info.iterations.shape == (3,) and np.issubdtype(info.iterations.dtype, np.integer)
     assert (info.iterations >= 0).all()
-    if kind in ("qp", "conic", "entropy"):  # iterative solvers did some work
+    if kind in ("qp", "sparse_qp", "conic", "entropy"):  # iterative solvers did some work
         assert (info.iterations >= 1).all()
     assert info.residuals.shape == (3, 3)
     assert np.isfinite(info.residuals).all() and (info.residuals >= 0).all()
@@ -216,6 +217,9 @@ def test_mask_keeps_other_samples_equal_to_solo_solves_nan_and_zero_grad_in_fail
 
 CAPS = {
     "qp": {"max_iter": 2},
+    # The sparse engine starts elsewhere: its iterate is within the usable limits
+    # of the status policy after 3 iterations (after 1 or 2 it is a failure).
+    "sparse_qp": {"max_iter": 3},
     # An iterate within the usable limits of the conic status policy; after 5
     # iterations it is 74 % infeasible, which is a failure (test_conic_layer).
     "conic": {"max_iters": 40},
@@ -512,7 +516,8 @@ def test_structured_paths_check_call_time_solver_args(kind):
 
 # Invalid values: one bad sample is invalid_input on every path, the rest untouched.
 
-FIRST_PARAM = {"simplex": "y", "softmax": "theta", "entropy": "theta", "qp": "p", "conic": "p"}
+FIRST_PARAM = {"simplex": "y", "softmax": "theta", "entropy": "theta", "qp": "p",
+               "sparse_qp": "p", "conic": "p"}
 # Solo-vs-batch agreement: the paths compute in the input's dtype (conic: float64, cast).
 TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 1e-4)}
 

@@ -56,7 +56,8 @@ def _constants(**per_route):
 def costs(monkeypatch):
     """Install constants: ``costs(qp=(call, sample), ...)``."""
     def install(**per_route):
-        monkeypatch.setattr(cost, "constants", lambda table=_constants(**per_route): table)
+        table = _constants(**per_route)
+        monkeypatch.setattr(cost, "constants", lambda: table)
     return install
 
 
@@ -130,7 +131,7 @@ def test_gradients_follow_the_chosen_route(costs):
                      for v in values]
         h = 1e-6
 
-        def f(t):
+        def f(t, layer=layer, values=values, direction=direction, w=w):
             (xt,) = layer(*[v + t * d for v, d in zip(values, direction)])
             return float((w * xt).sum())
 
