@@ -254,3 +254,16 @@ def test_an_infeasible_box_through_the_layer_is_a_failure_not_a_point():
     (out,), info = layer(lo_v, hi_v, on_failure="mask", return_info=True)
     assert list(info.status) == [Status.OPTIMAL, Status.INFEASIBLE]
     assert torch.isnan(out[1]).all() and torch.allclose(out[0], torch.zeros(3, dtype=DT))
+
+
+def test_equalities_that_fix_every_variable_leave_an_empty_box():
+    """min ‖x‖² s.t. x = b: the presolve substitutes every variable; what is left has
+    no variables and no bounds (cvxpylayers' own gradcheck of this problem)."""
+    n = 4
+    x, b = cp.Variable(n), cp.Parameter(n)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [np.eye(n) @ x == b])
+    layer = CvxpyLayer(prob, [b], [x], backend="qp")
+    b_t = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    (x_t,), info = layer(b_t, return_info=True)
+    assert info.ok and torch.allclose(x_t, b_t, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: layer(v)[0], (b_t,))

@@ -133,6 +133,10 @@ def box_solve(Q, q, G, h, B: int):
         return None
     q = q.expand(B, -1) if q.dim() == 1 else q
     n, p = q.shape[-1], h.shape[-1]
+    if p == 0:  # no bounds (an equality-constrained QP the presolve solved outright)
+        x = -q / d
+        empty = q.new_zeros(B, 0)
+        return (x, empty, empty), _box_status(x, x, x, empty, empty)
     col = (G.detach().abs() > 0).to(torch.int64).argmax(-1)  # each row's variable
     g = G.gather(-1, col.unsqueeze(-1)).squeeze(-1)  # (p,) or (B, p)
     bound = h / torch.where(g == 0, torch.ones_like(g), g)  # no 0/0 in the backward
