@@ -32,8 +32,34 @@ import qdldl
 from .pattern import SparsePattern
 from .settings import SparseQPSettings
 
+try:  # scipy's compiled product kernels, called without the operator's dispatch
+    from scipy.sparse import _sparsetools
+except ImportError:  # pragma: no cover - a scipy that moved them: use `@`
+    _sparsetools = None
+
 # Growth of δ after a breakdown (a zero or non-finite pivot).
 REGULARIZATION_GROWTH = 100.0
+
+
+def product(M):
+    """x ↦ M x for a float64 CSR or CSC matrix, sharing M's arrays (so it follows
+    later in-place changes of its values). Small problems make about 160 such
+    products per call, and `M @ x`'s type and shape dispatch costs several times
+    the product itself at these sizes (a third of a batch-of-one call)."""
+    if _sparsetools is None or M.dtype != np.float64 or M.format not in ("csr", "csc"):
+        return M.__matmul__
+    kernel = _sparsetools.csr_matvec if M.format == "csr" else _sparsetools.csc_matvec
+    n_row, n_col = M.shape
+    indptr, indices, data = M.indptr, M.indices, M.data
+
+    def apply(x):
+        if x.ndim != 1 or x.dtype != np.float64:
+            return M @ x
+        y = np.zeros(n_row)
+        kernel(n_row, n_col, indptr, indices, data, np.ascontiguousarray(x), y)
+        return y
+
+    return apply
 
 
 class Breakdown(RuntimeError):
@@ -55,6 +81,8 @@ class SampleKKT:
         self.Q, _ = lay.Qsym.matrices(Qv)
         self.Gm, self.GTm = lay.Gc.matrices(Gv)
         self.Am, self.ATm = lay.Ac.matrices(Av)
+        self.hess, self.G, self.GT, self.A, self.AT = (
+            product(M) for M in (self.Q, self.Gm, self.GTm, self.Am, self.ATm))
         self.Gv, self.g_row = Gv, pattern.rows("G")
         self.base = lay.S_Q @ Qv + lay.S_A @ Av  # K₀ without G and the λ diagonal
         self._g_rows = None  # the rows of G currently in `_g_part`
@@ -63,6 +91,7 @@ class SampleKKT:
         self.Kreg = np.empty(lay.nnz)
         self.U0 = lay.upper(self.K0)  # views: the matrices follow the arrays
         self.U0T = lay.upper(self.K0, transpose=True)
+        self._upper, self._upper_t = product(self.U0), product(self.U0T)
         self.Ureg = lay.upper(self.Kreg)
         self.diag = np.concatenate([lay.diag_x, lay.diag_nu, lay.diag_lam])
         self.delta = settings.static_regularization
@@ -70,21 +99,7 @@ class SampleKKT:
         self.factored = None  # what is factored: "ipm" or the limit's active mask
         self._probe = np.ones(self.N)
 
-    # ---- products (scaled units) --------------------------------------------
-    def hess(self, x):
-        return self.Q @ x
-
-    def G(self, x):
-        return self.Gm @ x
-
-    def GT(self, y):
-        return self.GTm @ y
-
-    def A(self, x):
-        return self.Am @ x
-
-    def AT(self, y):
-        return self.ATm @ y
+    # Products (scaled units): hess(x) = Q x, G(x), GT(y), A(x), AT(y), set above.
 
     # ---- the matrix and its factorization -----------------------------------
     def set_matrix(self, rows: np.ndarray, lam_diag: np.ndarray) -> None:
@@ -127,7 +142,7 @@ class SampleKKT:
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """K₀ v (both triangles from the stored upper one)."""
-        return self.U0 @ v + self.U0T @ v - self.d0 * v
+        return self._upper(v) + self._upper_t(v) - self.d0 * v
 
     def solve(self, rhs: np.ndarray, steps: int | None = None):
         """K₀⁻¹ rhs by the factor plus iterative refinement; returns (solution, relative
