@@ -42,6 +42,7 @@ class CvxpyLayer(torch.nn.Module):
             cannot run (a parametric quad_form, or a forced torch backend) is an error.
         gp: the problem is a disciplined geometric program.
         verbose: print solver output.
+        canon_backend: CVXPY's canonicalization backend (as in cvxpylayers).
         solver_args: default solver arguments; a call's ``solver_args`` override them.
         on_failure: "raise" (default) raises `SolverError` when a sample has no
             solution, and ValueError when a sample's value is invalid (NaN, ±inf, or
@@ -51,11 +52,15 @@ class CvxpyLayer(torch.nn.Module):
         strict: also count samples that stopped at the iteration/time limit
             (max_iter) or solved inaccurately as failures; by default they are
             returned with a UserWarning.
-        backend: "auto" (default) takes the most specific exact path the problem's
-            structure allows: "simplex" (projection onto a simplex: sparsemax),
-            "entropy" (entropy-regularized LP: softmax, optimal transport), "qp"
-            (batched torch interior point), "conic" (diffcp); naming one forces it
-            (an invalid choice is an error).
+        backend: "auto" (default) takes the most specific structure the problem
+            has: "simplex" (projection onto a simplex: sparsemax), "entropy"
+            (entropy-regularized LP: softmax, optimal transport), a QP ("qp": the
+            batched dense interior point, presolved; "sparse_qp": per-sample sparse
+            LDLᵀ), a cone program ("cone": the batched torch interior point;
+            "conic": diffcp); where a structure has several routes each call takes
+            the one predicted fastest for its batch (`routes.cost`; ``layer.routes``
+            explains it, ``layer.backend`` names the choice for a batch of 16).
+            Naming one forces it (an invalid choice is an error saying why).
     """
 
     def __init__(self, problem, parameters, variables, solver: str | None = None,
