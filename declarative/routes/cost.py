@@ -44,7 +44,8 @@ SHOWN_BATCHES = (1, 16, 64)
 
 @lru_cache(maxsize=1)
 def constants() -> dict:
-    """{cost key: {"call", "sample", "work"}} in seconds (see the module doc)."""
+    """{cost key: {"call", "shared", "sample", "work", "size"}}: seconds, and seconds
+    per unit of work or size (see the module doc)."""
     return json.loads(COSTS_FILE.read_text())["routes"]
 
 
@@ -106,7 +107,7 @@ class RouteChoice:
 
         The constants are fitted across problem families, and a route's time on one
         problem can be far from the fit (a sparse factorization that meets ties
-        and falls back to LSQR runs 10x its prediction). A call whose forward alone
+        and falls back to LSQR runs 4x its prediction on a Huber regression). A call whose forward alone
         took longer than the whole predicted forward + backward raises that route's
         prediction by the factor, so the next calls go elsewhere if that is now
         cheaper. Corrections only raise predictions: a route is never preferred on
