@@ -39,7 +39,11 @@ def check_wheel(path: pathlib.Path) -> None:
         check_metadata(wheel.read(metadata).decode())
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "wheel lacks LICENSE"
     assert "declarative/py.typed" in names, "wheel lacks py.typed"
-    for stage in ("declarative/canon/__init__.py", "declarative/backends/qp/__init__.py"):
+    # backend="auto" reads its route constants at construction.
+    assert "declarative/routes/route_costs.json" in names, "wheel lacks route_costs.json"
+    for stage in ("declarative/canon/__init__.py", "declarative/backends/qp/__init__.py",
+                  "declarative/backends/sparse_qp/__init__.py",
+                  "declarative/backends/cone/__init__.py"):
         assert stage in names, f"wheel lacks {stage}"
     stray = sorted({n.split("/")[0] for n in names} - {"declarative", metadata.split("/")[0]})
     assert not stray, f"wheel installs unexpected top-level names: {stray}"
