@@ -329,7 +329,10 @@ def run(door: Door, route, params, defaults: Defaults, *, solver_args=None, on_f
     strict = defaults.strict if strict is None else bool(strict)
     params, batch, invalid = check_params(params, door, route.maskable, on_failure)
     if route.kind == "auto":  # a `routes.cost.RouteChoice`: this batch's route
-        route = route.pick(batch.size, batch.device, params)
+        previous = warm_start.backend if isinstance(warm_start, SolveInfo) else None
+        route, warm_fits = route.pick(batch.size, batch.device, params, previous)
+        if not warm_fits:  # a previous call of this layer on a route this call cannot take
+            warm_start = None
     settings = route.settings(defaults.solver_args, solver_args, defaults.solver)
     if not route.functorch:
         refuse_functorch(params)

@@ -114,6 +114,30 @@ def test_a_route_measured_slower_than_predicted_loses_the_next_call(costs):
     assert str(layer.routes).count("measured on this layer") == 1  # the correction shown
 
 
+def test_a_warm_start_keeps_the_call_on_its_route(costs):
+    """A SolveInfo of this layer's earlier call is that route's state: the call
+    stays there (and starts warm) even where another route is now predicted
+    cheaper; the answers agree with a cold solve."""
+    costs(qp=(10.0, 0.1), sparse_qp=(1.0, 1.1))  # batch 4: the sparse engine
+    prob, params, variables = _lasso()
+    layer = CvxpyLayer(prob, params, variables)
+    values = _values(LASSO_SHAPES, 4, seed=11)
+    (x_sparse,), first = layer(*values, return_info=True)
+    assert first.backend == "sparse_qp"
+    costs(qp=(1.0, 0.1), sparse_qp=(10.0, 1.1))  # now the dense engine
+    layer._choice._picked.clear()  # forget the choice made under the old constants
+    (x_dense,), cold = layer(*values, return_info=True)
+    assert cold.backend == "qp"
+    moved = [v + 1e-3 for v in values]
+    (x_warm,), warm = layer(*moved, return_info=True, warm_start=first)
+    assert warm.backend == "sparse_qp" and warm.ok
+    (x_ref,), _ = CvxpyLayer(prob, params, variables, backend="qp")(*moved, return_info=True)
+    np.testing.assert_allclose(x_warm.numpy(), x_ref.numpy(), atol=1e-7)
+    np.testing.assert_allclose(x_sparse.numpy(), x_dense.numpy(), atol=1e-7)
+    (_,), again = layer(*moved, return_info=True, warm_start=cold)
+    assert again.backend == "qp"
+
+
 def test_gradients_follow_the_chosen_route(costs):
     """Each route's gradient against central differences of the layer itself."""
     prob, params, variables = _lasso()

@@ -80,23 +80,37 @@ class RouteChoice:
         # The front door checks inputs before choosing; these agree across a form.
         self.maskable, self.kind = first.maskable, "auto"
 
-    def pick(self, batch: int, device, params) -> object:
-        """The route for a call of ``batch`` samples on ``device``."""
+    def pick(self, batch: int, device, params, warm_route: str | None = None):
+        """(the route for a call of ``batch`` samples on ``device``, whether a warm
+        start from ``warm_route`` fits it). A warm start from one of these routes
+        keeps the call on that route where it can run (its state is that route's,
+        and starting warm is what it was passed for); otherwise the call starts cold."""
         # torch.compile traces fake tensors: only the batched torch routes can run there.
         wrapped = any_wrapped(*params) or torch.compiler.is_compiling()
-        key = (batch, getattr(device, "type", str(device)), wrapped)
+        device_type = getattr(device, "type", str(device))
+        if warm_route is not None:
+            for c in self._pool(device_type, wrapped):
+                if c.kind == warm_route:
+                    return c.route, True
+        key = (batch, device_type, wrapped)
         if key not in self._picked:
-            self._picked[key] = self.best(batch, key[1], wrapped).route
-        return self._picked[key]
+            self._picked[key] = self.best(batch, device_type, wrapped).route
+        route = self._picked[key]
+        known = warm_route is None or all(c.kind != warm_route for c in self.candidates)
+        return route, known  # another layer's state: the pipeline names what differs
 
-    def best(self, batch: int, device_type: str = "cpu", wrapped: bool = False) -> Candidate:
+    def _pool(self, device_type: str, wrapped: bool) -> list[Candidate]:
         pool = [c for c in self.candidates
                 if not wrapped or (c.route.functorch and c.route.batched_torch)]
         if device_type != "cpu":
             pool = [c for c in pool if c.route.batched_torch] or pool
+        return pool or self.candidates
+
+    def best(self, batch: int, device_type: str = "cpu", wrapped: bool = False) -> Candidate:
+        pool = self._pool(device_type, wrapped)
         if len(pool) == 1:
             return pool[0]
-        return min(pool or self.candidates, key=lambda c: self.expected(c, batch))
+        return min(pool, key=lambda c: self.expected(c, batch))
 
     def expected(self, candidate: Candidate, batch: int) -> float:
         """The predicted seconds, raised by what this layer's calls have measured."""
@@ -107,9 +121,10 @@ class RouteChoice:
 
         The constants are fitted across problem families, and a route's time on one
         problem can be far from the fit (a sparse factorization that meets ties
-        and falls back to LSQR runs 4x its prediction on a Huber regression). A call whose forward alone
-        took longer than the whole predicted forward + backward raises that route's
-        prediction by the factor, so the next calls go elsewhere if that is now
+        and falls back to LSQR runs 4x its prediction on a Huber regression). A
+        call whose forward alone took longer than the whole predicted forward +
+        backward raises that route's prediction by the factor, so the next calls
+        go elsewhere if that is now
         cheaper. Corrections only raise predictions: a route is never preferred on
         the strength of one fast call, and a route never tried keeps its fit.
         """
