@@ -124,9 +124,9 @@ class RouteChoice:
         and falls back to LSQR runs 4x its prediction on a Huber regression). A
         call whose forward alone took longer than the whole predicted forward +
         backward raises that route's prediction by the factor, so the next calls
-        go elsewhere if that is now
-        cheaper. Corrections only raise predictions: a route is never preferred on
-        the strength of one fast call, and a route never tried keeps its fit.
+        go elsewhere if that is now cheaper. Corrections only raise predictions:
+        a route is never preferred on the strength of one fast call, and a route
+        never tried keeps its fit.
         """
         candidate = next((c for c in self.candidates if c.kind == kind), None)
         if candidate is None or batch <= 0:
