@@ -150,7 +150,7 @@ class CvxpyLayer(torch.nn.Module):
         if self._choice is not None:
             predicted = {c.kind: {b: self._choice.expected(c, b) for b in SHOWN_BATCHES}
                          for c in self._choice.candidates}
-            corrected = dict(self._choice._underestimate)
+            corrected = self._choice.corrections()
         kinds, compiled = available(self._compiled), self._compiled
         refused = {}
         for k in ROUTES:

@@ -116,6 +116,10 @@ class RouteChoice:
         """The predicted seconds, raised by what this layer's calls have measured."""
         return candidate.seconds(batch) * self._underestimate.get(candidate.kind, 1.0)
 
+    def corrections(self) -> dict:
+        """{kind: factor} by which this layer's calls raised a route's prediction."""
+        return dict(self._underestimate)
+
     def observe(self, kind: str, batch: int, forward_seconds: float) -> None:
         """Correct a route the model underestimates on this problem.
 
