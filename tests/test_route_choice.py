@@ -68,6 +68,14 @@ def test_the_candidates_are_the_exact_routes_of_one_form():
     prob, params, variables = _socp()
     layer = CvxpyLayer(prob, params, variables)
     assert [c.kind for c in layer._choice.candidates] == ["cone", "conic"]
+    # Entropic optimal transport with the temperature a Parameter (cvxpylayers'
+    # example): not the entropy route's structure; both cone-program routes compete.
+    C, a, b = cp.Parameter((3, 3)), cp.Parameter(3), cp.Parameter(3)
+    eps, P = cp.Parameter(1, nonneg=True), cp.Variable((3, 3))
+    ot = cp.Problem(cp.Minimize(cp.trace(P.T @ C) - eps * (cp.sum(cp.entr(P)) + cp.sum(P))),
+                    [P @ np.ones(3) == a, P.T @ np.ones(3) == b, P >= 0])
+    layer = CvxpyLayer(ot, [C, a, b, eps], [P])
+    assert [c.kind for c in layer._choice.candidates] == ["cone", "conic"]
     # A softmax has one exact route: nothing to choose.
     th, z = cp.Parameter(4), cp.Variable(4)
     prob = cp.Problem(cp.Maximize(th @ z + cp.sum(cp.entr(z))), [cp.sum(z) == 1])
