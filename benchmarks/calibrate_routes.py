@@ -58,6 +58,16 @@ def _total_variation(n):
     return prob, [y], [x], [(n,)]
 
 
+def _relu_layer(n):
+    """cvxpylayers' ReLU-layer example: a variable tied to the weight Parameter
+    (Wt == W) times the input Parameter, so the presolve's pivot block depends on
+    the parameters and its substitution is rebuilt for every sample."""
+    W, b, x = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter(n)
+    z, Wt = cp.Variable(n), cp.Variable((n, n))
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(z - Wt @ x - b)), [z >= 0, Wt == W])
+    return prob, [W, b, x], [z], [(n, n), (n,), (n,)]
+
+
 def _projection(n):
     y, x = cp.Parameter(n), cp.Variable(n)
     return cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= 0]), [y], [x], [(n,)]
@@ -94,12 +104,14 @@ FAMILIES = {
     "lasso": (_lasso, [10, 50, 150]),
     "total-variation": (_total_variation, [50, 300, 1000]),
     "projection": (_projection, [100, 500, 2000]),
+    "relu-layer": (_relu_layer, [5, 10, 20]),
     "control": (_control, [10, 30]),
     "socp": (_socp, [5, 20, 60]),
     "logistic": (_logistic, [3, 10]),
 }
 QUICK = {"box-least-squares": [10, 40], "lasso": [10, 50], "total-variation": [50, 300],
-         "projection": [100], "control": [10], "socp": [5, 20], "logistic": [3]}
+         "projection": [100], "relu-layer": [5], "control": [10], "socp": [5, 20],
+         "logistic": [3]}
 BATCHES = (1, 8, 32)
 # A measurement expected to take longer than this is left out (the fit extrapolates).
 MAX_SECONDS = 4.0

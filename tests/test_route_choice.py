@@ -222,3 +222,25 @@ def test_stored_constants_cover_every_route_cost_key():
     assert {"qp", "qp:box", "sparse_qp", "cone", "cone:exp", "conic", "conic:exp"} <= keys
     for c in cost.constants().values():
         assert all(c[k] >= 0 for k in ("call", "shared", "sample", "work", "size"))
+
+
+def test_a_substitution_rebuilt_per_sample_counts_as_work():
+    """cvxpylayers' ReLU-layer formulation ties a variable to the weight Parameter
+    and multiplies it by the input Parameter: the presolve's pivot block then
+    depends on θ and is rebuilt per sample, which the cost must count (a ReLU
+    written as a plain projection rebuilds nothing)."""
+    n = 5
+    W, b, x = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter(n)
+    z, Wt = cp.Variable(n), cp.Variable((n, n))
+    tied = cp.Problem(cp.Minimize(cp.sum_squares(z - Wt @ x - b)), [z >= 0, Wt == W])
+    key, work, _ = CvxpyLayer(tied, [W, b, x], [z], backend="qp").route("qp").cost()
+    assert key == "qp:box" and work > 0
+    y = cp.Parameter(n)
+    plain = cp.Problem(cp.Minimize(cp.sum_squares(z - y)), [z >= 0])
+    key, work, _ = CvxpyLayer(plain, [y], [z], backend="qp").route("qp").cost()
+    assert key == "qp:box" and work == 0
+    # Both are ReLUs: the same answer as torch.relu.
+    values = _values([(n, n), (n,), (n,)], 3, seed=4)
+    (z_t,) = CvxpyLayer(tied, [W, b, x], [z], backend="qp")(*values)
+    expected = torch.relu(torch.einsum("bij,bj->bi", values[0], values[2]) + values[1])
+    assert torch.allclose(z_t, expected, atol=1e-10)

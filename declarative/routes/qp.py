@@ -88,16 +88,26 @@ class QPRoute(Route):
 
     def cost(self):
         """Work: the dense Newton system's flops on the presolved problem (Schur
-        complement and Cholesky: n²(p + m) + n³/3), none for a box QP's closed form.
+        complement and Cholesky: n²(p + m) + n³/3; none for a box QP's closed
+        form), plus the substitution's per-sample flops where a parameter reaches
+        its pivot block or Q (then P = −D⁻¹A[R, K] and PᵀQ_CC P are rebuilt for
+        every sample: c²k + c²k + ck² for c pivots and k kept variables).
         Size: the dense blocks' entries, and the substitution's dense products
         (pivots × all variables)."""
         n, p, m = (self.warm_shapes()[k] for k in ("z", "lam", "nu"))
-        sub = 0.0
+        sub, sub_work = 0.0, 0.0
         if self.elimination is not None:
-            sub = float(self.elimination.pivots.numel()) * self.meta["n"]
+            c, k = self.elimination.pivots.numel(), self.elimination.keep.numel()
+            sub = float(c) * self.meta["n"]
+            batched = self.meta["batched"]
+            if batched["A"]:
+                sub_work = float(2 * c * c * k + c * k * k)
+            elif batched["Q"]:
+                sub_work = float(c * c * k + c * k * k)
         if self.meta.get("box"):
-            return "qp:box", 0.0, float(n + p) + sub
-        return "qp", float(n * n * (p + m) + n ** 3 / 3), float(n * (n + p + m)) + sub
+            return "qp:box", sub_work, float(n + p) + sub
+        return "qp", float(n * n * (p + m) + n ** 3 / 3) + sub_work, \
+            float(n * (n + p + m)) + sub
 
     def warm_shapes(self):
         n, p, m = self.meta["n"], self.meta["p"], self.meta["m"]
