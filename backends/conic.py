@@ -34,8 +34,6 @@ import functools
 import importlib.util
 import math
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import diffcp
@@ -43,7 +41,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from diffcp.cone_program import solve_and_derivative_internal, solve_internal
-from threadpoolctl import ThreadpoolController
 
 from . import solution
 from .cone_derivative import ConeAdjoint
@@ -51,6 +48,7 @@ from .solution import Solution
 from .solver_args import DIFFCP_KEYS, SOLVER_KEYS
 from .solver_args import check_type as _check_type
 from .status import Status
+from .threads import run_samples
 
 SOLVE_METHODS = {"SCS": "SCS", "ECOS": "ECOS", "CLARABEL": "Clarabel", "DIFFCP": "SCS"}
 DIFF_MODES = ("auto", "dense", "lsqr", "lsmr", "lpgd", "lpgd_left", "lpgd_right")
@@ -296,74 +294,10 @@ def _workers(n_jobs: int, batch: int) -> int:
     return max(1, min(n_jobs, batch))
 
 
-class _OneBlasThread:
-    """BLAS limited to one thread while any conic solve or backward runs.
-
-    Reference-counted under a lock: threadpoolctl's limits are process-wide, so
-    two layers called from two threads, each saving and restoring the limit,
-    could leave BLAS at one thread for good.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._limiter = None
-        self._controller = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                if self._controller is None:  # scanning the loaded libraries costs ~1 ms
-                    self._controller = ThreadpoolController()
-                self._limiter = self._controller.limit(limits=1, user_api="blas")
-            self._depth += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-
-
-_ONE_BLAS_THREAD = _OneBlasThread()
-
-
 def _run(fn, batch: int, n_jobs: int) -> None:
-    """fn(i) for each sample; the first exception (a KeyboardInterrupt too) propagates.
-
-    One BLAS thread per program, as diffcp does: the parallelism is across
-    samples, and a sample's matrices are small (a 250 × 250 LU took 27 ms with
-    two BLAS threads on a busy two-core machine, 1.3 ms with one).
-    """
-    workers = _workers(n_jobs, batch)
-    with _ONE_BLAS_THREAD:
-        if workers == 1:
-            for i in range(batch):
-                fn(i)
-            return
-        # After an exception (Ctrl-C included) no further sample starts: a queued
-        # one would begin a fresh solve that the interrupt no longer reaches.
-        stop = threading.Event()
-
-        def guarded(i):
-            if stop.is_set():
-                return
-            try:
-                fn(i)
-            except BaseException:
-                stop.set()
-                raise
-
-        pool = ThreadPoolExecutor(max_workers=workers)
-        try:
-            for future in [pool.submit(guarded, i) for i in range(batch)]:
-                future.result()
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    """fn(i) for each sample in ``n_jobs`` threads (-1: one per CPU), one BLAS
+    thread per program as diffcp does (`threads.run_samples`)."""
+    run_samples(fn, batch, _workers(n_jobs, batch), serial_one_blas=True)
 
 
 def objective_scale(c: np.ndarray) -> np.ndarray:

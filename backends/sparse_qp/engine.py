@@ -30,13 +30,13 @@ from .. import solution
 from ..qp.engine import POLISH_ROUNDS, POLISHABLE
 from ..qp.ipm import INACCURATE, INFEASIBLE, MAX_ITER, NUMERICAL, OPTIMAL, RUNNING, UNBOUNDED
 from ..solution import Solution
+from ..threads import run_samples
 from . import ipm
 from .kkt import Breakdown, SampleKKT
 from .limit import active_rows, factor_limit, polish
 from .pattern import SparsePattern
 from .scaling import Scaling, equilibrate
 from .settings import SparseQPSettings
-from .threads import run_samples
 
 # The interior point's codes as the shared status codes (`solution.CODES`).
 SHARED_CODES = {RUNNING: solution.MAX_ITER, OPTIMAL: solution.OPTIMAL,

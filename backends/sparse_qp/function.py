@@ -23,11 +23,11 @@ from .. import solution
 from ..autograd import ImplicitSolve
 from ..functorch import any_wrapped
 from ..status import Box
+from ..threads import run_samples
 from . import engine
 from .limit import solve_limit
 from .pattern import SparsePattern
 from .settings import SparseQPSettings
-from .threads import run_samples
 
 NAMES = ("Q_vals", "q", "G_vals", "h", "A_vals", "b")
 

@@ -1,9 +1,10 @@
 """The samples of a batch in a thread pool, one BLAS thread each.
 
-qdldl's factorization and solves and scipy's sparse products release the GIL,
-so samples run in parallel; the parallelism is across samples, so BLAS (used
-by numpy's vector products) is held to one thread while workers run, as the
-conic backend does for its solvers.
+The per-sample backends (the conic solvers through diffcp, the sparse QP
+engine's qdldl factorizations and scipy products) release the GIL, so samples
+run in parallel; the parallelism is across samples, and a sample's matrices
+are small, so BLAS is held to one thread while workers run (a 250 × 250 LU
+took 27 ms with two BLAS threads on a busy two-core machine, 1.3 ms with one).
 """
 
 from __future__ import annotations
@@ -43,12 +44,20 @@ class _OneBlasThread:
 _ONE_BLAS_THREAD = _OneBlasThread()
 
 
-def run_samples(fn, batch: int, workers: int) -> None:
+def run_samples(fn, batch: int, workers: int, serial_one_blas: bool = False) -> None:
     """fn(i) for each sample; the first exception (KeyboardInterrupt too) propagates
-    and no further sample starts."""
+    and no further sample starts (a queued one would begin a fresh solve that the
+    interrupt no longer reaches). ``serial_one_blas``: hold BLAS to one thread on
+    the serial path too (dense LUs of the conic adjoint; the sparse engine's
+    small vector products do not pay for the limit's cost at batch 1)."""
     if workers <= 1:
-        for i in range(batch):
-            fn(i)
+        if serial_one_blas:
+            with _ONE_BLAS_THREAD:
+                for i in range(batch):
+                    fn(i)
+        else:
+            for i in range(batch):
+                fn(i)
         return
     stop = threading.Event()
 
