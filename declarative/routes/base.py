@@ -28,7 +28,7 @@ import torch
 
 from .._maps import LinearMap, coo_arrays
 from ..backends.solution import Solution
-from ..backends.solver_args import DIFFCP_KEYS, SOLVER_KEYS
+from ..backends.solver_args import DIFFCP_KEYS, SOLVER_KEYS, check_type
 
 # Keys of the conic solvers and diffcp: accepted and ignored on the torch routes,
 # so that code written for cvxpylayers runs unchanged.
@@ -156,6 +156,22 @@ def refuse_keys(kind: str, *arg_dicts, accepted=()) -> dict:
                 f"solver_args has unknown key {key!r} for the {kind!r} path. {took} "
                 "(conic-solver keys are accepted and ignored on this path).")
     return merged
+
+
+def torch_route_settings(kind: str, make, keys: dict, aliases: dict, *arg_dicts):
+    """``make(**changes)`` from solver_args, as the torch routes take them: their
+    own keys checked by name and type, conic-solver spellings mapped by
+    ``aliases`` (e.g. max_iters), other conic keys accepted and ignored, and
+    ``eps`` only tightening the default (code written for SCS passes eps=1e-6
+    meaning "at least this accurate")."""
+    merged = refuse_keys(kind, *arg_dicts, accepted=set(keys) | set(aliases))
+    changes = {"eps_tightens": True}
+    for key, value in merged.items():
+        name = aliases.get(key, key)
+        if name in keys:
+            check_type("solver_args", key, value, keys[name])
+            changes[name] = value.item() if hasattr(value, "item") else value
+    return make(**changes)
 
 
 def as_tensors(arrays: dict) -> dict:

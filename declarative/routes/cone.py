@@ -15,8 +15,7 @@ import torch
 
 from ..backends.cone import ConeSettings, ConeSpec, solve_cone
 from ..backends.cone.cones import SUPPORTED
-from ..backends.solver_args import check_type
-from .base import Route, add_arrays, plain, refuse_keys
+from .base import Route, add_arrays, plain, torch_route_settings
 
 # ConeSettings fields a caller may set through solver_args, with their types.
 _NUM = (int, float)
@@ -30,16 +29,8 @@ CONE_ALIASES = {"max_iters": "max_iter"}
 
 
 def cone_settings(*arg_dicts) -> ConeSettings:
-    """ConeSettings from solver_args, checked as the QP route checks its own: ``eps``
-    only tightens the default, other solvers' keys are accepted and ignored."""
-    merged = refuse_keys("cone", *arg_dicts, accepted=set(CONE_KEYS) | set(CONE_ALIASES))
-    changes = {"eps_tightens": True}
-    for key, value in merged.items():
-        name = CONE_ALIASES.get(key, key)
-        if name in CONE_KEYS:
-            check_type("solver_args", key, value, CONE_KEYS[name])
-            changes[name] = value.item() if hasattr(value, "item") else value
-    return ConeSettings(**changes)
+    """ConeSettings from solver_args (`base.torch_route_settings`)."""
+    return torch_route_settings("cone", ConeSettings, CONE_KEYS, CONE_ALIASES, *arg_dicts)
 
 
 class ConeRoute(Route):

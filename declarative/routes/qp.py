@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.qp import QPSettings, solve_qp
-from ..backends.solver_args import check_type
-from .base import Route, add_map, refuse_keys
+from .base import Route, add_map, torch_route_settings
 from .presolved import Substitution, box_solve
 
 BLOCKS = ("Q", "q", "G", "h", "A", "b")
@@ -25,18 +24,8 @@ QP_ALIASES = {"max_iters": "max_iter", "time_limit_secs": "time_limit"}
 
 
 def qp_settings(*arg_dicts) -> QPSettings:
-    """QPSettings from solver_args: QP keys checked by name and type, conic-solver
-    keys accepted and ignored, anything else an error listing the accepted keys.
-    ``eps`` only tightens the default tolerance (code written for SCS passes
-    eps=1e-6 meaning "at least this accurate")."""
-    merged = refuse_keys("qp", *arg_dicts, accepted=set(QP_KEYS) | set(QP_ALIASES))
-    changes = {"eps_tightens": True}
-    for key, value in merged.items():
-        name = QP_ALIASES.get(key, key)
-        if name in QP_KEYS:
-            check_type("solver_args", key, value, QP_KEYS[name])
-            changes[name] = value.item() if hasattr(value, "item") else value
-    return QPSettings(**changes)
+    """QPSettings from solver_args (`base.torch_route_settings`)."""
+    return torch_route_settings("qp", QPSettings, QP_KEYS, QP_ALIASES, *arg_dicts)
 
 
 class QPRoute(Route):
