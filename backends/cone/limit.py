@@ -38,7 +38,7 @@ import torch
 
 from .cones import Cones
 from .kkt import NormalKKT, mv, rmv
-from .metric import BlockOp
+from .metric import BlockOp, RowScaling
 
 # The refined adjoint is accepted where its residual is at most this (relative);
 # elsewhere J is singular with an inconsistent right-hand side.
@@ -48,7 +48,7 @@ REFINED = 1e-9
 PINV_RTOL = 1e-10
 
 
-class LimitMetric:
+class LimitMetric(RowScaling):
     """H_δ of the clipped limit system in `metric.Metric`'s interface (R, with
     H_δ⁻¹ = RᵀR), plus D itself for the refinement's residuals."""
 
@@ -110,21 +110,6 @@ class LimitMetric:
 
         return ((Q * d.clamp(0, 1).unsqueeze(-2)) @ Q.mT,
                 spectral(lambda x: (x / (1 - x)).sqrt()), spectral(lambda x: 1 / (1 - x)))
-
-    def _apply(self, diag, M, v):
-        q0 = self.cones.q0
-        out = v[:, :q0] * diag.unsqueeze(-1)
-        return torch.cat([out, M(v[:, q0:], v.shape[0])], 1) if self.k else out
-
-    def wi(self, v, transpose: bool = False):
-        return self._apply(self.r_diag, self.R.mT if transpose else self.R, v)
-
-    def wi_rows(self, M):
-        q0 = self.cones.q0
-        top = M[..., :q0, :] * self.r_diag.unsqueeze(-1)
-        if not self.k:
-            return top
-        return torch.cat([top, self.R(M[..., q0:, :], top.shape[0])], 1)
 
     def d(self, v):
         """D v (B, m, r)."""

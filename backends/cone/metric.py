@@ -63,7 +63,33 @@ class BlockOp:
         return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
 
 
-class Metric:
+class RowScaling:
+    """Products with an operator that is diagonal on the orthant rows and
+    block-diagonal (`BlockOp`) on the cone rows. Subclasses set ``cones``,
+    ``k`` (the cone rows' count), ``r_diag`` and ``R`` (H_δ⁻¹ = RᵀR)."""
+
+    def _apply(self, diag, M, v):
+        v3 = _cols(v)
+        q0 = self.cones.q0
+        out = v3[:, :q0] * diag.unsqueeze(-1)
+        if self.k:
+            out = torch.cat([out, M(v3[:, q0:], v3.shape[0])], 1)
+        return out if v.dim() == 3 else out.squeeze(-1)
+
+    def wi(self, v, transpose: bool = False):
+        """R v (Rᵀ v) on all rows: H_δ⁻¹ = RᵀR."""
+        return self._apply(self.r_diag, self.R.mT if transpose else self.R, v)
+
+    def wi_rows(self, M):
+        """R M for a matrix M (m, n) or (B, m, n), each column a vector: (B, m, n)."""
+        q0 = self.cones.q0
+        top = M[..., :q0, :] * self.r_diag.unsqueeze(-1)
+        if not self.k:
+            return top
+        return torch.cat([top, self.R(M[..., q0:, :], top.shape[0])], 1)
+
+
+class Metric(RowScaling):
     """H at one iterate (per sample), with the products the Newton solve needs."""
 
     def __init__(self, cones: Cones, s, z, zero_reg: float):
@@ -118,14 +144,6 @@ class Metric:
         return (torch.diag_embed(mj * eta_r) + outer(a), torch.diag_embed(mj / eta_r) + outer(ai),
                 torch.diag_embed(mj * eta_r * eta_r) + outer(hb))
 
-    def _apply(self, diag, M, v):
-        v3 = _cols(v)
-        q0 = self.cones.q0
-        out = v3[:, :q0] * diag.unsqueeze(-1)
-        if self.k:
-            out = torch.cat([out, M(v3[:, q0:], v3.shape[0])], 1)
-        return out if v.dim() == 3 else out.squeeze(-1)
-
     def w(self, v, inverse: bool = False):
         """W v (W⁻¹ v) on the symmetric cones' rows (the exponential rows' value is
         meaningless and the Jordan products that use it ignore them)."""
@@ -135,18 +153,6 @@ class Metric:
     def lam(self, z):
         """λ = W z (symmetric rows)."""
         return self.w(z)
-
-    def wi(self, v, transpose: bool = False):
-        """R v (Rᵀ v) on all rows: H_δ⁻¹ = RᵀR."""
-        return self._apply(self.r_diag, self.R.mT if transpose else self.R, v)
-
-    def wi_rows(self, M):
-        """R M for a matrix M (m, n) or (B, m, n), each column a vector: (B, m, n)."""
-        q0 = self.cones.q0
-        top = M[..., :q0, :] * self.r_diag.unsqueeze(-1)
-        if not self.k:
-            return top
-        return torch.cat([top, self.R(M[..., q0:, :], top.shape[0])], 1)
 
     def h(self, v):
         """H v with the zero cone's H = 0 (the unregularized system)."""
