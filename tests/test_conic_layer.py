@@ -872,6 +872,19 @@ def _gp_problem():
     return prob, [a, b, c], [x, y, z]
 
 
+def _check_gp_gradients(prob, params, outputs, vals, ts, got):
+    """Gradients of w·outputs against central differences through `_gp_reference`."""
+    w = np.array([0.7, -1.1, 0.9])
+    grads = torch.autograd.grad((torch.from_numpy(w) * got).sum(), ts)
+    h = 1e-5
+    for k in range(len(vals)):
+        e = np.zeros(len(vals))
+        e[k] = h
+        fd = (w @ _gp_reference(prob, params, outputs, vals + e)
+              - w @ _gp_reference(prob, params, outputs, vals - e)) / (2 * h)
+        assert abs(float(grads[k]) - fd) < 1e-4 * max(1.0, abs(fd)), (k, float(grads[k]), fd)
+
+
 def _gp_reference(prob, params, variables, values):
     old = [p.value for p in params]
     try:
@@ -898,15 +911,7 @@ def test_geometric_program_matches_cvxpy_and_finite_differences():
     assert np.abs(got.detach().numpy() - ref).max() < 1e-6
     assert all(p.value is None for p in params)
 
-    w = np.array([0.7, -1.1, 0.9])
-    grads = torch.autograd.grad((torch.from_numpy(w) * got).sum(), ts)
-    h = 1e-5
-    for k in range(3):
-        e = np.zeros(3)
-        e[k] = h
-        fd = (w @ _gp_reference(prob, params, variables, vals + e)
-              - w @ _gp_reference(prob, params, variables, vals - e)) / (2 * h)
-        assert abs(float(grads[k]) - fd) < 1e-4 * max(1.0, abs(fd)), (k, float(grads[k]), fd)
+    _check_gp_gradients(prob, params, variables, vals, ts, got)
 
 
 def test_geometric_program_parameter_as_exponent():
@@ -963,15 +968,7 @@ def test_geometric_program_duals_are_cvxpys_and_their_gradients_central_differen
     ref = _gp_reference(prob, params, outputs, vals)
     assert np.abs(got.detach().numpy() - ref).max() < 1e-6
     assert (np.abs(ref[1:]) > 0.05).all()  # both constraints active
-    w = np.array([0.7, -1.1, 0.9])
-    grads = torch.autograd.grad((torch.from_numpy(w) * got).sum(), ts)
-    h = 1e-5
-    for k in range(3):
-        e = np.zeros(3)
-        e[k] = h
-        fd = (w @ _gp_reference(prob, params, outputs, vals + e)
-              - w @ _gp_reference(prob, params, outputs, vals - e)) / (2 * h)
-        assert abs(float(grads[k]) - fd) < 1e-4 * max(1.0, abs(fd)), (k, float(grads[k]), fd)
+    _check_gp_gradients(prob, params, outputs, vals, ts, got)
 
 
 def test_geometric_program_duals_with_auxiliary_log_space_constraints():
