@@ -10,6 +10,20 @@ BACKWARD_MODES = ("implicit", "unroll", "iterative")
 KKT_METHODS = ("auto", "schur", "reduced")
 
 
+def check_interior_point(settings, *positive: str) -> None:
+    """The checks both QP engines' settings share: step fractions in (0, 1), at
+    least one iteration, and the named fields positive."""
+    for name in ("step_fraction", "step_fraction_max"):
+        value = getattr(settings, name)
+        if not (0.0 < value < 1.0):
+            raise ValueError(f"{name} must lie in (0, 1), got {value}.")
+    if settings.max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {settings.max_iter}.")
+    for name in positive:
+        if not getattr(settings, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(settings, name)}.")
+
+
 @dataclass(frozen=True)
 class QPSettings:
     # Stopping tolerance on the scaled primal and dual residuals and on the
@@ -73,15 +87,7 @@ class QPSettings:
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}.")
         if self.kkt not in KKT_METHODS:
             raise ValueError(f"kkt must be one of {KKT_METHODS}, got {self.kkt!r}.")
-        if not (0.0 < self.step_fraction < 1.0):
-            raise ValueError(f"step_fraction must lie in (0, 1), got {self.step_fraction}.")
-        if not (0.0 < self.step_fraction_max < 1.0):
-            raise ValueError(f"step_fraction_max must lie in (0, 1), got "
-                             f"{self.step_fraction_max}.")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1, got {self.max_iter}.")
-        if not self.infeas_tol > 0:
-            raise ValueError(f"infeas_tol must be positive, got {self.infeas_tol}.")
+        check_interior_point(self, "infeas_tol")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}.")
         if self.compute_dtype not in (None, torch.float32, torch.float64):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
+from ..qp.settings import check_interior_point
+
 # The stopping tolerance when none is given. Every computation runs in float64
 # (the factorization library has no other precision), whatever the input dtype.
 DEFAULT_EPS = 1e-10
@@ -63,16 +65,7 @@ class SparseQPSettings:
     parallel_min_flops: float = 1e7
 
     def __post_init__(self):
-        if not (0.0 < self.step_fraction < 1.0):
-            raise ValueError(f"step_fraction must lie in (0, 1), got {self.step_fraction}.")
-        if not (0.0 < self.step_fraction_max < 1.0):
-            raise ValueError(f"step_fraction_max must lie in (0, 1), got "
-                             f"{self.step_fraction_max}.")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1, got {self.max_iter}.")
-        for name in ("infeas_tol", "static_regularization", "refine_tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        check_interior_point(self, "infeas_tol", "static_regularization", "refine_tol")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}.")
         if self.time_limit is not None and not self.time_limit > 0:
