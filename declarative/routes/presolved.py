@@ -84,6 +84,11 @@ class Substituted:
         Ar = self._piece("Ar", "A", lambda: A.index_select(-2, rest).index_select(-1, K))
         return Qr, qr, Gr, hr, Ar, b.index_select(-1, rest)
 
+    def box_columns(self, Gr):
+        """Each row of the reduced G's variable (`box_solve`), kept across calls when
+        G and A are parameter-free."""
+        return self._piece("box_col", "GA", lambda: row_variables(Gr))
+
     def expand(self, x_K, lam, nu_rest):
         """The full primal x and equality multipliers ν from the reduced solution; the
         pivot rows' ν from stationarity on the pivot columns, Dᵀ ν_R = −(Qx + q + Gᵀλ
@@ -123,11 +128,17 @@ def _triangular(D, v, upper: bool):
     return torch.linalg.solve_triangular(D, v.unsqueeze(-1), upper=upper).squeeze(-1)
 
 
-def box_solve(Q, q, G, h, B: int):
+def row_variables(G):
+    """The variable each row of a box QP's G holds (its one nonzero column)."""
+    return (G.detach().abs() > 0).to(torch.int64).argmax(-1)
+
+
+def box_solve(Q, q, G, h, B: int, col=None):
     """The closed form of a box QP (Q diagonal > 0, each row of G one variable):
     x = clamp(−q/d, lo, hi), λ from stationarity. None when some d ≤ 0 (then the
     interior point solves it). Autograd differentiates the clamp: the same
-    derivative as the implicit function theorem away from ties."""
+    derivative as the implicit function theorem away from ties. ``col``: each
+    row's variable (`row_variables`), when the caller keeps it."""
     d = Q.diagonal(dim1=-2, dim2=-1)
     if not bool((unwrap(d) > 0).all()):
         return None
@@ -137,7 +148,7 @@ def box_solve(Q, q, G, h, B: int):
         x = -q / d
         empty = q.new_zeros(B, 0)
         return (x, empty, empty), _box_status(x, x, x, empty, empty)
-    col = (G.detach().abs() > 0).to(torch.int64).argmax(-1)  # each row's variable
+    col = row_variables(G) if col is None else col
     g = G.gather(-1, col.unsqueeze(-1)).squeeze(-1)  # (p,) or (B, p)
     bound = h / torch.where(g == 0, torch.ones_like(g), g)  # no 0/0 in the backward
     g, bound = g.expand(B, p) if g.dim() == 1 else g, bound.expand(B, p)

@@ -124,7 +124,8 @@ class QPRoute(Route):
         else:
             sub = self.elimination.at(*blocks)
             reduced = sub.reduced()
-            closed = box_solve(*reduced[:4], B) if self.meta["box"] else None
+            closed = (box_solve(*reduced[:4], B, col=sub.box_columns(reduced[2]))
+                      if self.meta["box"] else None)
             if closed is not None:
                 (x_k, lam, nu_k), result = closed
             else:
