@@ -130,6 +130,8 @@ def _triangular(D, v, upper: bool):
 
 def row_variables(G):
     """The variable each row of a box QP's G holds (its one nonzero column)."""
+    if G.shape[-1] == 0:  # no variables left: no rows either (`box_solve`)
+        return torch.zeros(G.shape[:-1], dtype=torch.int64, device=G.device)
     return (G.detach().abs() > 0).to(torch.int64).argmax(-1)
 
 
