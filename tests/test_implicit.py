@@ -578,9 +578,13 @@ def _scaled_linear(row_decades, col_decades, dtype, singular=False):
     weights = torch.randn(B, n, dtype=DT, generator=g)
     reference = None if singular else (weights / T) @ torch.linalg.inv(A)  # ∇θ Σ w·x
     K_, S_ = K.to(dtype), S.to(dtype)
+    # The forward is any solver; LU may meet an exact zero pivot on the singular K
+    # (it depends on the rounding of the scaled rows), a least-squares solve never does.
+    forward = torch.linalg.solve if not singular else (
+        lambda M, rhs: torch.linalg.lstsq(M, rhs).solution)
 
     def layer(method="dense"):
-        return implicit(lambda th: torch.linalg.solve(K_, (S_ * th).T).T,
+        return implicit(lambda th: forward(K_, (S_ * th).T).T,
                         lambda x, th: x @ K_.T - S_ * th, method=method, residual_tol=None)
 
     return layer, theta.to(dtype), weights.to(dtype), reference
