@@ -16,8 +16,9 @@ where ``work`` and ``size`` are the route's own measures of one sample
 or the sparse factor's from its symbolic analysis, and the entries each
 iteration touches, e.g. nnz(A) for diffcp; the c_shared term is the work on
 blocks the batch shares, done once per call) and the five constants per route are measured on
-a machine by ``benchmarks/calibrate_routes.py`` (forward + backward, float64,
-one thread) and stored in ``route_costs.json`` next to this module. A call
+a machine by `calibrate` (forward + backward, float64, one thread) and stored in
+``route_costs.json`` next to this module, or in the file the environment variable
+``DECLARATIVE_ROUTE_COSTS`` names (constants measured on the machine that trains). A call
 takes the cheapest predicted route for its batch size; inputs on a GPU take the
 batched torch routes (the per-sample ones run on the CPU and would copy the
 batch there and back), and inputs inside torch.func transforms the routes that
@@ -27,6 +28,7 @@ support them.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,11 +44,25 @@ NOMINAL_BATCH = 16
 SHOWN_BATCHES = (1, 16, 64)
 
 
-@lru_cache(maxsize=1)
 def constants() -> dict:
     """{cost key: {"call", "shared", "sample", "work", "size"}}: seconds, and seconds
-    per unit of work or size (see the module doc)."""
-    return json.loads(COSTS_FILE.read_text())["routes"]
+    per unit of work or size (see the module doc), from ``DECLARATIVE_ROUTE_COSTS``'s
+    file if set, else the shipped one."""
+    return _load(os.environ.get("DECLARATIVE_ROUTE_COSTS") or str(COSTS_FILE))
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict:
+    try:
+        table = json.loads(Path(path).read_text())["routes"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"DECLARATIVE_ROUTE_COSTS={path!r}: expected a JSON file written by "
+                         f"`python -m declarative.routes.calibrate --out`, got {err}") from err
+    missing = set(json.loads(COSTS_FILE.read_text())["routes"]) - set(table)
+    if missing:
+        raise ValueError(f"{path!r} has no constants for the routes {sorted(missing)}: "
+                         "measure them again with `python -m declarative.routes.calibrate`")
+    return table
 
 
 def predict(key: str, work: float, size: float, batch: int, table=None) -> float:
