@@ -3,7 +3,7 @@
     python benchmarks/bench_implicit.py                 # table + figure
     python benchmarks/bench_implicit.py --quick --threads 1
     python benchmarks/bench_implicit.py --compare-only  # dense vs iterative backward at n = 500
-    python benchmarks/bench_implicit.py --update-docs-figure   # redraw the README's figure
+    python benchmarks/bench_implicit.py --figure docs/implicit_vs_unroll.png   # the README's
 
 Two inner solvers, each differentiated both ways, every configuration in a fresh
 process: the QP engine run for exactly K iterations (backward="implicit", which
@@ -28,7 +28,6 @@ import time
 from harness import HERE, argument_parser, emit, run_child
 
 FIGURE = os.path.join(HERE, "results", "implicit_vs_unroll.png")  # default output
-DOCS_FIGURE = os.path.join(HERE, "..", "docs", "implicit_vs_unroll.png")  # the README's
 COMPARE_K = 300  # gradient-descent steps of the dense-vs-iterative comparison
 
 
@@ -205,8 +204,6 @@ def main(argv=None):
     p.add_argument("--no-figure", action="store_true", help="skip the figure")
     p.add_argument("--figure", default=FIGURE, help="where the figure goes (default "
                    "benchmarks/results/implicit_vs_unroll.png)")
-    p.add_argument("--update-docs-figure", action="store_true",
-                   help="write the figure to docs/implicit_vs_unroll.png, the README's copy")
     p.add_argument("--compare-only", action="store_true",
                    help="only the dense-versus-iterative table at n = 500")
     args = p.parse_args(argv)
@@ -223,7 +220,7 @@ def main(argv=None):
                   "backward ms | grads finite |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
         rows = sweep(args.quick, args.repeats, args.threads, lines)
         if not args.no_figure:
-            figure(rows, DOCS_FIGURE if args.update_docs_figure else args.figure)
+            figure(rows, args.figure)
         lines.append("")
     lines += ["| problem | n | B | dense backward ms | iterative backward ms | dense / iterative "
               "| memory dense / iterative (MB) | gradient gap (relative) |",

@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
         os.path.join(ROOT, "tests")], args.test_timeout, 40)]
     bench = [sys.executable, os.path.join(HERE, "bench_qp.py"), "--device", args.device,
-             "--batch", str(args.batch), "--cvx-batch", "0", "--repeats", str(args.repeats),
-             "--ref-samples", "2", "--case-timeout", str(max(60.0, args.bench_timeout / 2))]
+             "--batch", str(args.batch), "--repeats", str(args.repeats),
+             "--ref-samples", "2"]
     bench += (["--threads", str(args.threads)] if args.threads else []) + (
         ["--quick"] if args.quick else [])
     for dtype in [] if args.skip_bench else csv_list(args.dtypes):

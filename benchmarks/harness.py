@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import faulthandler
 import gc
 import importlib
 import importlib.metadata
 import io
 import json
-import math
 import os
 import platform
 import pstats
@@ -42,22 +40,24 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")  # ignored by git
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 MISSING = "—"
-NOISY = 0.2  # IQR / median above this: the row was timed while the machine was busy
 # cvxpylayers' tight column: Clarabel through diffcp at tolerances well below our own.
 CVXPYL_CLARABEL_TIGHT = {"solve_method": "Clarabel", "tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10,
                          "tol_feas": 1e-10, "tol_ktratio": 1e-8}
+FAST = ("ours", "torch")  # the columns timed apart from slow peers (`Case.peer_rounds`)
 LU_TRAP_SIZE = 150  # torch's batched CPU LU with 2 threads fails from about this size
-PROBE_TIMEOUT = 120  # seconds for a subprocess probe of a peer that may hang
 
 
 @dataclass
 class Case:
-    """One row: labels, timed columns (``None`` = skipped peer) and untimed extras."""
+    """One row: labels, timed columns (``None`` = skipped peer) and untimed extras.
+    With ``peer_rounds`` = (repeats, warmup), the columns other than `FAST` are slow
+    peers, timed after the fast ones in those rounds of their own."""
 
     labels: dict[str, str]
     columns: dict[str, Callable[[], Any] | None]
     extras: Callable[[], dict[str, float | str | None]] | None = None
     notes: list[str] = field(default_factory=list)
+    peer_rounds: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -97,10 +97,10 @@ def _attempt(fn: Callable[[], Any], failures: dict, name: str) -> bool:
         return False
 
 
-def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Result:
-    """Warm up, then time the case's columns in interleaved, rotated rounds."""
-    failures: dict[str, str] = {}
-    live = [(name, fn) for name, fn in case.columns.items() if fn is not None and _attempt(
+def _time_columns(columns: dict, repeats: int, warmup: int, collect: bool,
+                  failures: dict) -> dict[str, list[float]]:
+    """Warm up, then time the columns in interleaved, rotated rounds."""
+    live = [(name, fn) for name, fn in columns.items() if fn is not None and _attempt(
         lambda f=fn: [f() for _ in range(warmup)], failures, name)]
     times: dict[str, list[float]] = {name: [] for name, _ in live}
     for r in range(repeats):
@@ -111,6 +111,23 @@ def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Re
             start = time.perf_counter()
             if _attempt(fn, failures, name):
                 times[name].append(time.perf_counter() - start)
+    return times
+
+
+def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Result:
+    """The case's columns timed together, or, with ``peer_rounds``, the fast ones first
+    without a gc.collect() before each call (a full collection over CVXPY's objects
+    leaves the caches cold: it made a 60 µs torch.softmax read 500 µs), one collection
+    before them, then the peers in their own rounds."""
+    failures: dict[str, str] = {}
+    if case.peer_rounds is None:
+        times = _time_columns(case.columns, repeats, warmup, collect, failures)
+    else:
+        gc.collect()
+        fast = {k: f for k, f in case.columns.items() if k in FAST}
+        times = _time_columns(fast, repeats, warmup, False, failures)
+        times |= _time_columns({k: f for k, f in case.columns.items() if k not in FAST},
+                               *case.peer_rounds, collect, failures)
     extras: dict = {}
     if case.extras is not None:
         _attempt(lambda: extras.update(case.extras()), failures, "extras")
@@ -118,16 +135,12 @@ def time_case(case: Case, repeats: int, warmup: int, collect: bool = True) -> Re
 
 
 def run(cases: Iterable[Case], repeats: int = 5, warmup: int = 1, collect: bool = True,
-        progress: TextIO | None = sys.stderr, timeout: float | None = None) -> list[Result]:
-    """Time each case in turn (one progress line each); ``timeout`` seconds per case
-    ends the run with a traceback (a hung batched LU never returns)."""
+        progress: TextIO | None = sys.stderr) -> list[Result]:
+    """Time each case in turn (one progress line each)."""
     results, cases = [], list(cases)
     for i, case in enumerate(cases, 1):
         start = time.perf_counter()
-        if timeout:
-            faulthandler.dump_traceback_later(timeout, exit=True)
         results.append(time_case(case, repeats, warmup, collect))
-        faulthandler.cancel_dump_traceback_later()
         if progress is not None:
             meds = ", ".join(f"{c} {fmt_ms(results[-1].median_ms(c))}" for c in case.columns)
             print(f"[{i}/{len(cases)}] {case.name}: {meds} ms "
@@ -177,7 +190,7 @@ def markdown_table(results: Sequence[Result], baseline: str | None = None,
             q = ratio(r, c, baseline)
             cells.append(MISSING if q is None else f"{q:.2f}")
         if spread:
-            worst = max_spread(r)
+            worst = max((x for x in map(r.spread, r.times) if x is not None), default=None)
             cells.append(MISSING if worst is None else f"{100 * worst:.0f}")
         cells += [_fmt_extra(r.extras.get(k)) for k in extras]
         lines.append("| " + " | ".join(cells) + " |")
@@ -186,22 +199,6 @@ def markdown_table(results: Sequence[Result], baseline: str | None = None,
             notes[f"{r.case.name}: extras failed: {r.failures['extras']}"] = None
     out = "\n".join(lines) + "\n"
     return out + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
-
-
-def max_spread(*results: Result | None) -> float | None:
-    spreads = [s for r in results if r is not None for s in map(r.spread, r.times)
-               if s is not None]
-    return max(spreads, default=None)
-
-
-def noise_flag(*results: Result | None) -> str:
-    worst = max_spread(*results) or 0.0
-    return (f" [noisy: IQR/med {100 * worst:.0f} %, rerun this row with --filter]"
-            if worst > NOISY else "")
-
-
-def geomean(values: Sequence[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def ratio_summary(results: Sequence[Result], peer: str, group: str | None = None,
@@ -216,10 +213,10 @@ def ratio_summary(results: Sequence[Result], peer: str, group: str | None = None
             groups.setdefault(key, []).append((q, r))
     lines, slow = [], []
     for g, items in groups.items():
-        q_min, worst = min(items, key=lambda t: t[0])
-        lines.append(f"- {g}: geometric mean of {peer} / ours = "
-                     f"{geomean([q for q, _ in items]):.2f} over {len(items)} rows; worst "
-                     f"{q_min:.2f} ({worst.case.name})")
+        (q_min, worst), mean = min(items, key=lambda t: t[0]), statistics.geometric_mean(
+            [q for q, _ in items])
+        lines.append(f"- {g}: geometric mean of {peer} / ours = {mean:.2f} over {len(items)} "
+                     f"rows; worst {q_min:.2f} ({worst.case.name})")
         slow += [(q, r) for q, r in items if q < slower_below]
     slow.sort(key=lambda t: t[0])
     lines.append(f"- rows with {peer} / ours below {slower_below:g}: "
@@ -341,9 +338,11 @@ def fwd_bwd(solve: Callable[[], Any], inputs: Sequence, weights: Sequence,
 
 def layer_call(layer, params: Sequence, weights: Sequence, solver_args: dict | None = None,
                pass_: str = "fwd+bwd") -> Callable[[], Any]:
-    """`fwd_bwd` of a CvxpyLayer (ours or cvxpylayers') called on ``params``."""
+    """`fwd_bwd` of a CvxpyLayer (ours or cvxpylayers') called on ``params``, gradients
+    in those that require grad."""
     kw = {} if solver_args is None else {"solver_args": dict(solver_args)}
-    return fwd_bwd(lambda: layer(*params, **kw), params, weights, pass_)
+    return fwd_bwd(lambda: layer(*params, **kw), [p for p in params if p.requires_grad],
+                   weights, pass_)
 
 
 def optional_import(module: str) -> tuple[Any, str | None]:
@@ -372,11 +371,11 @@ def with_threads(fn: Callable, threads: int | None) -> Callable:
     return wrapped
 
 
-def run_child(script: str, spec: dict, timeout: float | None = None, flag: str = "--child"):
-    """Run ``script flag <spec as JSON>`` in a fresh process: (ok, the JSON its last
+def run_child(script: str, spec: dict, timeout: float | None = None):
+    """Run ``script --child <spec as JSON>`` in a fresh process: (ok, the JSON its last
     line of output holds, or why it failed)."""
     try:
-        out = subprocess.run([sys.executable, os.path.abspath(script), flag, json.dumps(spec)],
+        out = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
                              capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return False, f"hung (no answer in {timeout:g} s)"
@@ -398,37 +397,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-_PROBES: dict[str, tuple[bool, Any]] = {}
-
-
-def lu_trap_threads(name: str, size: int, script: str, spec: dict,
-                    choice: str = "auto") -> tuple[int | None, str]:
-    """Thread count and note for a qpth column that factors ``size``×``size`` systems.
-
+def qpth_threads(name: str, size: int) -> tuple[int | None, str]:
+    """Thread count and note for a qpth column that factors ``size``×``size`` systems:
     torch's batched LU on CPU with 2 threads gives wrong pivots or hangs from about
-    150×150 (shared/NOTES.md). With ``choice="auto"`` such a column is probed first
-    (``script --probe-qpth spec`` in a subprocess, which must print JSON and fail on
-    garbage); if the probe fails the column runs with one thread, and the note says so.
-    """
+    150×150 (shared/NOTES.md), so such a column runs on one thread."""
     import torch
 
-    threads = torch.get_num_threads()
-    if choice != "auto":
-        k = int(choice)
-        return k, f"{name}: qpth runs with torch.set_num_threads({k}) (--qpth-threads)."
-    if size < LU_TRAP_SIZE or threads == 1:
+    if size < LU_TRAP_SIZE or torch.get_num_threads() == 1:
         return None, ""
-    key = json.dumps([script, spec])
-    if key not in _PROBES:
-        _PROBES[key] = run_child(script, dict(spec, threads=threads), PROBE_TIMEOUT,
-                                 "--probe-qpth")
-    ok, why = _PROBES[key]
-    if ok:
-        return None, (f"{name}: qpth's {size}×{size} batched LU passed a {threads}-thread probe "
-                      "(checked against ours); timed with the run's threads.")
-    return 1, (f"{name}: qpth with {threads} threads failed in the probe ({why}): torch's "
-               f"batched LU is unreliable with 2 threads from {LU_TRAP_SIZE}×{LU_TRAP_SIZE}; "
-               "its column runs with torch.set_num_threads(1).")
+    return 1, (f"{name}: qpth runs with torch.set_num_threads(1): torch's batched CPU LU "
+               f"is unreliable with more threads from {LU_TRAP_SIZE}×{LU_TRAP_SIZE}.")
 
 
 # Where profiled time goes, by the component that spent it (own time).
@@ -451,11 +429,8 @@ def _component(key) -> str:
 def profile(cases: Sequence[Case], calls: int | Callable[[Case], int], columns=None,
             top: int = 20) -> str:
     """For each case and column: ms per call unprofiled, then cProfile by component and
-    the top functions by own time (µs per call), and torch.profiler's ops for ``ours``.
+    the top functions by own time (µs per call).
     Worker threads are invisible to cProfile (diffcp's pool: profile with batch 1)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
     out = io.StringIO()
     for case in cases:
         k = calls(case) if callable(calls) else calls
@@ -487,10 +462,4 @@ def profile(cases: Sequence[Case], calls: int | Callable[[Case], int], columns=N
                 where = f"{os.path.basename(fname)}:{line}({func})" if line else func
                 out.write(f"{1e6 * own / k:9.1f} {n / k:10.1f}  {where}\n")
             out.write("```\n")
-            if column == "ours":
-                with tprofile(activities=[ProfilerActivity.CPU]) as tp:
-                    for _ in range(k):
-                        fn()
-                out.write("\ntorch.profiler (CPU ops, self time):\n\n```\n" + tp.key_averages(
-                    ).table(sort_by="self_cpu_time_total", row_limit=top) + "\n```\n")
     return out.getvalue()
