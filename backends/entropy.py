@@ -1017,10 +1017,13 @@ def project_simplex(y: torch.Tensor, r: torch.Tensor, inspect: bool = True):
         return x, None
     with torch.no_grad():
         r_ = r.detach().squeeze(-1)
-        allowed = SIMPLEX_RESIDUAL * y.shape[-1] * torch.finfo(x.dtype).eps * r_.abs()
-        good = (x.detach().sum(-1) - r_.clamp_min(0)).abs() <= allowed
-        if bool((good & (r_ >= 0)).all()):
+        bound = SIMPLEX_RESIDUAL * y.shape[-1] * torch.finfo(x.dtype).eps
+        mass = x.detach().sum(-1)
+        # One test for the common case: |sum − r| ≤ bound·r fails for r < 0 (a
+        # negative right side) and for NaN as well as for a sum off by more.
+        if bool(((mass - r_).abs() <= bound * r_).all()):
             return x, None
+        good = (mass - r_.clamp_min(0)).abs() <= bound * r_.abs()
         codes = torch.where(good, OPTIMAL, NUMERICAL)
         codes = torch.where(r_ < 0, INFEASIBLE, codes)
     return x, codes
