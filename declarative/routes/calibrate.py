@@ -6,10 +6,10 @@
 
 then ``DECLARATIVE_ROUTE_COSTS=my_costs.json`` makes ``backend="auto"`` route by
 them. For each route that can take a problem (``backend=`` forced), times forward +
-backward of problems written as users write them (box least squares, LASSO, total
-variation, projections, cvxpylayers' ReLU layer, control, SOCPs and logistic
-regressions) at several sizes and batch sizes, on one thread in float64 (medians
-of repeats), and fits per route
+backward of problems written as users write them (box least squares, LASSO,
+nonnegative least squares, total variation, projections, cvxpylayers' ReLU
+layer, control, SOCPs and logistic regressions) at several sizes and batch
+sizes, on one thread in float64 (medians of repeats), and fits per route
 
     t(B) = c_call + c_shared · size + B · (c_sample + c_work · work + c_size · size)
 
@@ -53,6 +53,20 @@ def regression(m: int, n: int, l1: float = 0.0, ridge: float = 0.0, box: bool = 
 
     return build, lambda rng, B: [rng.standard_normal((B, m, n)) / math.sqrt(m),
                                   2.0 * rng.standard_normal((B, m))]
+
+
+def nonnegative_least_squares(n: int):
+    """min ‖Ax − b‖² + 0.1‖x‖² s.t. x ≥ 0 with a dense n×n A: CVXPY's QP form ties an
+    auxiliary variable to Ax − b, whose sparse LDLᵀ factor fills in, so the sparse
+    route's time grows with its factor's flops, which smaller problems do not show."""
+    def build():
+        A, b = cp.Parameter((n, n), name="A"), cp.Parameter(n, name="b")
+        x = cp.Variable(n, name="x")
+        return cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + 0.1 * cp.sum_squares(x)),
+                          [x >= 0]), [A, b], [x]
+
+    return build, lambda rng, B: [rng.standard_normal((B, n, n)) / math.sqrt(n),
+                                  rng.standard_normal((B, n))]
 
 
 def denoise(n: int, tv: bool):
@@ -132,6 +146,7 @@ def classifier(m: int, n: int, loss: str):
 FAMILIES = {
     "box-least-squares": (lambda n: regression(2 * n, n, box=True), [10, 40, 120]),
     "lasso": (lambda n: regression(2 * n, n, l1=0.5), [10, 50, 150]),
+    "nonnegative-ls": (nonnegative_least_squares, [60, 200, 400]),
     "total-variation": (lambda n: denoise(n, tv=True), [50, 300, 1000]),
     "projection": (lambda n: denoise(n, tv=False), [100, 500, 2000]),
     "relu-layer": (relu_layer, [5, 10, 20]),
