@@ -41,32 +41,20 @@ from . import cost
 # leading batch dimension). The benchmarks time the same formulations.
 
 
-def regression(m: int, n: int, l1: float = 0.0, ridge: float = 0.0, box: bool = False):
-    """min ‖Ax − b‖² + l1‖x‖₁ + ridge‖x‖² (s.t. −1 ≤ x ≤ 1), A and b parameters."""
+def regression(m: int, n: int, l1: float = 0.0, ridge: float = 0.0, box: bool = False,
+               nonneg: bool = False):
+    """min ‖Ax − b‖² + l1‖x‖₁ + ridge‖x‖² (s.t. −1 ≤ x ≤ 1, or x ≥ 0), A and b parameters."""
     def build():
         A, b = cp.Parameter((m, n), name="A"), cp.Parameter(m, name="b")
         x = cp.Variable(n, name="x")
         obj = cp.sum_squares(A @ x - b)
         obj = obj + l1 * cp.norm1(x) if l1 else obj
         obj = obj + ridge * cp.sum_squares(x) if ridge else obj
-        return cp.Problem(cp.Minimize(obj), [x >= -1, x <= 1] if box else []), [A, b], [x]
+        cons = [x >= -1, x <= 1] if box else [x >= 0] if nonneg else []
+        return cp.Problem(cp.Minimize(obj), cons), [A, b], [x]
 
     return build, lambda rng, B: [rng.standard_normal((B, m, n)) / math.sqrt(m),
                                   2.0 * rng.standard_normal((B, m))]
-
-
-def nonnegative_least_squares(n: int):
-    """min ‖Ax − b‖² + 0.1‖x‖² s.t. x ≥ 0 with a dense n×n A: CVXPY's QP form ties an
-    auxiliary variable to Ax − b, whose sparse LDLᵀ factor fills in, so the sparse
-    route's time grows with its factor's flops, which smaller problems do not show."""
-    def build():
-        A, b = cp.Parameter((n, n), name="A"), cp.Parameter(n, name="b")
-        x = cp.Variable(n, name="x")
-        return cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + 0.1 * cp.sum_squares(x)),
-                          [x >= 0]), [A, b], [x]
-
-    return build, lambda rng, B: [rng.standard_normal((B, n, n)) / math.sqrt(n),
-                                  rng.standard_normal((B, n))]
 
 
 def denoise(n: int, tv: bool):
@@ -146,7 +134,10 @@ def classifier(m: int, n: int, loss: str):
 FAMILIES = {
     "box-least-squares": (lambda n: regression(2 * n, n, box=True), [10, 40, 120]),
     "lasso": (lambda n: regression(2 * n, n, l1=0.5), [10, 50, 150]),
-    "nonnegative-ls": (nonnegative_least_squares, [60, 200, 400]),
+    # Square and dense: CVXPY's QP form ties an auxiliary variable to Ax − b, whose
+    # sparse LDLᵀ factor fills in, so the sparse route's time follows its factor's
+    # flops, which the smaller families do not show.
+    "nonnegative-ls": (lambda n: regression(n, n, ridge=0.1, nonneg=True), [60, 200, 400]),
     "total-variation": (lambda n: denoise(n, tv=True), [50, 300, 1000]),
     "projection": (lambda n: denoise(n, tv=False), [100, 500, 2000]),
     "relu-layer": (relu_layer, [5, 10, 20]),
