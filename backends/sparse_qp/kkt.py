@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import qdldl
+import scipy.sparse as sp
 
 from .pattern import SparsePattern
 from .settings import SparseQPSettings
@@ -41,25 +42,37 @@ except ImportError:  # pragma: no cover - a scipy that moved them: use `@`
 REGULARIZATION_GROWTH = 100.0
 
 
-def product(M):
-    """x ↦ M x for a float64 CSR or CSC matrix, sharing M's arrays (so it follows
-    later in-place changes of its values). Small problems make about 160 such
-    products per call, and `M @ x`'s type and shape dispatch costs several times
-    the product itself at these sizes (a third of a batch-of-one call)."""
-    if _sparsetools is None or M.dtype != np.float64 or M.format not in ("csr", "csc"):
-        return M.__matmul__
-    kernel = _sparsetools.csr_matvec if M.format == "csr" else _sparsetools.csc_matvec
-    n_row, n_col = M.shape
-    indptr, indices, data = M.indptr, M.indices, M.data
+def product(fmt: str, shape: tuple, indptr, indices, data):
+    """x ↦ M x for the float64 CSR or CSC matrix (``fmt``) with these arrays, which it
+    shares (so it follows later in-place changes of ``data``). Small problems make
+    about 160 such products per call, and scipy's matrix objects cost several times
+    the product itself at these sizes: building one validates its arrays, and
+    `M @ x`'s type and shape dispatch was a third of a batch-of-one call."""
+    def matrix():  # for what the kernel does not take (several columns, other dtypes)
+        kind = sp.csr_matrix if fmt == "csr" else sp.csc_matrix
+        return kind((data, indices, indptr), shape=shape)
+
+    if _sparsetools is None:
+        return matrix().__matmul__
+    kernel = _sparsetools.csr_matvec if fmt == "csr" else _sparsetools.csc_matvec
+    n_row, n_col = shape
 
     def apply(x):
         if x.ndim != 1 or x.dtype != np.float64:
-            return M @ x
+            return matrix() @ x
         y = np.zeros(n_row)
         kernel(n_row, n_col, indptr, indices, data, np.ascontiguousarray(x), y)
         return y
 
     return apply
+
+
+def products(C, values: np.ndarray):
+    """(x ↦ M x, y ↦ Mᵀ y) for the `pattern.Compressed` matrix M with one sample's
+    given values (Mᵀ: the same arrays read as CSC)."""
+    data = C.S @ values
+    return (product("csr", C.shape, C.indptr, C.indices, data),
+            product("csc", C.shape[::-1], C.indptr, C.indices, data))
 
 
 class Breakdown(RuntimeError):
@@ -78,20 +91,19 @@ class SampleKKT:
         lay = pattern.layout
         self.layout, self.settings = lay, settings
         self.n, self.m, self.p, self.N = lay.n, lay.m, lay.p, lay.N
-        self.Q, _ = lay.Qsym.matrices(Qv)
-        self.Gm, self.GTm = lay.Gc.matrices(Gv)
-        self.Am, self.ATm = lay.Ac.matrices(Av)
-        self.hess, self.G, self.GT, self.A, self.AT = (
-            product(M) for M in (self.Q, self.Gm, self.GTm, self.Am, self.ATm))
+        self.hess, _ = products(lay.Qsym, Qv)
+        self.G, self.GT = products(lay.Gc, Gv)
+        self.A, self.AT = products(lay.Ac, Av)
         self.Gv, self.g_row = Gv, pattern.rows("G")
         self.base = lay.S_Q @ Qv + lay.S_A @ Av  # K₀ without G and the λ diagonal
         self._g_rows = None  # the rows of G currently in `_g_part`
         self._g_part = None
         self.K0 = np.empty(lay.nnz)
         self.Kreg = np.empty(lay.nnz)
-        self.U0 = lay.upper(self.K0)  # views: the matrices follow the arrays
-        self.U0T = lay.upper(self.K0, transpose=True)
-        self._upper, self._upper_t = product(self.U0), product(self.U0T)
+        # K₀'s stored upper triangle applied as CSC and, transposed, as CSR: views
+        # of the array, so the products follow its values.
+        self._upper = product("csc", (self.N, self.N), lay.indptr, lay.indices, self.K0)
+        self._upper_t = product("csr", (self.N, self.N), lay.indptr, lay.indices, self.K0)
         self.Ureg = lay.upper(self.Kreg)
         self.diag = np.concatenate([lay.diag_x, lay.diag_nu, lay.diag_lam])
         self.delta = settings.static_regularization

@@ -177,14 +177,6 @@ class Compressed:
         slot = np.searchsorted(flat, rows * shape[1] + cols)
         self.S = sp.csr_array((weights, (slot, source)), shape=(flat.size, size))
 
-    def matrices(self, values: np.ndarray):
-        """(M, Mᵀ) for one sample's given values: a CSR matrix and its transpose
-        as a CSC view of the same arrays."""
-        data = self.S @ values
-        M = sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape)
-        MT = sp.csc_matrix((data, self.indices, self.indptr), shape=self.shape[::-1])
-        return M, MT
-
 
 class KKTLayout:
     """The upper-triangular CSC pattern of the KKT matrix and its assembly maps.
@@ -247,12 +239,10 @@ class KKTLayout:
         self.Gc = Compressed(pattern.rows("G"), pattern.cols("G"), (self.p, self.n))
         self.Ac = Compressed(pattern.rows("A"), pattern.cols("A"), (self.m, self.n))
 
-    def upper(self, data: np.ndarray, transpose: bool = False):
-        """K's upper triangle with stored values ``data`` (shares the array), or its
-        transpose (a CSR view of the same arrays). A csc_matrix, not a csc_array:
-        qdldl converts anything else on every call."""
-        kind = sp.csr_matrix if transpose else sp.csc_matrix
-        return kind((data, self.indices, self.indptr), shape=(self.N, self.N))
+    def upper(self, data: np.ndarray):
+        """K's upper triangle with stored values ``data`` (shares the array). A
+        csc_matrix, not a csc_array: qdldl converts anything else on every call."""
+        return sp.csc_matrix((data, self.indices, self.indptr), shape=(self.N, self.N))
 
     @functools.cached_property
     def symbolic(self) -> dict:
