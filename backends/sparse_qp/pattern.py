@@ -235,6 +235,8 @@ class KKTLayout:
         self.Qsym = Compressed(rows, cols, (self.n, self.n), weights=w, source=src,
                                size=qr.size)
         self.S_sym = self.Qsym.S
+        # Its transpose, stored: (B, k) values map to the symmetric entries as values @ S_symᵀ.
+        self.S_sym_T = sp.csr_array(self.S_sym.T)
         self.Qsym_rows, self.Qsym_cols = self.Qsym.rows, self.Qsym.cols
         self.Gc = Compressed(pattern.rows("G"), pattern.cols("G"), (self.p, self.n))
         self.Ac = Compressed(pattern.rows("A"), pattern.cols("A"), (self.m, self.n))
