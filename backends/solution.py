@@ -62,31 +62,36 @@ ACCURACY = {
 }
 
 
-def judge(codes: torch.Tensor, residuals: torch.Tensor,
-          certificate: torch.Tensor | None = None) -> torch.Tensor:
+def judge(codes, residuals, certificate=None):
     """The status each sample's point earns under `ACCURACY` (codes (B,), residuals (B, 3)).
 
     ``certificate``: (B,) codes INFEASIBLE / UNBOUNDED where the backend's point
     proves it, anything else where it does not (used for points that fail).
+    Tensors, or numpy arrays from the per-sample backends, judged where they are:
+    on a batch of one the tensor operations' dispatch costs far more than the test.
     """
-    res = residuals.to(torch.float64)
+    xp = np if isinstance(codes, np.ndarray) else torch
+    res = residuals.astype(np.float64) if xp is np else residuals.to(torch.float64)
+    # NaN and +inf propagate through the maximum and fail every comparison: a
+    # non-finite measure never holds.
+    worst, gap = xp.maximum(res[:, 0], res[:, 1]), res[:, 2]
 
     def holds(code):
         lim = ACCURACY[STATUSES[code]]
-        return ((res[:, :2].amax(-1) <= lim.residual) & (res[:, 2] <= lim.gap)
-                & torch.isfinite(res).all(-1))
+        return (worst <= lim.residual) & (gap <= lim.gap)
 
-    codes = torch.where((codes == OPTIMAL) & ~holds(OPTIMAL), INACCURATE, codes)
-    fails = torch.zeros_like(codes, dtype=torch.bool)
-    for code in WITH_POINT:
+    codes = xp.where((codes == OPTIMAL) & ~holds(OPTIMAL), INACCURATE, codes)
+    # Every OPTIMAL left meets OPTIMAL's limits; the others must meet their own.
+    fails = xp.zeros_like(codes, dtype=bool)
+    for code in WITH_POINT[1:]:
         fails = fails | ((codes == code) & ~holds(code))
     if not bool(fails.any()):
         return codes
-    proof = torch.full_like(codes, NUMERICAL)
+    proof = xp.full_like(codes, NUMERICAL)
     if certificate is not None:
         known = (certificate == INFEASIBLE) | (certificate == UNBOUNDED)
-        proof = torch.where(known, certificate, proof)
-    return torch.where(fails, proof, codes)
+        proof = xp.where(known, certificate, proof)
+    return xp.where(fails, proof, codes)
 
 
 # The interior points' own codes (`qp.ipm`, `cone.ipm`: RUNNING, OPTIMAL, INFEASIBLE,

@@ -165,3 +165,36 @@ def test_gradient_matches_central_differences(name):
     fd = (value(h) - value(-h)) / (2 * h)
     assert abs(fd) > 1e-6  # a real derivative, not zeros compared
     assert abs(ours - fd) <= 1e-4 * max(1.0, abs(fd)), (ours, fd)
+
+
+# ---------------------------------------------------------------------------
+# The one status criterion, on tensors (batched routes) and on numpy arrays (the
+# per-sample routes judge on the host)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_array", [torch.tensor, np.asarray], ids=["torch", "numpy"])
+def test_judge_gives_each_sample_the_status_its_point_earns(as_array):
+    from declarative.backends import solution as sol
+
+    codes = [sol.OPTIMAL, sol.OPTIMAL, sol.OPTIMAL, sol.MAX_ITER, sol.MAX_ITER,
+             sol.INACCURATE, sol.INFEASIBLE, sol.OPTIMAL, sol.OPTIMAL]
+    residuals = [[1e-12, 1e-12, 1e-12],  # optimal stays optimal
+                 [5e-3, 1e-12, 1e-12],  # beyond optimal's residual: inaccurate
+                 [1e-12, 1e-12, 5e-2],  # beyond optimal's gap: inaccurate
+                 [5e-3, 5e-3, 5e-2],  # a usable max_iter point
+                 [0.5, 1e-12, 1e-12],  # max_iter beyond the usable line: no solution
+                 [1e-12, 0.5, 1e-12],  # so is an inaccurate one beyond it
+                 [np.nan, np.nan, np.nan],  # a certificate's code is not judged by its point
+                 [1e-12, np.inf, 1e-12],  # a non-finite measure never passes
+                 [1e-12, 1e-12, np.nan]]
+    certificate = [0, 0, 0, 0, sol.INFEASIBLE, 0, 0, 0, 0]
+    expected = [sol.OPTIMAL, sol.INACCURATE, sol.INACCURATE, sol.MAX_ITER, sol.INFEASIBLE,
+                sol.NUMERICAL, sol.INFEASIBLE, sol.NUMERICAL, sol.NUMERICAL]
+    got = sol.judge(as_array(np.array(codes, dtype=np.int64)), as_array(np.array(residuals)),
+                    as_array(np.array(certificate, dtype=np.int64)))
+    assert type(got) is type(as_array(np.zeros(1)))
+    assert [int(c) for c in got] == expected
+    # No failing sample: the codes come back as judged, nothing made NUMERICAL.
+    ok = sol.judge(as_array(np.array(codes[:4], dtype=np.int64)), as_array(np.array(residuals[:4])))
+    assert [int(c) for c in ok] == expected[:4]

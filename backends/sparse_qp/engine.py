@@ -114,9 +114,9 @@ def run(pattern: SparsePattern, values: dict, settings: SparseQPSettings, need_g
     run_samples(one, B, settings.workers(B, pattern.symbolic()["factor_flops"]))
     z, s, lam, nu = scaling.solution(out["x"], out["s"], out["lam"], out["nu"])
     s = np.where(np.isposinf(h), np.inf, s)
-    codes = torch.tensor([SHARED_CODES[int(c)] for c in out["codes"]], dtype=torch.long)
+    codes = np.array([SHARED_CODES[int(c)] for c in out["codes"]], dtype=np.int64)
+    codes = torch.from_numpy(solution.judge(codes, out["residuals"]))
     residuals = torch.from_numpy(out["residuals"])
-    codes = solution.judge(codes, residuals)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
                (("z", z), ("lam", lam), ("nu", nu), ("s", s))}
     return SparseQPResult(codes, torch.from_numpy(out["iterations"]), residuals, **tensors,
